@@ -1,0 +1,36 @@
+// The one BLAS entry point the extension uses: single-precision GEMM.
+// MLX's Linux CPU wheel ships the netlib reference BLAS (~4 GFLOP/s), so the
+// extension links a real one: Accelerate on macOS, OpenBLAS from the
+// scipy-openblas32 wheel on Linux (which prefixes its symbols with scipy_).
+#pragma once
+
+#if defined(__APPLE__)
+#define ACCELERATE_NEW_LAPACK
+#include <Accelerate/Accelerate.h>
+#define MFL_CBLAS_SGEMM cblas_sgemm
+#else
+#include <cblas.h>
+#define MFL_CBLAS_SGEMM scipy_cblas_sgemm
+#endif
+
+namespace mfl::cpu {
+
+// C (m x n, row-major, leading dim ldc) = alpha * A (m x k) @ op(B) + beta * C, where
+// op(B) = B (k x n) or B^T for B stored (n x k). beta = 1 accumulates onto C, which
+// is how the fused op adds the base GEMM to the LoRA term without an M x N temporary.
+inline void sgemm(
+    int m, int n, int k,
+    float alpha,
+    const float* a, int lda,
+    const float* b, int ldb, bool transpose_b,
+    float beta,
+    float* c, int ldc) {
+  if (m == 0 || n == 0) {
+    return;
+  }
+  MFL_CBLAS_SGEMM(
+      CblasRowMajor, CblasNoTrans, transpose_b ? CblasTrans : CblasNoTrans,
+      m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+} // namespace mfl::cpu

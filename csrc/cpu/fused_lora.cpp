@@ -1,0 +1,589 @@
+#include "cpu/fused_lora.h"
+
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/backend/cpu/encoder.h"
+
+#include "cpu/blas.h"
+#include "cpu/parallel.h"
+#include "cpu/row_kernels.h"
+
+namespace mfl {
+
+namespace {
+
+using cpu::Dropout;
+using cpu::parallel_for;
+
+// Rows handed to one thread at least, so tiny problems (decode, M = 1) stay serial.
+constexpr int64_t kRowGrain = 16;
+constexpr int64_t kColumnGrain = 256;
+// Rows per tile when x is half precision: the tile is converted to float32 for the
+// BLAS, so only this much of x is ever promoted at once, never the whole of it.
+constexpr int64_t kHalfTileRows = 256;
+
+[[noreturn]] void gpu_unsupported(const char* name) {
+  std::ostringstream msg;
+  msg << "[mlx_fused_lora] " << name
+      << " is a CPU primitive; GPU streams are served by mlx_fused_lora.ops, "
+         "not by the C++ extension.";
+  throw std::runtime_error(msg.str());
+}
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) {
+    throw std::invalid_argument("[mlx_fused_lora] " + msg);
+  }
+}
+
+std::string shape_str(const mx::array& a) {
+  std::ostringstream s;
+  s << "(";
+  for (int i = 0; i < a.ndim(); ++i) {
+    s << (i ? ", " : "") << a.shape(i);
+  }
+  s << (a.ndim() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+bool is_float(mx::Dtype t) {
+  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
+}
+
+template <typename Fn>
+void dispatch_float(mx::Dtype t, Fn&& fn) {
+  if (t == mx::float32) {
+    fn(float{});
+  } else if (t == mx::float16) {
+    fn(mx::float16_t{});
+  } else if (t == mx::bfloat16) {
+    fn(mx::bfloat16_t{});
+  } else {
+    throw std::invalid_argument("[mlx_fused_lora] expected float32, float16 or bfloat16");
+  }
+}
+
+template <typename T>
+void load_row(float* dst, const T* src, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    dst[k] = static_cast<float>(src[k]);
+  }
+}
+
+template <typename T>
+void store_row(T* dst, const float* src, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    dst[k] = static_cast<T>(src[k]);
+  }
+}
+
+// Adapters are small (K x r, r x N): one float32 copy per call, optionally
+// transposed or scaled, is cheap next to a pass over x.
+std::vector<float> adapter_as_float(const mx::array& a, float multiplier = 1.0f, bool transpose = false) {
+  const int64_t rows = a.shape(0), cols = a.shape(1);
+  std::vector<float> out(rows * cols);
+  dispatch_float(a.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = a.data<T>();
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t j = 0; j < cols; ++j) {
+        float v = multiplier * static_cast<float>(src[i * cols + j]);
+        out[transpose ? j * rows + i : i * cols + j] = v;
+      }
+    }
+  });
+  return out;
+}
+
+// Writes float32 values into an already allocated output of any float dtype.
+void store_as(mx::array& out, const float* src) {
+  dispatch_float(out.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    store_row(out.data<T>(), src, out.size());
+  });
+}
+
+Dropout dropout_from(float p, const mx::array* key) {
+  return cpu::make_dropout(p, key ? key->data<unsigned int>() : nullptr);
+}
+
+// Row i of x (length n, starting at column k0) as float32 with dropout applied.
+// Returns x itself when nothing needs to change, else fills `buf`.
+template <typename T>
+const float* masked_row(const T* x, int64_t i, int64_t k0, int64_t n, int64_t row_len, const Dropout& d, float* buf) {
+  const T* src = x + i * row_len + k0;
+  const uint64_t index0 = uint64_t(i) * uint64_t(row_len) + uint64_t(k0);
+  if constexpr (std::is_same_v<T, float>) {
+    if (!d.active) {
+      return src;
+    }
+    cpu::dropout_row(buf, src, n, index0, d);
+  } else {
+    load_row(buf, src, n);
+    if (d.active) {
+      cpu::dropout_row(buf, buf, n, index0, d);
+    }
+  }
+  return buf;
+}
+
+// out (M x n_out) = init + a (M x k_in) @ op(w), op(w) = w^T for w (n_out x k_in)
+// else w (k_in x n_out). init(i, row) writes row i's float32 starting value; with
+// no init the GEMM runs with beta = 0. For float32 the GEMM accumulates straight
+// into out (beta = 1, no M x N temporary); half types go through float32 tiles.
+template <typename T, typename Init>
+void gemm_onto(
+    const T* a, const T* w, bool transpose_w,
+    int64_t m, int64_t k_in, int64_t n_out,
+    T* out, bool has_init, Init&& init) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (has_init) {
+      parallel_for(m, kRowGrain, [&](int64_t i0, int64_t i1, int) {
+        for (int64_t i = i0; i < i1; ++i) {
+          init(i, out + i * n_out);
+        }
+      });
+    }
+    cpu::sgemm(m, n_out, k_in, 1.0f, a, k_in, w, transpose_w ? k_in : n_out, transpose_w,
+               has_init ? 1.0f : 0.0f, out, n_out);
+  } else {
+    // No half-precision GEMM in the BLAS: W is widened once per call (a weight-sized
+    // temporary); x only a tile at a time.
+    std::vector<float> w32(n_out * k_in);
+    load_row(w32.data(), w, n_out * k_in);
+    const int64_t tile = std::min<int64_t>(std::max<int64_t>(m, 1), kHalfTileRows);
+    std::vector<float> a32(tile * k_in), acc(tile * n_out);
+    for (int64_t t0 = 0; t0 < m; t0 += tile) {
+      const int64_t rows = std::min(tile, m - t0);
+      parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
+        for (int64_t i = i0; i < i1; ++i) {
+          load_row(a32.data() + i * k_in, a + (t0 + i) * k_in, k_in);
+          if (has_init) {
+            init(t0 + i, acc.data() + i * n_out);
+          }
+        }
+      });
+      cpu::sgemm(rows, n_out, k_in, 1.0f, a32.data(), k_in, w32.data(),
+                 transpose_w ? k_in : n_out, transpose_w, has_init ? 1.0f : 0.0f,
+                 acc.data(), n_out);
+      parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
+        store_row(out + (t0 + i0) * n_out, acc.data() + i0 * n_out, (i1 - i0) * n_out);
+      });
+    }
+  }
+}
+
+// Forward. Passes over memory: one read of x for h (dropout fused), one write of
+// y for bias + scale * h @ B, then the base GEMM accumulating onto y.
+template <typename T>
+void forward_impl(
+    const mx::array& x, const mx::array& w, const mx::array* bias,
+    const mx::array& a, const mx::array& b, const mx::array* key,
+    float scale, float p, mx::array& y, mx::array& h) {
+  const int64_t m = x.shape(0), k = x.shape(1), n = w.shape(0), r = a.shape(1);
+  const Dropout d = dropout_from(p, key);
+  const std::vector<float> a_t = adapter_as_float(a, 1.0f, /*transpose=*/true);  // (r, K)
+  const std::vector<float> b_scaled = adapter_as_float(b, scale);                  // (r, N)
+  std::vector<float> bias32;
+  if (bias) {
+    bias32.resize(n);
+    load_row(bias32.data(), bias->data<T>(), n);
+  }
+  const T* xp = x.data<T>();
+  float* hp = h.data<float>();
+
+  // h = (mask ⊙ x) @ A, row by row: the masked row lives only in a row buffer.
+  parallel_for(m, kRowGrain, [&](int64_t i0, int64_t i1, int) {
+    std::vector<float> buf(k);
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* row = masked_row(xp, i, 0, k, k, d, buf.data());
+      for (int64_t j = 0; j < r; ++j) {
+        hp[i * r + j] = cpu::dot_row(row, a_t.data() + j * k, k);
+      }
+    }
+  });
+
+  auto init = [&](int64_t i, float* out_row) {
+    if (bias) {
+      std::memcpy(out_row, bias32.data(), n * sizeof(float));
+    } else {
+      std::memset(out_row, 0, n * sizeof(float));
+    }
+    for (int64_t j = 0; j < r; ++j) {
+      cpu::axpy_row(out_row, hp[i * r + j], b_scaled.data() + j * n, n);
+    }
+  };
+  gemm_onto(xp, w.data<T>(), /*transpose_w=*/true, m, k, n, y.data<T>(), true, init);
+}
+
+// dS = scale * dY @ B^T and dB = scale * h^T @ dY in one pass over dY: each thread
+// owns a slab of columns, so dB needs no reduction and dS is summed over threads.
+template <typename T>
+void low_rank_grad_impl(
+    const mx::array& dy, const mx::array& h, const mx::array& b, float scale,
+    mx::array& ds, mx::array& db) {
+  const int64_t m = dy.shape(0), n = dy.shape(1), r = h.shape(1);
+  const std::vector<float> b32 = adapter_as_float(b);  // (r, N)
+  std::vector<float> db32(r * n, 0.0f);
+  std::vector<std::vector<float>> ds_parts(cpu::num_threads());
+  const T* dyp = dy.data<T>();
+  const float* hp = h.data<float>();
+  parallel_for(n, kColumnGrain, [&](int64_t n0, int64_t n1, int t) {
+    const int64_t len = n1 - n0;
+    std::vector<float>& part = ds_parts[t];
+    part.assign(m * r, 0.0f);
+    std::vector<float> buf(len);
+    for (int64_t i = 0; i < m; ++i) {
+      const float* row;
+      if constexpr (std::is_same_v<T, float>) {
+        row = dyp + i * n + n0;
+      } else {
+        load_row(buf.data(), dyp + i * n + n0, len);
+        row = buf.data();
+      }
+      for (int64_t j = 0; j < r; ++j) {
+        part[i * r + j] = cpu::dot_row(row, b32.data() + j * n + n0, len);
+        cpu::axpy_row(db32.data() + j * n + n0, hp[i * r + j], row, len);
+      }
+    }
+  });
+  float* dsp = ds.data<float>();
+  std::memset(dsp, 0, m * r * sizeof(float));
+  for (const auto& part : ds_parts) {
+    for (size_t e = 0; e < part.size(); ++e) {
+      dsp[e] += part[e];
+    }
+  }
+  for (int64_t e = 0; e < m * r; ++e) {
+    dsp[e] *= scale;
+  }
+  for (auto& v : db32) {
+    v *= scale;
+  }
+  store_as(db, db32.data());
+}
+
+// dA = (mask ⊙ x)^T @ dS in one pass over x: each thread owns a slab of x's
+// columns (rows of dA), so no reduction is needed.
+template <typename T>
+void down_grad_impl(const mx::array& x, const mx::array& ds, const mx::array* key, float p, mx::array& da) {
+  const int64_t m = x.shape(0), k = x.shape(1), r = ds.shape(1);
+  const Dropout d = dropout_from(p, key);
+  std::vector<float> da32(k * r, 0.0f);
+  const T* xp = x.data<T>();
+  const float* dsp = ds.data<float>();
+  parallel_for(k, kColumnGrain, [&](int64_t k0, int64_t k1, int) {
+    const int64_t len = k1 - k0;
+    std::vector<float> acc_t(r * len, 0.0f), buf(len);  // dA^T slab, (r, len)
+    for (int64_t i = 0; i < m; ++i) {
+      const float* row = masked_row(xp, i, k0, len, k, d, buf.data());
+      for (int64_t j = 0; j < r; ++j) {
+        cpu::axpy_row(acc_t.data() + j * len, dsp[i * r + j], row, len);
+      }
+    }
+    for (int64_t kk = 0; kk < len; ++kk) {
+      for (int64_t j = 0; j < r; ++j) {
+        da32[(k0 + kk) * r + j] = acc_t[j * len + kk];
+      }
+    }
+  });
+  store_as(da, da32.data());
+}
+
+// dX = dY @ W + mask ⊙ (dS @ A^T): the masked rank-r term is written first, then
+// the GEMM accumulates onto it.
+template <typename T>
+void input_grad_impl(
+    const mx::array& dy, const mx::array& w, const mx::array& ds, const mx::array& a,
+    const mx::array* key, float p, mx::array& dx) {
+  const int64_t m = dy.shape(0), n = dy.shape(1), k = w.shape(1), r = a.shape(1);
+  const Dropout d = dropout_from(p, key);
+  const std::vector<float> a_t = adapter_as_float(a, 1.0f, /*transpose=*/true);  // (r, K)
+  const float* dsp = ds.data<float>();
+  auto init = [&](int64_t i, float* out_row) {
+    std::memset(out_row, 0, k * sizeof(float));
+    for (int64_t j = 0; j < r; ++j) {
+      cpu::axpy_row(out_row, dsp[i * r + j], a_t.data() + j * k, k);
+    }
+    if (d.active) {
+      cpu::dropout_row(out_row, out_row, k, uint64_t(i) * uint64_t(k), d);
+    }
+  };
+  gemm_onto(dy.data<T>(), w.data<T>(), /*transpose_w=*/false, m, n, k, dx.data<T>(), true, init);
+}
+
+mx::array row_contiguous(const mx::array& a, const mx::Stream& s) {
+  return mx::contiguous(a, /*allow_col_major=*/false, s);
+}
+
+void check_key(const std::optional<mx::array>& key, float dropout) {
+  require(dropout >= 0.0f && dropout < 1.0f, "dropout must be in [0, 1)");
+  if (dropout > 0.0f) {
+    require(key.has_value(), "dropout > 0 needs a key");
+    require(key->dtype() == mx::uint32 && key->ndim() == 1 && key->shape(0) == 2,
+            "key must be a uint32 array of shape (2,), got shape " + shape_str(*key));
+  }
+}
+
+} // namespace
+
+///////////////////////////////////////////////////////////////////////////////
+// Builders: validate, make inputs row-contiguous, and add the primitive.
+///////////////////////////////////////////////////////////////////////////////
+
+std::vector<mx::array> lora_forward(
+    const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias,
+    const mx::array& lora_a, const mx::array& lora_b, const std::optional<mx::array>& key,
+    float scale, float dropout, mx::StreamOrDevice s) {
+  require(x.ndim() == 2 && weight.ndim() == 2 && lora_a.ndim() == 2 && lora_b.ndim() == 2,
+          "lora_forward takes 2-D x, weight, lora_a and lora_b");
+  require(weight.shape(1) == x.shape(1), "weight must be (N, K) with K = x.shape[-1] = " +
+          std::to_string(x.shape(1)) + ", got " + shape_str(weight));
+  require(lora_a.shape(0) == x.shape(1), "lora_a must be (K, r), got " + shape_str(lora_a));
+  require(lora_b.shape(0) == lora_a.shape(1) && lora_b.shape(1) == weight.shape(0),
+          "lora_b must be (r, N), got " + shape_str(lora_b));
+  require(is_float(x.dtype()) && x.dtype() == weight.dtype(), "x and weight must share a float dtype");
+  require(is_float(lora_a.dtype()) && is_float(lora_b.dtype()), "adapters must be float");
+  if (bias) {
+    require(bias->ndim() == 1 && bias->shape(0) == weight.shape(0) && bias->dtype() == x.dtype(),
+            "bias must be (N,) in x's dtype, got " + shape_str(*bias));
+  }
+  check_key(key, dropout);
+  auto stream = mx::to_stream(s);
+  std::vector<mx::array> inputs = {row_contiguous(x, stream), row_contiguous(weight, stream)};
+  if (bias) {
+    inputs.push_back(row_contiguous(*bias, stream));
+  }
+  inputs.push_back(row_contiguous(lora_a, stream));
+  inputs.push_back(row_contiguous(lora_b, stream));
+  if (dropout > 0.0f) {
+    inputs.push_back(row_contiguous(*key, stream));
+  }
+  const int m = x.shape(0), n = weight.shape(0), r = lora_a.shape(1);
+  return mx::array::make_arrays(
+      {{m, n}, {m, r}}, {x.dtype(), mx::float32},
+      std::make_shared<LoRAForward>(stream, scale, dropout, bias.has_value()), inputs);
+}
+
+std::vector<mx::array> lora_low_rank_grad(
+    const mx::array& cotangent, const mx::array& h, const mx::array& lora_b, float scale,
+    mx::StreamOrDevice s) {
+  require(cotangent.ndim() == 2 && h.ndim() == 2 && lora_b.ndim() == 2, "expected 2-D arrays");
+  require(h.shape(0) == cotangent.shape(0) && h.shape(1) == lora_b.shape(0) &&
+          lora_b.shape(1) == cotangent.shape(1), "cotangent (M, N), h (M, r), lora_b (r, N) disagree");
+  require(h.dtype() == mx::float32 && is_float(cotangent.dtype()) && is_float(lora_b.dtype()),
+          "h must be float32, cotangent and lora_b float");
+  auto stream = mx::to_stream(s);
+  const int m = h.shape(0), r = h.shape(1), n = lora_b.shape(1);
+  return mx::array::make_arrays(
+      {{m, r}, {r, n}}, {mx::float32, lora_b.dtype()},
+      std::make_shared<LoRALowRankGrad>(stream, scale),
+      {row_contiguous(cotangent, stream), row_contiguous(h, stream), row_contiguous(lora_b, stream)});
+}
+
+mx::array lora_down_grad(
+    const mx::array& x, const mx::array& ds, const mx::array& lora_a,
+    const std::optional<mx::array>& key, float dropout, mx::StreamOrDevice s) {
+  require(x.ndim() == 2 && ds.ndim() == 2 && lora_a.ndim() == 2, "expected 2-D arrays");
+  require(ds.shape(0) == x.shape(0) && lora_a.shape(0) == x.shape(1) && lora_a.shape(1) == ds.shape(1),
+          "x (M, K), ds (M, r), lora_a (K, r) disagree");
+  require(ds.dtype() == mx::float32 && is_float(x.dtype()) && is_float(lora_a.dtype()),
+          "ds must be float32, x and lora_a float");
+  check_key(key, dropout);
+  auto stream = mx::to_stream(s);
+  std::vector<mx::array> inputs = {row_contiguous(x, stream), row_contiguous(ds, stream)};
+  if (dropout > 0.0f) {
+    inputs.push_back(row_contiguous(*key, stream));
+  }
+  return mx::array(lora_a.shape(), lora_a.dtype(), std::make_shared<LoRADownGrad>(stream, dropout), inputs);
+}
+
+mx::array lora_input_grad(
+    const mx::array& cotangent, const mx::array& weight, const mx::array& ds,
+    const mx::array& lora_a, const std::optional<mx::array>& key, float dropout,
+    mx::StreamOrDevice s) {
+  require(cotangent.ndim() == 2 && weight.ndim() == 2 && ds.ndim() == 2 && lora_a.ndim() == 2,
+          "expected 2-D arrays");
+  require(weight.shape(0) == cotangent.shape(1) && ds.shape(0) == cotangent.shape(0) &&
+          lora_a.shape(0) == weight.shape(1) && lora_a.shape(1) == ds.shape(1),
+          "cotangent (M, N), weight (N, K), ds (M, r), lora_a (K, r) disagree");
+  require(is_float(cotangent.dtype()) && cotangent.dtype() == weight.dtype(),
+          "cotangent and weight must share a float dtype");
+  require(ds.dtype() == mx::float32 && is_float(lora_a.dtype()), "ds must be float32, lora_a float");
+  check_key(key, dropout);
+  auto stream = mx::to_stream(s);
+  std::vector<mx::array> inputs = {
+      row_contiguous(cotangent, stream), row_contiguous(weight, stream),
+      row_contiguous(ds, stream), row_contiguous(lora_a, stream)};
+  if (dropout > 0.0f) {
+    inputs.push_back(row_contiguous(*key, stream));
+  }
+  const int m = cotangent.shape(0), k = weight.shape(1);
+  return mx::array({m, k}, cotangent.dtype(), std::make_shared<LoRAInputGrad>(stream, dropout), inputs);
+}
+
+mx::array dropout_mask(const mx::array& key, const mx::Shape& shape, float dropout, mx::Dtype dtype,
+                       mx::StreamOrDevice s) {
+  check_key(key, dropout);
+  require(is_float(dtype), "dropout_mask dtype must be float32, float16 or bfloat16");
+  auto stream = mx::to_stream(s);
+  return mx::array(shape, dtype, std::make_shared<DropoutMask>(stream, dropout, shape),
+                   {row_contiguous(mx::astype(key, mx::uint32, stream), stream)});
+}
+
+mx::array blas_matmul(const mx::array& a, const mx::array& b, bool transpose_b, mx::StreamOrDevice s) {
+  require(a.ndim() == 2 && b.ndim() == 2, "blas_matmul takes 2-D arrays");
+  require(a.dtype() == b.dtype() && is_float(a.dtype()), "a and b must share a float dtype");
+  const int inner = transpose_b ? b.shape(1) : b.shape(0);
+  require(inner == a.shape(1), "inner dimensions disagree");
+  auto stream = mx::to_stream(s);
+  const int m = a.shape(0), n = transpose_b ? b.shape(0) : b.shape(1);
+  return mx::array({m, n}, a.dtype(), std::make_shared<BlasMatmul>(stream, transpose_b),
+                   {row_contiguous(a, stream), row_contiguous(b, stream)});
+}
+
+///////////////////////////////////////////////////////////////////////////////
+// Primitives
+///////////////////////////////////////////////////////////////////////////////
+
+void LoRAForward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.dispatch([inputs, outputs, has_bias = has_bias_, scale = scale_, p = dropout_]() mutable {
+    // inputs: x, weight, [bias], lora_a, lora_b, [key]
+    const size_t ai = has_bias ? 3 : 2;
+    dispatch_float(inputs[0].dtype(), [&](auto tag) {
+      forward_impl<decltype(tag)>(
+          inputs[0], inputs[1], has_bias ? &inputs[2] : nullptr, inputs[ai], inputs[ai + 1],
+          p > 0.0f ? &inputs[ai + 2] : nullptr, scale, p, outputs[0], outputs[1]);
+    });
+  });
+}
+
+void LoRALowRankGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.dispatch([inputs, outputs, scale = scale_]() mutable {
+    dispatch_float(inputs[0].dtype(), [&](auto tag) {
+      low_rank_grad_impl<decltype(tag)>(inputs[0], inputs[1], inputs[2], scale, outputs[0], outputs[1]);
+    });
+  });
+}
+
+void LoRADownGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.dispatch([inputs, out, p = dropout_]() mutable {
+    dispatch_float(inputs[0].dtype(), [&](auto tag) {
+      down_grad_impl<decltype(tag)>(inputs[0], inputs[1], p > 0.0f ? &inputs[2] : nullptr, p, out);
+    });
+  });
+}
+
+void LoRAInputGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.dispatch([inputs, out, p = dropout_]() mutable {
+    dispatch_float(inputs[0].dtype(), [&](auto tag) {
+      input_grad_impl<decltype(tag)>(
+          inputs[0], inputs[1], inputs[2], inputs[3], p > 0.0f ? &inputs[4] : nullptr, p, out);
+    });
+  });
+}
+
+void DropoutMask::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.dispatch([inputs, out, p = dropout_]() mutable {
+    const Dropout d = dropout_from(p, &inputs[0]);
+    const int64_t size = out.size();
+    const int64_t row = out.ndim() ? std::max<int64_t>(out.shape(-1), 1) : 1;
+    std::vector<float> ones(row, 1.0f), mask(size);
+    parallel_for(size / row, kRowGrain, [&](int64_t i0, int64_t i1, int) {
+      for (int64_t i = i0; i < i1; ++i) {
+        if (d.active) {
+          cpu::dropout_row(mask.data() + i * row, ones.data(), row, uint64_t(i) * uint64_t(row), d);
+        } else {
+          std::copy(ones.begin(), ones.end(), mask.begin() + i * row);
+        }
+      }
+    });
+    store_as(out, mask.data());
+  });
+}
+
+void BlasMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.dispatch([inputs, out, transpose_b = transpose_b_]() mutable {
+    const mx::array& a = inputs[0];
+    const mx::array& b = inputs[1];
+    const int64_t n_out = out.shape(1);
+    dispatch_float(a.dtype(), [&](auto tag) {
+      using T = decltype(tag);
+      gemm_onto(a.data<T>(), b.data<T>(), transpose_b, a.shape(0), a.shape(1), n_out,
+                out.data<T>(), false, [](int64_t, float*) {});
+    });
+  });
+}
+
+#define MFL_CPU_ONLY(Class, ...)                    \
+  void Class::eval_gpu(const std::vector<mx::array>&, __VA_ARGS__) { \
+    gpu_unsupported(#Class);                        \
+  }
+MFL_CPU_ONLY(LoRAForward, std::vector<mx::array>&)
+MFL_CPU_ONLY(LoRALowRankGrad, std::vector<mx::array>&)
+MFL_CPU_ONLY(LoRADownGrad, mx::array&)
+MFL_CPU_ONLY(LoRAInputGrad, mx::array&)
+MFL_CPU_ONLY(DropoutMask, mx::array&)
+MFL_CPU_ONLY(BlasMatmul, mx::array&)
+#undef MFL_CPU_ONLY
+
+std::vector<mx::Shape> LoRAForward::output_shapes(const std::vector<mx::array>& inputs) {
+  const size_t ai = has_bias_ ? 3 : 2;
+  return {{inputs[0].shape(0), inputs[1].shape(0)}, {inputs[0].shape(0), inputs[ai].shape(1)}};
+}
+std::vector<mx::Shape> LoRALowRankGrad::output_shapes(const std::vector<mx::array>& inputs) {
+  return {inputs[1].shape(), inputs[2].shape()};
+}
+std::vector<mx::Shape> LoRADownGrad::output_shapes(const std::vector<mx::array>& inputs) {
+  return {{inputs[0].shape(1), inputs[1].shape(1)}};
+}
+std::vector<mx::Shape> LoRAInputGrad::output_shapes(const std::vector<mx::array>& inputs) {
+  return {{inputs[0].shape(0), inputs[1].shape(1)}};
+}
+std::vector<mx::Shape> DropoutMask::output_shapes(const std::vector<mx::array>&) {
+  return {shape_};
+}
+std::vector<mx::Shape> BlasMatmul::output_shapes(const std::vector<mx::array>& inputs) {
+  return {{inputs[0].shape(0), transpose_b_ ? inputs[1].shape(0) : inputs[1].shape(1)}};
+}
+
+bool LoRAForward::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const LoRAForward&>(other);
+  return scale_ == o.scale_ && dropout_ == o.dropout_ && has_bias_ == o.has_bias_;
+}
+bool LoRALowRankGrad::is_equivalent(const mx::Primitive& other) const {
+  return scale_ == static_cast<const LoRALowRankGrad&>(other).scale_;
+}
+bool LoRADownGrad::is_equivalent(const mx::Primitive& other) const {
+  return dropout_ == static_cast<const LoRADownGrad&>(other).dropout_;
+}
+bool LoRAInputGrad::is_equivalent(const mx::Primitive& other) const {
+  return dropout_ == static_cast<const LoRAInputGrad&>(other).dropout_;
+}
+bool DropoutMask::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const DropoutMask&>(other);
+  return dropout_ == o.dropout_ && shape_ == o.shape_;
+}
+bool BlasMatmul::is_equivalent(const mx::Primitive& other) const {
+  return transpose_b_ == static_cast<const BlasMatmul&>(other).transpose_b_;
+}
+
+} // namespace mfl

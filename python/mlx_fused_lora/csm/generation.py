@@ -1,0 +1,117 @@
+"""Frame-by-frame generation with a backbone KV cache (Sesame's `generate_frame` loop).
+
+Per frame: the backbone state of the last frame gives codebook 0 through
+``codebook0_head``; the decoder, with a fresh cache each frame, runs over
+``projection(h_last)`` and ``projection(emb_0(c0))`` (positions 0 and 1) and then one
+codebook embedding per step, its state at position ``k`` giving codebook ``k`` through
+``audio_head[k - 1]``. The sampled frame goes back into the backbone as an audio frame
+(all codebook columns present, text column absent). A row stops when it samples an
+all-zero frame; generation stops when every row has.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from .model import CSM
+
+__all__ = ["sample_top_k", "generate_frame", "generate"]
+
+# (logits [B, audio_vocab], codebook index) -> sampled codes [B] (int32)
+Sampler = Callable[[mx.array, int], mx.array]
+
+
+def sample_top_k(logits: mx.array, top_k: int, temperature: float, key: mx.array) -> mx.array:
+    """Sample ``[B]`` codes from ``logits [B, V]`` restricted to the top ``k``, at ``temperature``.
+
+    ``temperature == 0`` is greedy (argmax).
+    """
+    if temperature <= 0:
+        return mx.argmax(logits, axis=-1).astype(mx.int32)
+    logits = logits.astype(mx.float32) / temperature
+    k = min(top_k, logits.shape[-1])
+    kth = mx.sort(logits, axis=-1)[..., -k][..., None]
+    logits = mx.where(logits < kth, -mx.inf, logits)
+    return mx.random.categorical(logits, axis=-1, key=key).astype(mx.int32)
+
+
+def default_sampler(top_k: int, temperature: float, seed: Optional[int]) -> Sampler:
+    key = [mx.random.key(seed if seed is not None else int(mx.random.randint(0, 2**31 - 1, ())))]
+
+    def sample(logits: mx.array, codebook: int) -> mx.array:
+        key[0], sub = mx.random.split(key[0])
+        return sample_top_k(logits, top_k, temperature, sub)
+
+    return sample
+
+
+def generate_frame(model: CSM, h_last: mx.array, sampler: Sampler) -> mx.array:
+    """Codes ``[B, K]`` of one frame from the backbone state ``h_last [B, D_backbone]``."""
+    K = model.config.audio_num_codebooks
+    c = sampler(model.codebook0_head(h_last), 0)
+    codes = [c]
+    cache = model.decoder.make_cache()
+    x = mx.stack([h_last, model.embed_audio(0, c).astype(h_last.dtype)], axis=1)
+    d = model.decoder(model.projection(x), "causal", cache)
+    for k in range(1, K):
+        c = sampler(model.decoder_logits(d[:, -1], k), k)
+        codes.append(c)
+        if k < K - 1:
+            x = model.embed_audio(k, c)[:, None].astype(h_last.dtype)
+            d = model.decoder(model.projection(x), None, cache)
+    return mx.stack(codes, axis=1)
+
+
+def generate(
+    model: CSM,
+    tokens: mx.array,
+    mask: mx.array,
+    max_frames: int,
+    *,
+    temperature: float = 0.9,
+    top_k: int = 50,
+    seed: Optional[int] = None,
+    sampler: Optional[Sampler] = None,
+) -> mx.array:
+    """Generate up to ``max_frames`` audio frames after the prompt ``tokens``/``mask``.
+
+    ``tokens``, ``mask``: ``[B, T, K + 1]`` prompt frames (padding frames allowed; their
+    mask is all zero). ``sampler(logits [B, V], codebook) -> [B]`` replaces top-k sampling
+    (e.g. greedy, or teacher forcing in tests).
+
+    Returns codes ``[B, N, K]`` (int32), ``N <= max_frames``. A row that samples an
+    all-zero frame is finished: its later frames are zero. Generation ends early when
+    every row is finished; that last all-zero step is not returned.
+    """
+    K = model.config.audio_num_codebooks
+    B, T, _ = tokens.shape
+    limit = model.config.backbone.max_seq_len
+    if T + max_frames > limit:
+        raise ValueError(
+            f"prompt of {T} frames + max_frames {max_frames} exceeds the backbone's "
+            f"max_seq_len {limit}"
+        )
+    if sampler is None:
+        sampler = default_sampler(top_k, temperature, seed)
+    cache = model.backbone.make_cache()
+    h = model(tokens, mask, cache)[:, -1]
+    finished = mx.zeros((B,), dtype=mx.bool_)
+    frames = []
+    frame_mask = mx.concatenate(
+        [mx.ones((B, 1, K), dtype=mask.dtype), mx.zeros((B, 1, 1), dtype=mask.dtype)], axis=-1
+    )
+    for _ in range(max_frames):
+        codes = generate_frame(model, h, sampler)
+        finished = finished | mx.all(codes == 0, axis=-1)
+        codes = mx.where(finished[:, None], 0, codes)
+        mx.eval(codes, finished)
+        if finished.all().item():
+            break
+        frames.append(codes)
+        frame = mx.concatenate([codes, mx.zeros((B, 1), dtype=codes.dtype)], axis=-1)
+        h = model(frame[:, None].astype(tokens.dtype), frame_mask, cache)[:, -1]
+    if not frames:
+        return mx.zeros((B, 0, K), dtype=mx.int32)
+    return mx.stack(frames, axis=1)

@@ -1,0 +1,293 @@
+"""Put `FusedLoRALinear` into a CSM's projections, and fold adapters back into plain layers.
+
+Target vocabulary (`apply_lora`'s ``target_modules``): ``q_proj k_proj v_proj o_proj
+gate_proj up_proj down_proj`` name per-layer projections and apply to *both* stacks
+(``backbone.layers.{i}.self_attn.q_proj``, ``decoder.layers.{i}.mlp.up_proj``, ...);
+``codebook0_head`` and ``projection`` name the two top-level linears. torchtune's names
+``output_proj w1 w2 w3`` are accepted as aliases. Adapter parameters therefore live at
+``backbone.layers.{i}.self_attn.q_proj.lora_a`` etc.: the stack prefix keeps the two
+stacks' layer ``i`` apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+__all__ = [
+    "LAYER_TARGETS",
+    "HEAD_TARGETS",
+    "LoRASettings",
+    "LoRAReport",
+    "lora_scale",
+    "lora_layer_class",
+    "is_lora_layer",
+    "lora_dropout_p",
+    "lora_layers",
+    "apply_lora",
+    "merge_lora",
+]
+
+log = logging.getLogger(__name__)
+
+# target name -> path inside a TransformerBlock
+LAYER_TARGETS = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
+HEAD_TARGETS = ("codebook0_head", "projection")
+_ALIASES = {"output_proj": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+STACKS = ("backbone", "decoder")
+
+
+def lora_layer_class():
+    """The LoRA layer this package uses (imported late: the layer lives in `layers`)."""
+    from mlx_fused_lora.layers import FusedLoRALinear
+
+    return FusedLoRALinear
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The LoRA multiplier: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def is_lora_layer(module) -> bool:
+    """Duck-typed: FusedLoRALinear and mlx-lm's LoRALinear both qualify."""
+    return isinstance(module, nn.Module) and all(
+        hasattr(module, a) for a in ("linear", "lora_a", "lora_b", "scale")
+    )
+
+
+def lora_dropout_p(layer) -> float:
+    """Dropout probability of a LoRA layer (a float, or mlx-lm's `nn.Dropout`)."""
+    d = getattr(layer, "dropout", 0.0)
+    if isinstance(d, (int, float)):
+        return float(d)
+    if isinstance(d, nn.Dropout):
+        return round(1.0 - d._p_1, 12)
+    return 0.0
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, layer) of every LoRA layer in ``model``, in parameter order."""
+    return [(name, m) for name, m in model.named_modules() if is_lora_layer(m)]
+
+
+@dataclass
+class LoRASettings:
+    """What `apply_lora` was asked for; kept on the model (``model.lora_settings``)."""
+
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    bias: bool
+    target_modules: list[str]
+    target_layers: object = None
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.r, self.alpha, self.use_rslora)
+
+
+@dataclass
+class LoRAReport:
+    trainable: int
+    total: int
+    modules: list[str] = field(default_factory=list)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"LoRA on {len(self.modules)} modules: {self.trainable:,} trainable of "
+            f"{self.total:,} parameters ({self.percent:.4f}%)"
+        )
+
+
+def _normalize_targets(target_modules: Union[str, Iterable[str]]) -> list[str]:
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    out = []
+    for t in target_modules:
+        t = _ALIASES.get(t, t)
+        if t not in LAYER_TARGETS and t not in HEAD_TARGETS:
+            raise ValueError(
+                f"unknown LoRA target {t!r}; expected some of "
+                f"{sorted(LAYER_TARGETS) + list(HEAD_TARGETS)}"
+            )
+        if t not in out:
+            out.append(t)
+    if not out:
+        raise ValueError("target_modules is empty")
+    return out
+
+
+def _layers_per_stack(model, target_layers) -> dict[str, list[int]]:
+    depth = {s: len(getattr(model, s).layers) for s in STACKS}
+    if target_layers is None:
+        return {s: list(range(depth[s])) for s in STACKS}
+    if isinstance(target_layers, Mapping):
+        unknown = set(target_layers) - set(STACKS)
+        if unknown:
+            raise ValueError(f"target_layers keys {sorted(unknown)} are not stacks {STACKS}")
+        out = {}
+        for s in STACKS:
+            idx = target_layers.get(s, [])
+            idx = list(range(depth[s])) if idx is None else [int(i) for i in idx]
+            bad = [i for i in idx if not 0 <= i < depth[s]]
+            if bad:
+                raise ValueError(f"target_layers[{s!r}] {bad} out of range 0..{depth[s] - 1}")
+            out[s] = idx
+        return out
+    idx = [int(i) for i in target_layers]
+    bad = [i for i in idx if not any(0 <= i < depth[s] for s in STACKS)]
+    if bad:
+        raise ValueError(f"target_layers {bad} are outside every stack (depths {depth})")
+    return {s: [i for i in idx if 0 <= i < depth[s]] for s in STACKS}
+
+
+def apply_lora(
+    model: nn.Module,
+    target_modules: Union[str, Sequence[str]] = ("q_proj", "v_proj"),
+    target_layers: Union[None, Sequence[int], Mapping[str, Optional[Sequence[int]]]] = None,
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    bias: bool = False,
+    use_rslora: bool = False,
+) -> LoRAReport:
+    """Replace the targeted linears of a CSM by `FusedLoRALinear` and freeze the rest.
+
+    ``target_layers``: None (every layer of both stacks), a list of layer indices (applied
+    to each stack where the index exists), or ``{"backbone": [...], "decoder": [...]}``
+    (a missing stack gets none, ``None`` means all its layers). Head targets ignore it.
+    ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). ``bias=True`` also
+    trains the adapted layers' existing biases (CSM's linears have none).
+    Returns and logs the trainable-parameter report.
+    """
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    targets = _normalize_targets(target_modules)
+    layers = _layers_per_stack(model, target_layers)
+    scale = lora_scale(r, alpha, use_rslora)
+    LoRA = lora_layer_class()
+
+    paths = []
+    for t in targets:
+        if t in HEAD_TARGETS:
+            paths.append(t)
+    for s in STACKS:
+        for i in layers[s]:
+            for t in targets:
+                if t in LAYER_TARGETS:
+                    paths.append(f"{s}.layers.{i}.{LAYER_TARGETS[t]}")
+    modules = dict(model.named_modules())
+    replacements = []
+    for p in paths:
+        base = modules[p]
+        if is_lora_layer(base):
+            raise ValueError(f"{p} already has a LoRA adapter")
+        if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
+            raise ValueError(f"{p} is a {type(base).__name__}, not a linear layer")
+        replacements.append((p, LoRA.from_base(base, r=r, dropout=dropout, scale=scale)))
+    model.update_modules(tree_unflatten(replacements))
+    freeze_all_but_lora(model, train_bias=bias)
+    if bias and not any("bias" in m.linear for _, m in replacements):
+        warnings.warn("bias=True but none of the adapted layers has a bias", stacklevel=2)
+    model.lora_settings = LoRASettings(
+        r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, bias=bias,
+        target_modules=targets, target_layers=target_layers,
+    )
+    report = LoRAReport(
+        trainable=sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
+        total=sum(v.size for _, v in tree_flatten(model.parameters())),
+        modules=[p for p, _ in replacements],
+    )
+    log.info("%s", report)
+    return report
+
+
+def freeze_all_but_lora(model: nn.Module, train_bias: bool = False) -> None:
+    """Freeze every parameter except the LoRA layers' ``lora_a``/``lora_b`` (and biases)."""
+    model.freeze()
+    for _, layer in lora_layers(model):
+        layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+        if train_bias and "bias" in layer.linear:
+            layer.linear.unfreeze(keys=["bias"], recurse=False)
+
+
+# -- merging --
+
+
+def _fold(layer, name: str) -> nn.Module:
+    base = layer.linear
+    quantized = isinstance(base, nn.QuantizedLinear)
+    if quantized:
+        weight = mx.dequantize(
+            base.weight, base.scales, base.biases, group_size=base.group_size, bits=base.bits,
+            mode=base.mode,
+        )
+        dtype = base.scales.dtype
+    else:
+        weight = base.weight
+        dtype = weight.dtype
+    # The fold is done once in float32 and cast back once: folding in bf16 would round
+    # the (small) delta against the (large) weight twice.
+    delta = float(layer.scale) * (
+        layer.lora_b.T.astype(mx.float32) @ layer.lora_a.T.astype(mx.float32)
+    )
+    merged = (weight.astype(mx.float32) + delta).astype(dtype)
+    out_dims, in_dims = merged.shape
+    has_bias = "bias" in base
+    plain = nn.Linear(in_dims, out_dims, bias=has_bias)
+    plain.weight = merged
+    if has_bias:
+        plain.bias = base.bias
+    if not quantized:
+        return plain
+    requantized = nn.QuantizedLinear.from_linear(plain, base.group_size, base.bits, mode=base.mode)
+    # One quantization step per group is `scales`; a delta much smaller than the step is
+    # mostly rounded away by re-quantizing.
+    step = mx.repeat(base.scales.astype(mx.float32).abs(), base.group_size, axis=1)
+    delta_rms = mx.sqrt(mx.mean(delta * delta)).item()
+    step_mean = mx.mean(step).item()
+    if delta_rms < step_mean:
+        warnings.warn(
+            f"merge_lora: {name}: the LoRA delta (rms {delta_rms:.3g}) is below the "
+            f"{base.bits}-bit quantization step (mean {step_mean:.3g}); re-quantizing the "
+            "merged weight loses most of the adapter. Merge with a dequantized base instead.",
+            stacklevel=3,
+        )
+    return requantized
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA layer into a plain layer, in place; returns ``model``.
+
+    ``W' = W + scale * (lora_b.T @ lora_a.T)`` computed in float32 and cast back to the
+    base weight's dtype once. A quantized base is dequantized, merged and re-quantized
+    with its own group size/bits/mode, with a warning when the delta is below the
+    quantization step. Frozen-ness is left as is; ``model.lora_settings`` is removed.
+    """
+    merged = [(name, _fold(layer, name)) for name, layer in lora_layers(model)]
+    if merged:
+        model.update_modules(tree_unflatten(merged))
+    if hasattr(model, "lora_settings"):
+        del model.lora_settings
+    return model

@@ -1,0 +1,98 @@
+"""FusedLoRALinear: a drop-in for mlx-lm's ``LoRALinear`` on the fused op.
+
+Same constructor, ``from_base``, ``fuse``, parameter names, shapes and
+initialisation as ``mlx_lm.tuner.lora.LoRALinear`` (``linear``, ``lora_a (in, r)``
+uniform in +-1/sqrt(in), ``lora_b (r, out)`` zeros, ``scale`` the full multiplier),
+so adapters saved by mlx-lm load unchanged. Differences, on purpose:
+
+- ``dropout`` is the float p, not an ``nn.Dropout`` module (it has no parameters
+  either way, so checkpoints are unaffected).
+- In training mode each call draws a fresh dropout key from ``mx.random``, so a
+  compiled step that threads ``mx.random.state`` (as mlx-lm's trainer does) gets
+  a new mask every step; in eval mode there is no dropout.
+- x keeps its dtype: float32 adapters with bf16 activations never promote x.
+"""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..ops import fused_lora_linear
+from ..ops.fused_lora_linear import dropout_mask
+
+
+def draw_dropout_key():
+    """A fresh dropout key from MLX's global random state (which mx.compile can thread)."""
+    return mx.random.randint(0, 2**31 - 1, shape=(2,), dtype=mx.int32).astype(mx.uint32)
+
+
+class FusedLoRALinear(nn.Module):
+    @staticmethod
+    def from_base(linear, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+        output_dims, input_dims = linear.weight.shape
+        if isinstance(linear, nn.QuantizedLinear):
+            input_dims = input_dims * 32 // linear.bits
+        lora = FusedLoRALinear(input_dims, output_dims, r=r, dropout=dropout, scale=scale)
+        lora.linear = linear
+        return lora
+
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        r: int = 8,
+        dropout: float = 0.0,
+        scale: float = 20.0,
+        bias: bool = False,
+    ):
+        super().__init__()
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"FusedLoRALinear: `dropout` must be in [0, 1), got {dropout}")
+        if int(r) < 1:
+            raise ValueError(f"FusedLoRALinear: `r` must be >= 1, got {r}")
+        self.linear = nn.Linear(input_dims, output_dims, bias=bias)
+        self.dropout = float(dropout)
+        self.scale = scale
+        bound = 1 / math.sqrt(input_dims)
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r))
+        self.lora_b = mx.zeros(shape=(r, output_dims))
+
+    def fuse(self, dequantize: bool = False):
+        """The base layer with ``scale * lora_b.T @ lora_a.T`` folded into its weight."""
+        linear = self.linear
+        quantized = isinstance(linear, nn.QuantizedLinear)
+        weight = linear.weight
+        if quantized:
+            weight = mx.dequantize(
+                weight, linear.scales, linear.biases,
+                group_size=linear.group_size, bits=linear.bits, mode=linear.mode,
+            )
+        output_dims, input_dims = weight.shape
+        has_bias = "bias" in linear
+        fused = nn.Linear(input_dims, output_dims, bias=has_bias)
+        delta = (self.scale * self.lora_b.astype(mx.float32).T) @ self.lora_a.astype(mx.float32).T
+        fused.weight = (weight.astype(mx.float32) + delta).astype(weight.dtype)
+        if has_bias:
+            fused.bias = linear.bias
+        if quantized and not dequantize:
+            fused = nn.QuantizedLinear.from_linear(fused, linear.group_size, linear.bits, mode=linear.mode)
+        return fused
+
+    def __call__(self, x):
+        p = self.dropout if self.training else 0.0
+        key = draw_dropout_key() if p > 0 else None
+        linear = self.linear
+        if isinstance(linear, nn.QuantizedLinear):
+            return self._quantized_base(x, p, key)
+        bias = linear.bias if "bias" in linear else None
+        return fused_lora_linear(
+            x, linear.weight, bias, self.lora_a, self.lora_b, scale=self.scale, dropout=p, key=key
+        )
+
+    def _quantized_base(self, x, p, key):
+        # QLoRA: the base product stays MLX's quantized matmul; the LoRA term is plain
+        # MLX with the op's own dropout mask until the fused quantized path lands.
+        dropped = x if p == 0 else x * dropout_mask(key, x.shape, p, dtype=x.dtype)
+        z = (dropped @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
+        return self.linear(x) + (self.scale * z).astype(x.dtype)

@@ -1,0 +1,39 @@
+"""mlx-lm's LoRA trainer and CLI on fused layers.
+
+``python -m mlx_fused_lora.lm_lora --model ... --train --data ...`` takes exactly
+``mlx_lm.lora``'s arguments; every linear layer mlx-lm would wrap in its
+``LoRALinear`` becomes a ``FusedLoRALinear`` instead (same parameter names, so
+adapters are interchangeable with plain mlx-lm's).
+"""
+
+import sys
+
+from .layers import FusedLoRALinear
+
+
+def patch_mlx_lm():
+    """Make mlx-lm build FusedLoRALinear wherever it would build its LoRALinear.
+
+    mlx-lm's ``linear_to_lora_layers`` (used by its trainer, ``load_adapters`` and
+    ``fuse``) and its ``remove_lora_layers`` look the class up in
+    ``mlx_lm.tuner.utils``; replacing it there covers all of them. Idempotent.
+    """
+    try:
+        import mlx_lm.tuner.utils as tuner_utils
+    except ImportError as e:
+        raise ImportError("patch_mlx_lm needs mlx-lm: pip install mlx-lm") from e
+    tuner_utils.LoRALinear = FusedLoRALinear
+    return tuner_utils
+
+
+def main(argv=None):
+    patch_mlx_lm()
+    from mlx_lm import lora
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    return lora.main()
+
+
+if __name__ == "__main__":
+    main()

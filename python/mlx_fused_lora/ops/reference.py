@@ -1,0 +1,24 @@
+"""The fused LoRA linear op in plain MLX, taking an explicit dropout mask.
+
+This is the oracle every test holds the kernels against, and the fallback for a
+device that has no kernels yet. It computes in float32 and casts the result to
+x's dtype once, so it is the most accurate version of the formula, not the fastest.
+"""
+
+import mlx.core as mx
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scale, mask=None):
+    """``y = x @ weight.T + bias + scale * ((mask * x) @ lora_a) @ lora_b``.
+
+    ``mask`` holds the dropout multipliers (0 or 1/(1-p), as ``dropout_mask``
+    returns them) in x's shape, or is None for no dropout.
+    """
+    x32 = x.astype(mx.float32)
+    y = x32 @ weight.astype(mx.float32).T
+    if bias is not None:
+        y = y + bias.astype(mx.float32)
+    dropped = x32 if mask is None else x32 * mask.astype(mx.float32)
+    h = dropped @ lora_a.astype(mx.float32)
+    y = y + scale * (h @ lora_b.astype(mx.float32))
+    return y.astype(x.dtype)
