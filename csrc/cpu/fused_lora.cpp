@@ -19,10 +19,9 @@ using cpu::parallel_for;
 
 // Rows handed to one thread at least, so tiny problems (decode, M = 1) stay serial.
 constexpr int64_t kRowGrain = 16;
-constexpr int64_t kColumnGrain = 256;
-// Rows per tile when x is half precision: the tile is converted to float32 for the
-// BLAS, so only this much of x is ever promoted at once, never the whole of it.
-constexpr int64_t kHalfTileRows = 256;
+// Elements of x widened or masked at once (256 KiB of float32): big enough for the
+// BLAS to run at full speed on a tile, small enough to stay in cache.
+constexpr int64_t kTileElements = 1 << 16;
 
 [[noreturn]] void gpu_unsupported(const char* name) {
   std::ostringstream msg;
@@ -79,18 +78,37 @@ void store_row(T* dst, const float* src, int64_t n) {
   }
 }
 
-// Adapters are small (K x r, r x N): one float32 copy per call, optionally
-// transposed or scaled, is cheap next to a pass over x.
-std::vector<float> adapter_as_float(const mx::array& a, float multiplier = 1.0f, bool transpose = false) {
+// Float32 scratch memory from MLX's allocator, so that mx.get_peak_memory() counts
+// the op's temporaries like any array's.
+class Scratch {
+ public:
+  explicit Scratch(int64_t count)
+      : data_(mx::allocator::malloc(std::max<int64_t>(count, 1) * sizeof(float))) {}
+  Scratch(int64_t count, float fill) : Scratch(count) {
+    std::fill(data(), data() + count, fill);
+  }
+  float* data() {
+    return static_cast<float*>(data_.buffer().raw_ptr());
+  }
+  float& operator[](int64_t i) {
+    return data()[i];
+  }
+
+ private:
+  mx::allocator::Data data_;
+};
+
+// Adapters are small (K x r, r x N): one float32 copy per call, scaled, is cheap
+// next to a pass over x. `extra_rows` leaves room below for more rows.
+Scratch adapter_as_float(const mx::array& a, float multiplier = 1.0f, int64_t extra_rows = 0) {
   const int64_t rows = a.shape(0), cols = a.shape(1);
-  std::vector<float> out(rows * cols);
+  Scratch out((rows + extra_rows) * cols);
   dispatch_float(a.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* src = a.data<T>();
     for (int64_t i = 0; i < rows; ++i) {
       for (int64_t j = 0; j < cols; ++j) {
-        float v = multiplier * static_cast<float>(src[i * cols + j]);
-        out[transpose ? j * rows + i : i * cols + j] = v;
+        out[i * cols + j] = multiplier * static_cast<float>(src[i * cols + j]);
       }
     }
   });
@@ -109,74 +127,79 @@ Dropout dropout_from(float p, const mx::array* key) {
   return cpu::make_dropout(p, key ? key->data<unsigned int>() : nullptr);
 }
 
-// Row i of x (length n, starting at column k0) as float32 with dropout applied.
-// Returns x itself when nothing needs to change, else fills `buf`.
-template <typename T>
-const float* masked_row(const T* x, int64_t i, int64_t k0, int64_t n, int64_t row_len, const Dropout& d, float* buf) {
-  const T* src = x + i * row_len + k0;
-  const uint64_t index0 = uint64_t(i) * uint64_t(row_len) + uint64_t(k0);
+// Row tiles of x as float32 with dropout applied: fn(row0, rows, tile) with tile
+// (rows x k, row-major). Float32 x without dropout is handed over whole and
+// uncopied; otherwise only one tile of widened/masked rows exists at a time, so x
+// is never copied whole, to a wider type or with its mask.
+template <typename T, typename Fn>
+void for_each_x_tile(const T* x, int64_t m, int64_t k, const Dropout& d, Fn&& fn) {
   if constexpr (std::is_same_v<T, float>) {
     if (!d.active) {
-      return src;
-    }
-    cpu::dropout_row(buf, src, n, index0, d);
-  } else {
-    load_row(buf, src, n);
-    if (d.active) {
-      cpu::dropout_row(buf, buf, n, index0, d);
+      fn(int64_t(0), m, x);
+      return;
     }
   }
-  return buf;
+  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(m, kTileElements / k));
+  Scratch buf(tile * k);
+  for (int64_t t0 = 0; t0 < m; t0 += tile) {
+    const int64_t rows = std::min(tile, m - t0);
+    parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
+      for (int64_t i = i0; i < i1; ++i) {
+        float* dst = buf.data() + i * k;
+        const T* src = x + (t0 + i) * k;
+        const uint64_t index0 = uint64_t(t0 + i) * uint64_t(k);
+        if constexpr (std::is_same_v<T, float>) {
+          cpu::dropout_row(dst, src, k, index0, d);
+        } else {
+          load_row(dst, src, k);
+          if (d.active) {
+            cpu::dropout_row(dst, dst, k, index0, d);
+          }
+        }
+      }
+    });
+    fn(t0, rows, static_cast<const float*>(buf.data()));
+  }
 }
 
-// out (M x n_out) = init + a (M x k_in) @ op(w), op(w) = w^T for w (n_out x k_in)
-// else w (k_in x n_out). init(i, row) writes row i's float32 starting value; with
-// no init the GEMM runs with beta = 0. For float32 the GEMM accumulates straight
-// into out (beta = 1, no M x N temporary); half types go through float32 tiles.
+// out (m x n_out) = init + a (m x k_in) @ op(w), op(w) = w^T for w (n_out x k_in)
+// else w (k_in x n_out). init(row0, rows, acc) writes the float32 starting value of
+// those rows into acc (leading dim n_out); with no init the GEMM runs with beta = 0.
+// Float32 accumulates straight into out (beta = 1: no m x n_out temporary); half
+// types go through float32 tiles.
 template <typename T, typename Init>
 void gemm_onto(
     const T* a, const T* w, bool transpose_w,
     int64_t m, int64_t k_in, int64_t n_out,
     T* out, bool has_init, Init&& init) {
+  const int ldw = transpose_w ? k_in : n_out;
+  const float beta = has_init ? 1.0f : 0.0f;
   if constexpr (std::is_same_v<T, float>) {
     if (has_init) {
-      parallel_for(m, kRowGrain, [&](int64_t i0, int64_t i1, int) {
-        for (int64_t i = i0; i < i1; ++i) {
-          init(i, out + i * n_out);
-        }
-      });
+      init(int64_t(0), m, out);
     }
-    cpu::sgemm(m, n_out, k_in, 1.0f, a, k_in, w, transpose_w ? k_in : n_out, transpose_w,
-               has_init ? 1.0f : 0.0f, out, n_out);
+    cpu::sgemm(false, transpose_w, m, n_out, k_in, 1.0f, a, k_in, w, ldw, beta, out, n_out);
   } else {
-    // No half-precision GEMM in the BLAS: W is widened once per call (a weight-sized
-    // temporary); x only a tile at a time.
-    std::vector<float> w32(n_out * k_in);
+    // No half-precision GEMM in the BLAS: W is widened once per call (a
+    // weight-sized temporary), x a tile at a time.
+    Scratch w32(n_out * k_in);
     load_row(w32.data(), w, n_out * k_in);
-    const int64_t tile = std::min<int64_t>(std::max<int64_t>(m, 1), kHalfTileRows);
-    std::vector<float> a32(tile * k_in), acc(tile * n_out);
-    for (int64_t t0 = 0; t0 < m; t0 += tile) {
-      const int64_t rows = std::min(tile, m - t0);
-      parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
-        for (int64_t i = i0; i < i1; ++i) {
-          load_row(a32.data() + i * k_in, a + (t0 + i) * k_in, k_in);
-          if (has_init) {
-            init(t0 + i, acc.data() + i * n_out);
-          }
-        }
-      });
-      cpu::sgemm(rows, n_out, k_in, 1.0f, a32.data(), k_in, w32.data(),
-                 transpose_w ? k_in : n_out, transpose_w, has_init ? 1.0f : 0.0f,
+    Scratch acc(std::min<int64_t>(m, std::max<int64_t>(1, kTileElements / k_in)) * n_out);
+    for_each_x_tile(a, m, k_in, Dropout{}, [&](int64_t row0, int64_t rows, const float* a_tile) {
+      if (has_init) {
+        init(row0, rows, acc.data());
+      }
+      cpu::sgemm(false, transpose_w, rows, n_out, k_in, 1.0f, a_tile, k_in, w32.data(), ldw, beta,
                  acc.data(), n_out);
       parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
-        store_row(out + (t0 + i0) * n_out, acc.data() + i0 * n_out, (i1 - i0) * n_out);
+        store_row(out + (row0 + i0) * n_out, acc.data() + i0 * n_out, (i1 - i0) * n_out);
       });
-    }
+    });
   }
 }
 
-// Forward. Passes over memory: one read of x for h (dropout fused), one write of
-// y for bias + scale * h @ B, then the base GEMM accumulating onto y.
+// Forward. Passes over M x K / M x N memory: x once for h (dropout fused per tile),
+// y written once by the rank-r term, then the base GEMM accumulating onto y.
 template <typename T>
 void forward_impl(
     const mx::array& x, const mx::array& w, const mx::array* bias,
@@ -184,110 +207,60 @@ void forward_impl(
     float scale, float p, mx::array& y, mx::array& h) {
   const int64_t m = x.shape(0), k = x.shape(1), n = w.shape(0), r = a.shape(1);
   const Dropout d = dropout_from(p, key);
-  const std::vector<float> a_t = adapter_as_float(a, 1.0f, /*transpose=*/true);  // (r, K)
-  const std::vector<float> b_scaled = adapter_as_float(b, scale);                  // (r, N)
-  std::vector<float> bias32;
-  if (bias) {
-    bias32.resize(n);
-    load_row(bias32.data(), bias->data<T>(), n);
-  }
+  Scratch a32 = adapter_as_float(a);  // (K, r)
   const T* xp = x.data<T>();
   float* hp = h.data<float>();
 
-  // h = (mask ⊙ x) @ A, row by row: the masked row lives only in a row buffer.
-  parallel_for(m, kRowGrain, [&](int64_t i0, int64_t i1, int) {
-    std::vector<float> buf(k);
-    for (int64_t i = i0; i < i1; ++i) {
-      const float* row = masked_row(xp, i, 0, k, k, d, buf.data());
-      for (int64_t j = 0; j < r; ++j) {
-        hp[i * r + j] = cpu::dot_row(row, a_t.data() + j * k, k);
-      }
-    }
+  // h = (mask ⊙ x) @ A
+  for_each_x_tile(xp, m, k, d, [&](int64_t row0, int64_t rows, const float* tile) {
+    cpu::sgemm(false, false, rows, r, k, 1.0f, tile, k, a32.data(), r, 0.0f, hp + row0 * r, r);
   });
 
-  auto init = [&](int64_t i, float* out_row) {
-    if (bias) {
-      std::memcpy(out_row, bias32.data(), n * sizeof(float));
-    } else {
-      std::memset(out_row, 0, n * sizeof(float));
+  // y = [h, 1] @ [scale * B; bias]: the bias rides the rank-r GEMM as one more rank.
+  const int64_t ra = bias ? r + 1 : r;
+  Scratch b_aug = adapter_as_float(b, scale, ra - r);  // (ra, N)
+  Scratch h_aug(bias ? m * ra : 0);
+  const float* h_src = hp;
+  if (bias) {
+    load_row(b_aug.data() + r * n, bias->data<T>(), n);
+    for (int64_t i = 0; i < m; ++i) {
+      std::copy(hp + i * r, hp + (i + 1) * r, h_aug.data() + i * ra);
+      h_aug[i * ra + r] = 1.0f;
     }
-    for (int64_t j = 0; j < r; ++j) {
-      cpu::axpy_row(out_row, hp[i * r + j], b_scaled.data() + j * n, n);
-    }
+    h_src = h_aug.data();
+  }
+  auto init = [&](int64_t row0, int64_t rows, float* acc) {
+    cpu::sgemm(false, false, rows, n, ra, 1.0f, h_src + row0 * ra, ra, b_aug.data(), n, 0.0f, acc, n);
   };
   gemm_onto(xp, w.data<T>(), /*transpose_w=*/true, m, k, n, y.data<T>(), true, init);
 }
 
-// dS = scale * dY @ B^T and dB = scale * h^T @ dY in one pass over dY: each thread
-// owns a slab of columns, so dB needs no reduction and dS is summed over threads.
+// dS = scale * dY @ B^T, dB = scale * h^T @ dY (two rank-r GEMMs over dY).
 template <typename T>
 void low_rank_grad_impl(
     const mx::array& dy, const mx::array& h, const mx::array& b, float scale,
     mx::array& ds, mx::array& db) {
   const int64_t m = dy.shape(0), n = dy.shape(1), r = h.shape(1);
-  const std::vector<float> b32 = adapter_as_float(b);  // (r, N)
-  std::vector<float> db32(r * n, 0.0f);
-  std::vector<std::vector<float>> ds_parts(cpu::num_threads());
-  const T* dyp = dy.data<T>();
-  const float* hp = h.data<float>();
-  parallel_for(n, kColumnGrain, [&](int64_t n0, int64_t n1, int t) {
-    const int64_t len = n1 - n0;
-    std::vector<float>& part = ds_parts[t];
-    part.assign(m * r, 0.0f);
-    std::vector<float> buf(len);
-    for (int64_t i = 0; i < m; ++i) {
-      const float* row;
-      if constexpr (std::is_same_v<T, float>) {
-        row = dyp + i * n + n0;
-      } else {
-        load_row(buf.data(), dyp + i * n + n0, len);
-        row = buf.data();
-      }
-      for (int64_t j = 0; j < r; ++j) {
-        part[i * r + j] = cpu::dot_row(row, b32.data() + j * n + n0, len);
-        cpu::axpy_row(db32.data() + j * n + n0, hp[i * r + j], row, len);
-      }
-    }
-  });
+  Scratch b32 = adapter_as_float(b);  // (r, N)
+  Scratch db32(r * n, 0.0f);
   float* dsp = ds.data<float>();
-  std::memset(dsp, 0, m * r * sizeof(float));
-  for (const auto& part : ds_parts) {
-    for (size_t e = 0; e < part.size(); ++e) {
-      dsp[e] += part[e];
-    }
-  }
-  for (int64_t e = 0; e < m * r; ++e) {
-    dsp[e] *= scale;
-  }
-  for (auto& v : db32) {
-    v *= scale;
-  }
+  const float* hp = h.data<float>();
+  for_each_x_tile(dy.data<T>(), m, n, Dropout{}, [&](int64_t row0, int64_t rows, const float* tile) {
+    cpu::sgemm(false, true, rows, r, n, scale, tile, n, b32.data(), n, 0.0f, dsp + row0 * r, r);
+    cpu::sgemm(true, false, r, n, rows, scale, hp + row0 * r, r, tile, n, 1.0f, db32.data(), n);
+  });
   store_as(db, db32.data());
 }
 
-// dA = (mask ⊙ x)^T @ dS in one pass over x: each thread owns a slab of x's
-// columns (rows of dA), so no reduction is needed.
+// dA = (mask ⊙ x)^T @ dS, accumulated over tiles of x.
 template <typename T>
 void down_grad_impl(const mx::array& x, const mx::array& ds, const mx::array* key, float p, mx::array& da) {
   const int64_t m = x.shape(0), k = x.shape(1), r = ds.shape(1);
   const Dropout d = dropout_from(p, key);
-  std::vector<float> da32(k * r, 0.0f);
-  const T* xp = x.data<T>();
+  Scratch da32(k * r, 0.0f);
   const float* dsp = ds.data<float>();
-  parallel_for(k, kColumnGrain, [&](int64_t k0, int64_t k1, int) {
-    const int64_t len = k1 - k0;
-    std::vector<float> acc_t(r * len, 0.0f), buf(len);  // dA^T slab, (r, len)
-    for (int64_t i = 0; i < m; ++i) {
-      const float* row = masked_row(xp, i, k0, len, k, d, buf.data());
-      for (int64_t j = 0; j < r; ++j) {
-        cpu::axpy_row(acc_t.data() + j * len, dsp[i * r + j], row, len);
-      }
-    }
-    for (int64_t kk = 0; kk < len; ++kk) {
-      for (int64_t j = 0; j < r; ++j) {
-        da32[(k0 + kk) * r + j] = acc_t[j * len + kk];
-      }
-    }
+  for_each_x_tile(x.data<T>(), m, k, d, [&](int64_t row0, int64_t rows, const float* tile) {
+    cpu::sgemm(true, false, k, r, rows, 1.0f, tile, k, dsp + row0 * r, r, 1.0f, da32.data(), r);
   });
   store_as(da, da32.data());
 }
@@ -300,15 +273,17 @@ void input_grad_impl(
     const mx::array* key, float p, mx::array& dx) {
   const int64_t m = dy.shape(0), n = dy.shape(1), k = w.shape(1), r = a.shape(1);
   const Dropout d = dropout_from(p, key);
-  const std::vector<float> a_t = adapter_as_float(a, 1.0f, /*transpose=*/true);  // (r, K)
+  Scratch a32 = adapter_as_float(a);  // (K, r)
   const float* dsp = ds.data<float>();
-  auto init = [&](int64_t i, float* out_row) {
-    std::memset(out_row, 0, k * sizeof(float));
-    for (int64_t j = 0; j < r; ++j) {
-      cpu::axpy_row(out_row, dsp[i * r + j], a_t.data() + j * k, k);
-    }
+  auto init = [&](int64_t row0, int64_t rows, float* acc) {
+    cpu::sgemm(false, true, rows, k, r, 1.0f, dsp + row0 * r, r, a32.data(), r, 0.0f, acc, k);
     if (d.active) {
-      cpu::dropout_row(out_row, out_row, k, uint64_t(i) * uint64_t(k), d);
+      parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
+        for (int64_t i = i0; i < i1; ++i) {
+          float* row = acc + i * k;
+          cpu::dropout_row(row, row, k, uint64_t(row0 + i) * uint64_t(k), d);
+        }
+      });
     }
   };
   gemm_onto(dy.data<T>(), w.data<T>(), /*transpose_w=*/false, m, n, k, dx.data<T>(), true, init);
@@ -528,7 +503,7 @@ void BlasMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
     dispatch_float(a.dtype(), [&](auto tag) {
       using T = decltype(tag);
       gemm_onto(a.data<T>(), b.data<T>(), transpose_b, a.shape(0), a.shape(1), n_out,
-                out.data<T>(), false, [](int64_t, float*) {});
+                out.data<T>(), false, [](int64_t, int64_t, float*) {});
     });
   });
 }

@@ -46,27 +46,4 @@ MFL_HOT void dropout_row(float* out, const float* x, int64_t n, uint64_t index0,
   }
 }
 
-MFL_HOT void axpy_row(float* y, float a, const float* x, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) {
-    y[k] += a * x[k];
-  }
-}
-
-MFL_HOT float dot_row(const float* a, const float* b, int64_t n) {
-  // Eight independent partial sums: the compiler may not reassociate a single
-  // float sum, but it vectorizes these lanes.
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    for (int l = 0; l < 8; ++l) {
-      acc[l] += a[k + l] * b[k + l];
-    }
-  }
-  float tail = 0.0f;
-  for (; k < n; ++k) {
-    tail += a[k] * b[k];
-  }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-}
-
 } // namespace mfl::cpu

@@ -20,10 +20,4 @@ Dropout make_dropout(float p, const unsigned int* key);
 // out[k] = x[k] * dropout multiplier of element (index0 + k); out may alias x.
 void dropout_row(float* out, const float* x, int64_t n, uint64_t index0, const Dropout& d);
 
-// y[k] += a * x[k]
-void axpy_row(float* y, float a, const float* x, int64_t n);
-
-// sum_k a[k] * b[k], accumulated in float32
-float dot_row(const float* a, const float* b, int64_t n);
-
 } // namespace mfl::cpu
