@@ -19,6 +19,7 @@ using cpu::parallel_for;
 
 // Rows handed to one thread at least, so tiny problems (decode, M = 1) stay serial.
 constexpr int64_t kRowGrain = 16;
+constexpr int64_t kColumnGrain = 256;
 // Elements of x widened or masked at once (256 KiB of float32): big enough for the
 // BLAS to run at full speed on a tile, small enough to stay in cache.
 constexpr int64_t kTileElements = 1 << 16;
@@ -98,17 +99,17 @@ class Scratch {
   mx::allocator::Data data_;
 };
 
-// Adapters are small (K x r, r x N): one float32 copy per call, scaled, is cheap
-// next to a pass over x. `extra_rows` leaves room below for more rows.
-Scratch adapter_as_float(const mx::array& a, float multiplier = 1.0f, int64_t extra_rows = 0) {
+// Adapters are small (K x r, r x N): one float32 copy per call, scaled and
+// optionally transposed, is cheap next to a pass over x.
+Scratch adapter_as_float(const mx::array& a, float multiplier = 1.0f, bool transpose = false) {
   const int64_t rows = a.shape(0), cols = a.shape(1);
-  Scratch out((rows + extra_rows) * cols);
+  Scratch out(rows * cols);
   dispatch_float(a.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* src = a.data<T>();
     for (int64_t i = 0; i < rows; ++i) {
       for (int64_t j = 0; j < cols; ++j) {
-        out[i * cols + j] = multiplier * static_cast<float>(src[i * cols + j]);
+        out[transpose ? j * rows + i : i * cols + j] = multiplier * static_cast<float>(src[i * cols + j]);
       }
     }
   });
@@ -127,70 +128,103 @@ Dropout dropout_from(float p, const mx::array* key) {
   return cpu::make_dropout(p, key ? key->data<unsigned int>() : nullptr);
 }
 
-// Row tiles of x as float32 with dropout applied: fn(row0, rows, tile) with tile
-// (rows x k, row-major). Float32 x without dropout is handed over whole and
-// uncopied; otherwise only one tile of widened/masked rows exists at a time, so x
-// is never copied whole, to a wider type or with its mask.
-template <typename T, typename Fn>
-void for_each_x_tile(const T* x, int64_t m, int64_t k, const Dropout& d, Fn&& fn) {
+// Row i of x, columns [k0, k0 + len), as float32 with dropout applied. Returns x
+// itself when nothing changes (float32, no dropout), else fills `buf`: so a masked
+// or widened row exists only in a worker's row buffer, never as a copy of x.
+template <typename T>
+const float* x_row(const T* x, int64_t row_len, int64_t i, int64_t k0, int64_t len, const Dropout& d, float* buf) {
+  const T* src = x + i * row_len + k0;
+  const uint64_t index0 = uint64_t(i) * uint64_t(row_len) + uint64_t(k0);
   if constexpr (std::is_same_v<T, float>) {
     if (!d.active) {
-      fn(int64_t(0), m, x);
-      return;
+      return src;
+    }
+    cpu::dropout_row(buf, src, len, index0, d);
+  } else {
+    load_row(buf, src, len);
+    if (d.active) {
+      cpu::dropout_row(buf, buf, len, index0, d);
     }
   }
-  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(m, kTileElements / k));
-  Scratch buf(tile * k);
-  for (int64_t t0 = 0; t0 < m; t0 += tile) {
-    const int64_t rows = std::min(tile, m - t0);
-    parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
-      for (int64_t i = i0; i < i1; ++i) {
-        float* dst = buf.data() + i * k;
-        const T* src = x + (t0 + i) * k;
-        const uint64_t index0 = uint64_t(t0 + i) * uint64_t(k);
-        if constexpr (std::is_same_v<T, float>) {
-          cpu::dropout_row(dst, src, k, index0, d);
-        } else {
-          load_row(dst, src, k);
-          if (d.active) {
-            cpu::dropout_row(dst, dst, k, index0, d);
-          }
-        }
+  return buf;
+}
+
+// The rank-r building blocks, over blocks of up to four rows (kernels take exactly
+// four; missing rows repeat row 0 with a zero coefficient or a discarded result).
+constexpr int64_t kBlock = 4;
+
+// h[q * r + j] = rows[q] . a_t[j] for q < count: rows @ A with A given as A^T (r x k).
+void project_rows(const float* const rows[kBlock], int64_t count, const float* a_t, int64_t k, int64_t r, float* h) {
+  for (int64_t j = 0; j < r; j += 2) {
+    const float* cols[2] = {a_t + j * k, a_t + std::min(j + 1, r - 1) * k};
+    float out[kBlock][2];
+    cpu::dot_4x2(rows, cols, k, out);
+    for (int64_t q = 0; q < count; ++q) {
+      h[q * r + j] = out[q][0];
+      if (j + 1 < r) {
+        h[q * r + j + 1] = out[q][1];
       }
-    });
-    fn(t0, rows, static_cast<const float*>(buf.data()));
+    }
+  }
+}
+
+// out (len) = init + sum_j coef[j * coef_stride] * vecs[j * ld] over j < r: one row
+// of a rank-r product, written with one pass per four ranks. init may be null (0).
+void combine_rows(float* out, const float* coef, int64_t coef_stride, const float* vecs, int64_t ld, int64_t r,
+                  int64_t len, const float* init) {
+  if (init) {
+    std::memcpy(out, init, len * sizeof(float));
+  }
+  for (int64_t j = 0; j < r; j += kBlock) {
+    float a[kBlock];
+    const float* x[kBlock];
+    for (int64_t q = 0; q < kBlock; ++q) {
+      const bool real = j + q < r;
+      a[q] = real ? coef[(j + q) * coef_stride] : 0.0f;
+      x[q] = vecs + (real ? j + q : 0) * ld;
+    }
+    cpu::axpy_4(out, a, x, len, /*overwrite=*/!init && j == 0);
+  }
+}
+
+// Float32 row tiles of a matrix for the BLAS: fn(row0, rows, tile). Float32 is
+// handed over whole and uncopied; half types are widened one tile at a time.
+template <typename T, typename Fn>
+void for_each_float_tile(const T* a, int64_t m, int64_t k, Fn&& fn) {
+  if constexpr (std::is_same_v<T, float>) {
+    fn(int64_t(0), m, a);
+  } else {
+    const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(m, kTileElements / k));
+    Scratch buf(tile * k);
+    for (int64_t t0 = 0; t0 < m; t0 += tile) {
+      const int64_t rows = std::min(tile, m - t0);
+      parallel_for(rows * k, kTileElements / 8, [&](int64_t e0, int64_t e1, int) {
+        load_row(buf.data() + e0, a + t0 * k + e0, e1 - e0);
+      });
+      fn(t0, rows, static_cast<const float*>(buf.data()));
+    }
   }
 }
 
 // out (m x n_out) = init + a (m x k_in) @ op(w), op(w) = w^T for w (n_out x k_in)
 // else w (k_in x n_out). init(row0, rows, acc) writes the float32 starting value of
-// those rows into acc (leading dim n_out); with no init the GEMM runs with beta = 0.
-// Float32 accumulates straight into out (beta = 1: no m x n_out temporary); half
-// types go through float32 tiles.
+// those rows into acc (leading dim n_out); the GEMM then accumulates onto it
+// (beta = 1), straight into out for float32, so no m x n_out temporary exists.
 template <typename T, typename Init>
-void gemm_onto(
-    const T* a, const T* w, bool transpose_w,
-    int64_t m, int64_t k_in, int64_t n_out,
-    T* out, bool has_init, Init&& init) {
+void gemm_onto(const T* a, const T* w, bool transpose_w, int64_t m, int64_t k_in, int64_t n_out, T* out, Init&& init) {
   const int ldw = transpose_w ? k_in : n_out;
-  const float beta = has_init ? 1.0f : 0.0f;
   if constexpr (std::is_same_v<T, float>) {
-    if (has_init) {
-      init(int64_t(0), m, out);
-    }
-    cpu::sgemm(false, transpose_w, m, n_out, k_in, 1.0f, a, k_in, w, ldw, beta, out, n_out);
+    init(int64_t(0), m, out);
+    cpu::sgemm(false, transpose_w, m, n_out, k_in, 1.0f, a, k_in, w, ldw, 1.0f, out, n_out);
   } else {
     // No half-precision GEMM in the BLAS: W is widened once per call (a
     // weight-sized temporary), x a tile at a time.
     Scratch w32(n_out * k_in);
     load_row(w32.data(), w, n_out * k_in);
     Scratch acc(std::min<int64_t>(m, std::max<int64_t>(1, kTileElements / k_in)) * n_out);
-    for_each_x_tile(a, m, k_in, Dropout{}, [&](int64_t row0, int64_t rows, const float* a_tile) {
-      if (has_init) {
-        init(row0, rows, acc.data());
-      }
-      cpu::sgemm(false, transpose_w, rows, n_out, k_in, 1.0f, a_tile, k_in, w32.data(), ldw, beta,
-                 acc.data(), n_out);
+    for_each_float_tile(a, m, k_in, [&](int64_t row0, int64_t rows, const float* a_tile) {
+      init(row0, rows, acc.data());
+      cpu::sgemm(false, transpose_w, rows, n_out, k_in, 1.0f, a_tile, k_in, w32.data(), ldw, 1.0f, acc.data(), n_out);
       parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
         store_row(out + (row0 + i0) * n_out, acc.data() + i0 * n_out, (i1 - i0) * n_out);
       });
@@ -198,44 +232,46 @@ void gemm_onto(
   }
 }
 
-// Forward. Passes over M x K / M x N memory: x once for h (dropout fused per tile),
-// y written once by the rank-r term, then the base GEMM accumulating onto y.
+// Forward. One pass over x computes h = (mask ⊙ x) @ A and writes y's rows as
+// bias + scale * h @ B (each row block of x read once, from cache); the base GEMM
+// then accumulates onto y. Passes: x twice (this, the GEMM), y written then updated
+// by the GEMM.
 template <typename T>
 void forward_impl(
     const mx::array& x, const mx::array& w, const mx::array* bias,
     const mx::array& a, const mx::array& b, const mx::array* key,
     float scale, float p, mx::array& y, mx::array& h) {
-  const int64_t m = x.shape(0), k = x.shape(1), n = w.shape(0), r = a.shape(1);
+  const int64_t k = x.shape(1), n = w.shape(0), r = a.shape(1);
   const Dropout d = dropout_from(p, key);
-  Scratch a32 = adapter_as_float(a);  // (K, r)
+  Scratch a_t = adapter_as_float(a, 1.0f, /*transpose=*/true);  // (r, K)
+  Scratch b_scaled = adapter_as_float(b, scale);                 // (r, N)
+  Scratch bias32(bias ? n : 0);
+  if (bias) {
+    load_row(bias32.data(), bias->data<T>(), n);
+  }
   const T* xp = x.data<T>();
   float* hp = h.data<float>();
-
-  // h = (mask ⊙ x) @ A
-  for_each_x_tile(xp, m, k, d, [&](int64_t row0, int64_t rows, const float* tile) {
-    cpu::sgemm(false, false, rows, r, k, 1.0f, tile, k, a32.data(), r, 0.0f, hp + row0 * r, r);
-  });
-
-  // y = [h, 1] @ [scale * B; bias]: the bias rides the rank-r GEMM as one more rank.
-  const int64_t ra = bias ? r + 1 : r;
-  Scratch b_aug = adapter_as_float(b, scale, ra - r);  // (ra, N)
-  Scratch h_aug(bias ? m * ra : 0);
-  const float* h_src = hp;
-  if (bias) {
-    load_row(b_aug.data() + r * n, bias->data<T>(), n);
-    for (int64_t i = 0; i < m; ++i) {
-      std::copy(hp + i * r, hp + (i + 1) * r, h_aug.data() + i * ra);
-      h_aug[i * ra + r] = 1.0f;
-    }
-    h_src = h_aug.data();
-  }
   auto init = [&](int64_t row0, int64_t rows, float* acc) {
-    cpu::sgemm(false, false, rows, n, ra, 1.0f, h_src + row0 * ra, ra, b_aug.data(), n, 0.0f, acc, n);
+    parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
+      Scratch buf(kBlock * k);
+      for (int64_t i = i0; i < i1; i += kBlock) {
+        const int64_t count = std::min(kBlock, i1 - i);
+        const float* xr[kBlock];
+        for (int64_t q = 0; q < kBlock; ++q) {
+          xr[q] = q < count ? x_row(xp, k, row0 + i + q, 0, k, d, buf.data() + q * k) : xr[0];
+        }
+        float* hr = hp + (row0 + i) * r;
+        project_rows(xr, count, a_t.data(), k, r, hr);
+        for (int64_t q = 0; q < count; ++q) {
+          combine_rows(acc + (i + q) * n, hr + q * r, 1, b_scaled.data(), n, r, n, bias ? bias32.data() : nullptr);
+        }
+      }
+    });
   };
-  gemm_onto(xp, w.data<T>(), /*transpose_w=*/true, m, k, n, y.data<T>(), true, init);
+  gemm_onto(xp, w.data<T>(), /*transpose_w=*/true, x.shape(0), k, n, y.data<T>(), init);
 }
 
-// dS = scale * dY @ B^T, dB = scale * h^T @ dY (two rank-r GEMMs over dY).
+// dS = scale * dY @ B^T, dB = scale * h^T @ dY: two rank-r GEMMs over dY, no mask.
 template <typename T>
 void low_rank_grad_impl(
     const mx::array& dy, const mx::array& h, const mx::array& b, float scale,
@@ -245,48 +281,72 @@ void low_rank_grad_impl(
   Scratch db32(r * n, 0.0f);
   float* dsp = ds.data<float>();
   const float* hp = h.data<float>();
-  for_each_x_tile(dy.data<T>(), m, n, Dropout{}, [&](int64_t row0, int64_t rows, const float* tile) {
+  for_each_float_tile(dy.data<T>(), m, n, [&](int64_t row0, int64_t rows, const float* tile) {
     cpu::sgemm(false, true, rows, r, n, scale, tile, n, b32.data(), n, 0.0f, dsp + row0 * r, r);
     cpu::sgemm(true, false, r, n, rows, scale, hp + row0 * r, r, tile, n, 1.0f, db32.data(), n);
   });
   store_as(db, db32.data());
 }
 
-// dA = (mask ⊙ x)^T @ dS, accumulated over tiles of x.
+// dA = (mask ⊙ x)^T @ dS in one pass over x: each worker owns a slab of x's
+// columns, accumulates dA^T for it over row blocks, and needs no reduction.
 template <typename T>
 void down_grad_impl(const mx::array& x, const mx::array& ds, const mx::array* key, float p, mx::array& da) {
   const int64_t m = x.shape(0), k = x.shape(1), r = ds.shape(1);
   const Dropout d = dropout_from(p, key);
-  Scratch da32(k * r, 0.0f);
+  Scratch da32(k * r);
+  const T* xp = x.data<T>();
   const float* dsp = ds.data<float>();
-  for_each_x_tile(x.data<T>(), m, k, d, [&](int64_t row0, int64_t rows, const float* tile) {
-    cpu::sgemm(true, false, k, r, rows, 1.0f, tile, k, dsp + row0 * r, r, 1.0f, da32.data(), r);
+  parallel_for(k, kColumnGrain, [&](int64_t k0, int64_t k1, int) {
+    const int64_t len = k1 - k0;
+    Scratch acc_t(r * len, 0.0f);  // (r, len): this slab of dA^T
+    Scratch buf(kBlock * len);
+    for (int64_t i = 0; i < m; i += kBlock) {
+      const int64_t count = std::min(kBlock, m - i);
+      const float* xr[kBlock];
+      for (int64_t q = 0; q < kBlock; ++q) {
+        xr[q] = q < count ? x_row(xp, k, i + q, k0, len, d, buf.data() + q * len) : xr[0];
+      }
+      for (int64_t j = 0; j < r; ++j) {
+        float coef[kBlock];
+        for (int64_t q = 0; q < kBlock; ++q) {
+          coef[q] = q < count ? dsp[(i + q) * r + j] : 0.0f;
+        }
+        cpu::axpy_4(acc_t.data() + j * len, coef, xr, len, /*overwrite=*/false);
+      }
+    }
+    for (int64_t kk = 0; kk < len; ++kk) {
+      for (int64_t j = 0; j < r; ++j) {
+        da32[(k0 + kk) * r + j] = acc_t[j * len + kk];
+      }
+    }
   });
   store_as(da, da32.data());
 }
 
-// dX = dY @ W + mask ⊙ (dS @ A^T): the masked rank-r term is written first, then
-// the GEMM accumulates onto it.
+// dX = dY @ W + mask ⊙ (dS @ A^T): the masked rank-r term is written row by row
+// (one write pass, mask applied while the row is in cache), then the GEMM
+// accumulates onto it.
 template <typename T>
 void input_grad_impl(
     const mx::array& dy, const mx::array& w, const mx::array& ds, const mx::array& a,
     const mx::array* key, float p, mx::array& dx) {
   const int64_t m = dy.shape(0), n = dy.shape(1), k = w.shape(1), r = a.shape(1);
   const Dropout d = dropout_from(p, key);
-  Scratch a32 = adapter_as_float(a);  // (K, r)
+  Scratch a_t = adapter_as_float(a, 1.0f, /*transpose=*/true);  // (r, K)
   const float* dsp = ds.data<float>();
   auto init = [&](int64_t row0, int64_t rows, float* acc) {
-    cpu::sgemm(false, true, rows, k, r, 1.0f, dsp + row0 * r, r, a32.data(), r, 0.0f, acc, k);
-    if (d.active) {
-      parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
-        for (int64_t i = i0; i < i1; ++i) {
-          float* row = acc + i * k;
+    parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
+      for (int64_t i = i0; i < i1; ++i) {
+        float* row = acc + i * k;
+        combine_rows(row, dsp + (row0 + i) * r, 1, a_t.data(), k, r, k, nullptr);
+        if (d.active) {
           cpu::dropout_row(row, row, k, uint64_t(row0 + i) * uint64_t(k), d);
         }
-      });
-    }
+      }
+    });
   };
-  gemm_onto(dy.data<T>(), w.data<T>(), /*transpose_w=*/false, m, n, k, dx.data<T>(), true, init);
+  gemm_onto(dy.data<T>(), w.data<T>(), /*transpose_w=*/false, m, n, k, dx.data<T>(), init);
 }
 
 mx::array row_contiguous(const mx::array& a, const mx::Stream& s) {
@@ -502,8 +562,14 @@ void BlasMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
     const int64_t n_out = out.shape(1);
     dispatch_float(a.dtype(), [&](auto tag) {
       using T = decltype(tag);
-      gemm_onto(a.data<T>(), b.data<T>(), transpose_b, a.shape(0), a.shape(1), n_out,
-                out.data<T>(), false, [](int64_t, int64_t, float*) {});
+      if constexpr (std::is_same_v<T, float>) {
+        // The bare GEMM (beta = 0): the limit must not pay for anything else.
+        cpu::sgemm(false, transpose_b, a.shape(0), n_out, a.shape(1), 1.0f, a.data<float>(), a.shape(1),
+                   b.data<float>(), b.shape(1), 0.0f, out.data<float>(), n_out);
+      } else {
+        gemm_onto(a.data<T>(), b.data<T>(), transpose_b, a.shape(0), a.shape(1), n_out, out.data<T>(),
+                  [&](int64_t, int64_t rows, float* acc) { std::memset(acc, 0, rows * n_out * sizeof(float)); });
+      }
     });
   });
 }

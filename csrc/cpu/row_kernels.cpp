@@ -2,15 +2,36 @@
 
 #include "kernels/lora_dropout.h"
 
-// Built for the baseline ISA and again for AVX2+FMA; the loader picks per machine,
-// so the wheel runs everywhere and is fast where it can be.
+// The kernels are compiled twice, for the baseline x86-64 ISA and for AVX2 + FMA,
+// and each call takes the best the CPU supports: the wheel runs everywhere and is
+// fast where it can be. Elsewhere (arm64, clang) the compiler's default is used.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MFL_HOT __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define MFL_HOT
+#define MFL_X86_DISPATCH 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace mfl::cpu::avx2 {
+#include "cpu/row_kernels_impl.h"
+} // namespace mfl::cpu::avx2
+#pragma GCC pop_options
 #endif
 
+namespace mfl::cpu::baseline {
+#include "cpu/row_kernels_impl.h"
+} // namespace mfl::cpu::baseline
+
 namespace mfl::cpu {
+
+namespace {
+#ifdef MFL_X86_DISPATCH
+bool has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#define MFL_CALL(fn, ...) (has_avx2_fma() ? avx2::fn(__VA_ARGS__) : baseline::fn(__VA_ARGS__))
+#else
+#define MFL_CALL(fn, ...) baseline::fn(__VA_ARGS__)
+#endif
+} // namespace
 
 Dropout make_dropout(float p, const unsigned int* key) {
   Dropout d;
@@ -24,26 +45,16 @@ Dropout make_dropout(float p, const unsigned int* key) {
   return d;
 }
 
-MFL_HOT void dropout_row(float* out, const float* x, int64_t n, uint64_t index0, const Dropout& d) {
-  const unsigned int key0 = d.key0, key1 = d.key1, threshold = d.threshold;
-  const float keep_scale = d.keep_scale;
-  const unsigned int lo0 = static_cast<unsigned int>(index0);
-  const unsigned int hi0 = static_cast<unsigned int>(index0 >> 32);
-  if (uint64_t(lo0) + uint64_t(n) <= (uint64_t(1) << 32)) {
-    // The common case: the high word is the same across the row, so the loop is
-    // pure 32-bit arithmetic and vectorizes.
-    for (unsigned int k = 0; k < static_cast<unsigned int>(n); ++k) {
-      unsigned int bits = mfl_dropout_bits(key0, key1, lo0 + k, hi0);
-      out[k] = x[k] * mfl_dropout_multiplier(bits, threshold, keep_scale);
-    }
-    return;
-  }
-  for (int64_t k = 0; k < n; ++k) {
-    uint64_t index = index0 + uint64_t(k);
-    unsigned int bits = mfl_dropout_bits(
-        key0, key1, static_cast<unsigned int>(index), static_cast<unsigned int>(index >> 32));
-    out[k] = x[k] * mfl_dropout_multiplier(bits, threshold, keep_scale);
-  }
+void dropout_row(float* out, const float* x, int64_t n, uint64_t index0, const Dropout& d) {
+  MFL_CALL(dropout_row, out, x, n, index0, d);
+}
+
+void dot_4x2(const float* const rows[4], const float* const cols[2], int64_t n, float out[4][2]) {
+  MFL_CALL(dot_4x2, rows, cols, n, out);
+}
+
+void axpy_4(float* y, const float a[4], const float* const x[4], int64_t n, bool overwrite) {
+  MFL_CALL(axpy_4, y, a, x, n, overwrite);
 }
 
 } // namespace mfl::cpu

@@ -1,6 +1,7 @@
-// The extension's hot loops, on float32 rows. Every rank-r pass of the fused op is
-// a sequence of these over one row (or a slice of one), vectorized along the row;
-// dropout is applied inside them from the shared counter hash, never stored.
+// The extension's own hot loops, on float32 rows: the rank-r passes of the fused op
+// that carry the dropout mask. Each runs inside one worker thread over a few rows
+// at a time, so a pass over x or dY reads each row once, from cache, with the mask
+// recomputed from the shared counter hash (csrc/kernels/lora_dropout.h) on the fly.
 #pragma once
 
 #include <cstdint>
@@ -19,5 +20,13 @@ Dropout make_dropout(float p, const unsigned int* key);
 
 // out[k] = x[k] * dropout multiplier of element (index0 + k); out may alias x.
 void dropout_row(float* out, const float* x, int64_t n, uint64_t index0, const Dropout& d);
+
+// For i < 4, j < 2: out[i][j] = sum_k rows[i][k] * cols[j][k]. Eight dot products
+// that share their loads (rows may repeat a pointer when fewer than 4 are real).
+void dot_4x2(const float* const rows[4], const float* const cols[2], int64_t n, float out[4][2]);
+
+// y[k] (+)= a[0] x[0][k] + a[1] x[1][k] + a[2] x[2][k] + a[3] x[3][k]; one load and
+// store of y per four multiply-adds. With overwrite, y's old value is ignored.
+void axpy_4(float* y, const float a[4], const float* const x[4], int64_t n, bool overwrite);
 
 } // namespace mfl::cpu

@@ -30,9 +30,15 @@ def main(argv=None):
     patch_mlx_lm()
     from mlx_lm import lora
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    return lora.main()
+    if argv is None:
+        return lora.main()
+    # mlx_lm.lora.main() parses sys.argv; lend it argv and give the caller's back.
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "mlx_fused_lora.lm_lora", *argv]
+    try:
+        return lora.main()
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

@@ -83,10 +83,10 @@ def generate(
 
     Returns codes ``[B, N, K]`` (int32), ``N <= max_frames``. A row that samples an
     all-zero frame is finished: its later frames are zero. Generation ends early when
-    every row is finished; that last all-zero step is not returned.
+    every row is finished; that last all-zero step is not returned. The model runs in
+    eval mode (no LoRA dropout) and is put back in its previous mode afterwards.
     """
-    K = model.config.audio_num_codebooks
-    B, T, _ = tokens.shape
+    T = tokens.shape[1]
     limit = model.config.backbone.max_seq_len
     if T + max_frames > limit:
         raise ValueError(
@@ -95,6 +95,17 @@ def generate(
         )
     if sampler is None:
         sampler = default_sampler(top_k, temperature, seed)
+    was_training = model.training
+    model.eval()  # no LoRA dropout while sampling; the caller's mode is restored below
+    try:
+        return _generate(model, tokens, mask, max_frames, sampler)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model: CSM, tokens, mask, max_frames: int, sampler: Sampler) -> mx.array:
+    K = model.config.audio_num_codebooks
+    B = tokens.shape[0]
     cache = model.backbone.make_cache()
     h = model(tokens, mask, cache)[:, -1]
     finished = mx.zeros((B,), dtype=mx.bool_)

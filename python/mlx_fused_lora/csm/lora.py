@@ -12,7 +12,6 @@ stacks' layer ``i`` apart.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence, Union
@@ -20,6 +19,8 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_fused_lora.adapters.formats import lora_scale
 
 __all__ = [
     "LAYER_TARGETS",
@@ -57,11 +58,6 @@ def lora_layer_class():
     from mlx_fused_lora.layers import FusedLoRALinear
 
     return FusedLoRALinear
-
-
-def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
-    """The LoRA multiplier: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def is_lora_layer(module) -> bool:
@@ -240,8 +236,8 @@ def _fold(layer, name: str) -> nn.Module:
     quantized = isinstance(base, nn.QuantizedLinear)
     if quantized:
         weight = mx.dequantize(
-            base.weight, base.scales, base.biases, group_size=base.group_size, bits=base.bits,
-            mode=base.mode,
+            base.weight, base.scales, getattr(base, "biases", None), group_size=base.group_size,
+            bits=base.bits, mode=base.mode,
         )
         dtype = base.scales.dtype
     else:
@@ -262,6 +258,8 @@ def _fold(layer, name: str) -> nn.Module:
     if not quantized:
         return plain
     requantized = nn.QuantizedLinear.from_linear(plain, base.group_size, base.bits, mode=base.mode)
+    if base.mode != "affine":
+        return requantized  # the step check below reads affine scales
     # One quantization step per group is `scales`; a delta much smaller than the step is
     # mostly rounded away by re-quantizing.
     step = mx.repeat(base.scales.astype(mx.float32).abs(), base.group_size, axis=1)

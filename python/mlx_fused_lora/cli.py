@@ -1,0 +1,36 @@
+"""The ``mlx-fused-lora`` command (also ``python -m mlx_fused_lora``).
+
+Each command is a module with ``main(argv) -> int``, imported only when run.
+"""
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("mlx_fused_lora.demo", "the fused LoRA layer against the plain one: speed and memory"),
+    "convert-adapter": ("mlx_fused_lora.adapters.cli", "convert LoRA adapters between mlx-lm and PEFT formats"),
+}
+
+
+def usage():
+    lines = ["usage: mlx-fused-lora <command> [options]", "", "commands:"]
+    lines += [f"  {name:<18}{help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "mlx-fused-lora <command> --help describes a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"mlx-fused-lora: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The LoRA layer in plain MLX, formulated as mlx-lm's ``LoRALinear`` is.
+
+The baseline the fused layer is measured against (the demo, the benchmarks) on
+machines without mlx-lm: an ``nn.Dropout`` that materializes a dropped copy of x,
+the LoRA path in the adapters' dtype (so float32 adapters promote bf16 x), and the
+base and LoRA terms added as separate arrays.
+"""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class PlainLoRALinear(nn.Module):
+    @staticmethod
+    def from_base(linear, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+        output_dims, input_dims = linear.weight.shape
+        layer = PlainLoRALinear(input_dims, output_dims, r=r, dropout=dropout, scale=scale)
+        layer.linear = linear
+        return layer
+
+    def __init__(self, input_dims, output_dims, r=8, dropout=0.0, scale=20.0, bias=False):
+        super().__init__()
+        self.linear = nn.Linear(input_dims, output_dims, bias=bias)
+        self.dropout = nn.Dropout(p=dropout)
+        self.scale = scale
+        bound = 1 / math.sqrt(input_dims)
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r))
+        self.lora_b = mx.zeros(shape=(r, output_dims))
+
+    def __call__(self, x):
+        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
+        return self.linear(x) + (self.scale * z).astype(x.dtype)
