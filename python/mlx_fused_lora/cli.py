@@ -7,7 +7,8 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("mlx_fused_lora.demo", "the fused LoRA layer against the plain one: speed and memory"),
+    "demo": ("mlx_fused_lora.layer_demo", "the fused LoRA layer against the plain one: speed and memory"),
+    "layer-demo": ("mlx_fused_lora.layer_demo", "the fused LoRA layer against the plain one: speed and memory"),
     "convert-adapter": ("mlx_fused_lora.adapters.cli", "convert LoRA adapters between mlx-lm and PEFT formats"),
 }
 

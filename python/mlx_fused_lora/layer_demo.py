@@ -1,4 +1,4 @@
-"""``mlx-fused-lora demo``: the fused LoRA layer against the plain one, side by side.
+"""``mlx-fused-lora layer-demo``: the fused LoRA layer against the plain one, side by side.
 
 Needs no downloads: random weights, one LoRA linear layer of a typical LLM width,
 forward and forward+backward (gradients of x and the adapters), timed and with
@@ -14,7 +14,7 @@ from .benchmarking import best_time, cases, make_inputs, peak_memory, plain_laye
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="mlx-fused-lora demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mlx-fused-lora layer-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=512, help="M: rows of x (batch x sequence)")
     parser.add_argument("--dims", type=int, default=1024, help="K = N: the layer's width")
     parser.add_argument("--rank", type=int, default=16)
