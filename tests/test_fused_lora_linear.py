@@ -184,3 +184,19 @@ def test_compiled_matches_eager_and_takes_new_keys():
     g_eager = mx.grad(lambda x, a, bb, key: f(x, a, bb, key).sum(), argnums=(0, 1, 2))
     for gi, ge in zip(g(x, a, bb, mx.random.key(4)), g_eager(x, a, bb, mx.random.key(4))):
         assert rel_err(gi, ge) < 1e-6
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_jvp_matches_reference(p):
+    x, w, b, a, bb = make_inputs((2, 7, 12), 10, 3, mx.float32)
+    key = mx.random.key(8)
+    mask = dropout_mask(key, x.shape, p) if p > 0 else None
+    primals = [x, w, b, a, bb]
+    tangents = [mx.random.normal(t.shape, key=mx.random.key(30 + i)) for i, t in enumerate(primals)]
+    _, (ty,) = mx.jvp(lambda *args: fused_lora_linear(*args, scale=0.9, dropout=p, key=key), primals, tangents)
+    _, (ty_ref,) = mx.jvp(lambda *args: reference.lora_linear(*args, 0.9, mask), primals, tangents)
+    assert rel_err(ty, ty_ref) < TOL[mx.float32]
+    # with respect to x alone (MLX hands the other tangents over as None)
+    _, (tx,) = mx.jvp(lambda x: fused_lora_linear(x, w, b, a, bb, scale=0.9, dropout=p, key=key), [x], tangents[:1])
+    _, (tx_ref,) = mx.jvp(lambda x: reference.lora_linear(x, w, b, a, bb, 0.9, mask), [x], tangents[:1])
+    assert rel_err(tx, tx_ref) < TOL[mx.float32]

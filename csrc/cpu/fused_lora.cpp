@@ -586,6 +586,51 @@ MFL_CPU_ONLY(DropoutMask, mx::array&)
 MFL_CPU_ONLY(BlasMatmul, mx::array&)
 #undef MFL_CPU_ONLY
 
+// y is linear in x, W and bias and bilinear in (A, B), so with m the dropout
+// multipliers and c = scale:
+//   dh = (m*dx) @ A + (m*x) @ dA
+//   dy = dx @ W^T + c (m*dx) @ A @ B  +  x @ dW^T + db  +  c ((m*x) @ dA @ B + h @ dB)
+// The dx term is this op applied to dx without bias, so it reuses the same mask.
+std::vector<mx::array> LoRAForward::jvp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& tangents,
+    const std::vector<int>& argnums) {
+  const mx::Stream s = stream();
+  const size_t ai = has_bias_ ? 3 : 2;
+  const mx::array& x = primals[0];
+  const mx::array& w = primals[1];
+  const mx::array a = mx::astype(primals[ai], mx::float32, s);
+  const mx::array b = mx::astype(primals[ai + 1], mx::float32, s);
+  const std::optional<mx::array> key = dropout_ > 0.0f ? std::optional(primals[ai + 2]) : std::nullopt;
+  mx::array x_masked = mx::astype(x, mx::float32, s);
+  if (key) {
+    x_masked = mx::multiply(x_masked, dropout_mask(*key, x.shape(), dropout_, mx::float32, s), s);
+  }
+  mx::array dy = mx::zeros({x.shape(0), w.shape(0)}, mx::float32, s);
+  mx::array dh = mx::zeros({x.shape(0), a.shape(1)}, mx::float32, s);
+  for (size_t i = 0; i < argnums.size(); ++i) {
+    const int arg = argnums[i];
+    const mx::array t = tangents[i];
+    if (arg == 0) {
+      auto along_x = lora_forward(t, w, std::nullopt, primals[ai], primals[ai + 1], key, scale_, dropout_, s);
+      dy = mx::add(dy, mx::astype(along_x[0], mx::float32, s), s);
+      dh = mx::add(dh, along_x[1], s);
+    } else if (arg == 1) {
+      dy = mx::add(dy, mx::matmul(mx::astype(x, mx::float32, s), mx::transpose(mx::astype(t, mx::float32, s), s), s), s);
+    } else if (has_bias_ && arg == 2) {
+      dy = mx::add(dy, mx::astype(t, mx::float32, s), s);
+    } else if (arg == static_cast<int>(ai)) {
+      mx::array dh_a = mx::matmul(x_masked, mx::astype(t, mx::float32, s), s);
+      dh = mx::add(dh, dh_a, s);
+      dy = mx::add(dy, mx::multiply(mx::array(scale_), mx::matmul(dh_a, b, s), s), s);
+    } else if (arg == static_cast<int>(ai + 1)) {
+      mx::array h = mx::matmul(x_masked, a, s);
+      dy = mx::add(dy, mx::multiply(mx::array(scale_), mx::matmul(h, mx::astype(t, mx::float32, s), s), s), s);
+    }
+  }
+  return {mx::astype(dy, x.dtype(), s), dh};
+}
+
 std::vector<mx::Shape> LoRAForward::output_shapes(const std::vector<mx::array>& inputs) {
   const size_t ai = has_bias_ ? 3 : 2;
   return {{inputs[0].shape(0), inputs[1].shape(0)}, {inputs[0].shape(0), inputs[ai].shape(1)}};

@@ -4,9 +4,9 @@
 //
 // with x (M, K), W (N, K), A (K, r), B (r, N) and the dropout mask recomputed from
 // (key, element index) wherever it is needed (csrc/kernels/lora_dropout.h). The op's
-// derivative is defined once, in Python (ops/fused_lora_linear.py, an
-// mx.custom_function); these primitives are the pieces it is built from, so they
-// carry no vjp/jvp/vmap of their own (MLX's defaults raise if one is asked for).
+// reverse-mode derivative is defined once, in Python (ops/fused_lora_linear.py, an
+// mx.custom_function over these primitives), so they carry no vjp of their own;
+// LoRAForward has the op's jvp. Nothing has a vmap yet (MLX's default raises).
 // The backward is split by cotangent so that MLX evaluates only what was asked:
 //
 //   LoRALowRankGrad  dS = scale * dY @ B^T (M, r), dB = scale * h^T @ dY  (one pass over dY)
@@ -89,6 +89,11 @@ class LoRAForward : public mx::Primitive {
       : mx::Primitive(stream), scale_(scale), dropout_(dropout), has_bias_(has_bias) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  // Forward mode (mx.jvp) differentiates the traced graph primitive by primitive.
+  std::vector<mx::array> jvp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
   bool is_equivalent(const mx::Primitive& other) const override;
   const char* name() const override { return "LoRAForward"; }
