@@ -6,6 +6,8 @@
 #include <nanobind/stl/vector.h>
 
 #include "cpu/fused_lora.h"
+#include "cpu/row_kernels.h"
+#include "kernels/lora_dropout.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -33,6 +35,30 @@ NB_MODULE(_ext, m) {
       },
       "key"_a, "shape"_a, "dropout"_a, "dtype"_a,
         nb::kw_only(), "stream"_a = nb::none(), "The dropout multipliers the op applies.");
+  m.def(
+      "dropout_bits",
+      [](uint32_t key0, uint32_t key1, uint64_t index0, int64_t count) {
+        // The raw hash for flat indices [index0, index0 + count): lets the tests hold
+        // the header against its spec, including where the index crosses 2^32.
+        std::vector<uint32_t> bits(count);
+        for (int64_t i = 0; i < count; ++i) {
+          const uint64_t index = index0 + uint64_t(i);
+          bits[i] = mfl_dropout_bits(key0, key1, uint32_t(index), uint32_t(index >> 32));
+        }
+        return bits;
+      },
+      "key0"_a, "key1"_a, "index0"_a, "count"_a);
+  m.def(
+      "dropout_row",
+      [](uint32_t key0, uint32_t key1, float p, uint64_t index0, int64_t count) {
+        // The CPU kernel's multipliers for flat indices [index0, index0 + count).
+        const uint32_t key[2] = {key0, key1};
+        const mfl::cpu::Dropout d = mfl::cpu::make_dropout(p, key);
+        std::vector<float> ones(count, 1.0f), out(count);
+        mfl::cpu::dropout_row(out.data(), ones.data(), count, index0, d);
+        return out;
+      },
+      "key0"_a, "key1"_a, "p"_a, "index0"_a, "count"_a);
   m.def("blas_matmul", &mfl::blas_matmul, "a"_a, "b"_a, nb::kw_only(), "transpose_b"_a = false,
         "stream"_a = nb::none(), "a @ b (or a @ b.T) through the extension's BLAS.");
 }

@@ -64,3 +64,32 @@ def test_op_applies_exactly_this_mask():
     y = fused_lora_linear(x, w, None, a, b, scale=1.0, dropout=0.5, key=key)
     diag = mx.diagonal(dropout_mask(key, (k, k), 0.5))
     assert mx.array_equal(y[:, 0], diag)
+
+
+def spec_bits(key0, key1, index):
+    """The hash of csrc/kernels/lora_dropout.h, restated in numpy uint32 arithmetic."""
+    def mix(h):
+        h = h ^ (h >> np.uint32(16))
+        h = h * np.uint32(0x7FEB352D)
+        h = h ^ (h >> np.uint32(15))
+        h = h * np.uint32(0x846CA68B)
+        return h ^ (h >> np.uint32(16))
+
+    lo = (index & 0xFFFFFFFF).astype(np.uint32)
+    hi = (index >> 32).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        return mix(mix(lo ^ np.uint32(key0)) ^ (np.uint32(key1) + hi * np.uint32(0x9E3779B9)))
+
+
+@pytest.mark.parametrize("index0", [0, 12345, 2**32 - 37, 2**40 + 3])
+def test_hash_follows_its_spec_across_the_32_bit_boundary(index0):
+    from mlx_fused_lora import _ext
+
+    count = 100
+    index = np.arange(index0, index0 + count, dtype=np.uint64)
+    assert np.array_equal(np.array(_ext.dropout_bits(7, 9, index0, count), np.uint32), spec_bits(7, 9, index))
+    # the vectorized row kernel (which splits rows at 2^32) keeps exactly these elements
+    p = 0.3
+    threshold = np.uint32(np.float32(1 - np.float32(p)) * np.float32(2**32))
+    kept = np.array(_ext.dropout_row(7, 9, p, index0, count)) != 0
+    assert np.array_equal(kept, spec_bits(7, 9, index) < threshold)
