@@ -31,7 +31,7 @@ import warnings
 import mlx.core as mx
 
 from .._extension import _ext
-from . import reference
+from . import gpu_kernels, reference
 
 _FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -108,7 +108,10 @@ def dropout_mask(key, shape, p, dtype=mx.float32):
     shape = [int(d) for d in shape]
     if p == 0:
         return mx.ones(shape, dtype=dtype)
-    return _ext.dropout_mask(key, shape, p, dtype, stream=mx.cpu)
+    backend = gpu_kernels.gpu_backend()
+    if backend is None:
+        return _ext.dropout_mask(key, shape, p, dtype, stream=mx.cpu)
+    return gpu_kernels.dropout_mask_gpu(backend, key, shape, p).astype(dtype)
 
 
 def fused_lora_linear(x, weight, bias, lora_a, lora_b, *, scale, dropout=0.0, key=None):
