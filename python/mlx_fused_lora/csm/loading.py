@@ -45,6 +45,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import FLAVORS, CSMConfig, LlamaFlavor
+from .lora import lora_layers
 from .model import CSM
 
 __all__ = [
@@ -370,10 +371,6 @@ def load_csm(
 # -- writing --
 
 
-def _is_lora_layer(module) -> bool:
-    return all(hasattr(module, a) for a in ("lora_a", "lora_b", "linear"))
-
-
 def save_csm(model: CSM, path: Union[str, Path], layout: Optional[str] = None) -> Path:
     """Write ``model`` as safetensors + ``config.json`` in ``layout``.
 
@@ -386,7 +383,7 @@ def save_csm(model: CSM, path: Union[str, Path], layout: Optional[str] = None) -
     layout = layout or getattr(model, "checkpoint_layout", "torchtune")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown checkpoint layout {layout!r}; expected one of {LAYOUTS}")
-    adapted = [name for name, m in model.named_modules() if _is_lora_layer(m)]
+    adapted = [name for name, _ in lora_layers(model)]
     if adapted:
         raise ValueError(
             f"model has LoRA layers ({adapted[0]}, ...): merge them with merge_lora(model) "
