@@ -20,8 +20,8 @@ using cpu::parallel_for;
 // Rows handed to one thread at least, so tiny problems (decode, M = 1) stay serial.
 constexpr int64_t kRowGrain = 16;
 constexpr int64_t kColumnGrain = 256;
-// Elements of x widened or masked at once (256 KiB of float32): big enough for the
-// BLAS to run at full speed on a tile, small enough to stay in cache.
+// Elements of a half-precision matrix widened to float32 at once for the BLAS (256
+// KiB): big enough for it to run at full speed on a tile, small enough for cache.
 constexpr int64_t kTileElements = 1 << 16;
 
 [[noreturn]] void gpu_unsupported(const char* name) {
