@@ -16,3 +16,17 @@ using uint = unsigned int;
 struct uint3 {
   uint x, y, z;
 };
+
+// Only declared: a syntax check never runs them.
+using half = _Float16;
+struct bfloat16_t {
+  bfloat16_t(float);
+  operator float() const;
+};
+template <typename T>
+struct atomic {
+  T value;
+};
+enum memory_order { memory_order_relaxed };
+template <typename T>
+T atomic_fetch_add_explicit(device atomic<T>* object, T operand, memory_order order);

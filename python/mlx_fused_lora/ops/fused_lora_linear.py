@@ -19,13 +19,15 @@ weight's gradient is returned as a lazy plain matmul: never evaluated in LoRA
 training (it is not asked for), yet correct if someone does ask.
 
 Backends are picked by the default stream's device: the CPU runs the C++
-extension; other devices run `reference.py` with the same mask (one warning) until
-their kernels land.
+extension. GPU devices run `reference.py` with the same mask (one warning), or, with
+MLX_FUSED_LORA_GPU_KERNELS=1, the GPU kernels of `gpu_kernels.py` around MLX's
+GEMMs: opt-in until they have been run and measured on GPU hardware.
 """
 
 import functools
 import math
 import numbers
+import os
 import warnings
 
 import mlx.core as mx
@@ -135,10 +137,13 @@ def fused_lora_linear(x, weight, bias, lora_a, lora_b, *, scale, dropout=0.0, ke
     scale = float(scale)
     k, n = x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, k)
+    args = [x2, weight] + ([bias] if bias is not None else []) + [lora_a, lora_b]
+    args += [key] if p > 0 else []
+    backend = gpu_kernels.gpu_backend()
     if mx.default_device() == mx.cpu:
-        args = [x2, weight] + ([bias] if bias is not None else []) + [lora_a, lora_b]
-        args += [key] if p > 0 else []
         y2 = _cpu_op(scale, p, bias is not None)(*args)[0]
+    elif backend is not None and os.environ.get("MLX_FUSED_LORA_GPU_KERNELS") == "1":
+        y2 = _gpu_op(backend, scale, p, bias is not None)(*args)[0]
     else:
         y2 = _reference_fallback(x2, weight, bias, lora_a, lora_b, scale, p, key)
     return y2.reshape(*x.shape[:-1], n)
@@ -175,6 +180,46 @@ def _cpu_op(scale, p, has_bias):
         d_lora_a = _ext.lora_down_grad(x, ds, lora_a, key, dropout=p)
         d_weight = dy.T @ x  # lazy: evaluated only if the weight's gradient is asked for
         grads = [dx, d_weight]
+        if has_bias:
+            grads.append(dy.sum(axis=0).astype(bias.dtype))
+        grads += [d_lora_a, d_lora_b]
+        if has_key:
+            grads.append(mx.zeros_like(key))
+        return tuple(grads)
+
+    return op
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_op(backend, scale, p, has_bias):
+    return gpu_op(gpu_kernels.Kernels(backend), scale, p, has_bias)
+
+
+def gpu_op(kernels, scale, p, has_bias):
+    """The op as an mx.custom_function over `kernels` (gpu_kernels.Kernels) and MLX's
+    GEMMs. The same formulas as the CPU op; the masked rank-r passes are the kernels'."""
+    has_key = p > 0
+    f32 = mx.float32
+
+    @mx.custom_function
+    def op(*args):
+        x, weight, bias, lora_a, lora_b, key = _unpack(args, has_bias, has_key)
+        h = kernels.dropout_down_proj(x, lora_a.astype(f32), key, p)
+        lora_term = h.astype(x.dtype) @ (scale * lora_b).astype(x.dtype)
+        if has_bias:
+            lora_term = lora_term + bias
+        return mx.addmm(lora_term, x, weight.T), h
+
+    @op.vjp
+    def op_vjp(primals, cotangents, outputs):
+        x, weight, bias, lora_a, lora_b, key = _unpack(primals, has_bias, has_key)
+        dy = cotangents[0].astype(x.dtype)
+        h = outputs[1]
+        ds = scale * (dy @ lora_b.T.astype(x.dtype)).astype(f32)
+        d_lora_b = (scale * (h.astype(x.dtype).T @ dy)).astype(lora_b.dtype)
+        d_lora_a = kernels.dropout_down_grad(x, ds, key, p).astype(lora_a.dtype)
+        dx = mx.addmm(kernels.masked_input_grad(ds, lora_a.astype(f32), key, p, x.dtype), dy, weight)
+        grads = [dx, dy.T @ x]  # the weight's: lazy, evaluated only if asked for
         if has_bias:
             grads.append(dy.sum(axis=0).astype(bias.dtype))
         grads += [d_lora_a, d_lora_b]
