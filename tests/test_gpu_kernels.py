@@ -193,9 +193,13 @@ def test_reduction_and_epilogue_templates_match_numpy(p, tmp_path):
     np.testing.assert_allclose(e, mask_of((M, K), p) * (ds @ a.T), rtol=1e-5, atol=1e-5)
 
 
+HAS_GPU = mx.default_device() == mx.gpu
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(gpu_kernels.gpu_backend() is None, reason="MLX has no GPU here")
-def test_gpu_mask_equals_cpu_mask_bit_for_bit():
+@pytest.mark.skipif(not HAS_GPU, reason="MLX has no GPU here")
+def test_gpu_mask_equals_cpu_mask_bit_for_bit(monkeypatch):
+    monkeypatch.setenv(gpu_kernels.ENABLE_VARIABLE, "1")
     key = mx.random.key(31)
     shape = (37, 1029)
     gpu = np.array(dropout_mask(key, shape, 0.1))
@@ -250,7 +254,7 @@ def test_gpu_op_glue_matches_reference(dtype, p):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(gpu_kernels.gpu_backend() is None, reason="MLX has no GPU here")
+@pytest.mark.skipif(not HAS_GPU, reason="MLX has no GPU here")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 def test_gpu_op_matches_reference(dtype, p, monkeypatch):
@@ -260,7 +264,7 @@ def test_gpu_op_matches_reference(dtype, p, monkeypatch):
     from mlx_fused_lora import fused_lora_linear
     from mlx_fused_lora.ops import reference
 
-    monkeypatch.setenv("MLX_FUSED_LORA_GPU_KERNELS", "1")
+    monkeypatch.setenv(gpu_kernels.ENABLE_VARIABLE, "1")
     for shape, n, r in SHAPES:
         args = make_inputs(shape, n, r, dtype)
         x, w, b, a, bb = args

@@ -27,7 +27,6 @@ GEMMs: opt-in until they have been run and measured on GPU hardware.
 import functools
 import math
 import numbers
-import os
 import warnings
 
 import mlx.core as mx
@@ -142,7 +141,7 @@ def fused_lora_linear(x, weight, bias, lora_a, lora_b, *, scale, dropout=0.0, ke
     backend = gpu_kernels.gpu_backend()
     if mx.default_device() == mx.cpu:
         y2 = _cpu_op(scale, p, bias is not None)(*args)[0]
-    elif backend is not None and os.environ.get("MLX_FUSED_LORA_GPU_KERNELS") == "1":
+    elif backend is not None:
         y2 = _gpu_op(backend, scale, p, bias is not None)(*args)[0]
     else:
         y2 = _reference_fallback(x2, weight, bias, lora_a, lora_b, scale, p, key)
@@ -233,8 +232,9 @@ def gpu_op(kernels, scale, p, has_bias):
 @functools.lru_cache(maxsize=None)
 def _warn_fallback(device):
     warnings.warn(
-        f"mlx_fused_lora: no fused kernels for {device} yet; running the plain-MLX "
-        "reference (same results and dropout masks, plain-MLX speed).",
+        f"mlx_fused_lora: fused kernels for {device} are not enabled (set "
+        f"{gpu_kernels.ENABLE_VARIABLE}=1 to try them); running the plain-MLX reference "
+        "(same results and dropout masks, plain-MLX speed).",
         stacklevel=3,
     )
 

@@ -17,6 +17,7 @@ Not yet measured on a GPU: see the GPU issue.
 """
 
 import functools
+import os
 from importlib import resources
 
 import mlx.core as mx
@@ -159,9 +160,15 @@ def kernel_parts(backend, name):
     return inputs, outputs, HEADER_DEFINES[backend] + kernel_header(), BODY_PRELUDE[backend] + body
 
 
+# Opt-in until the kernels have been run and measured on GPU hardware (the GPU issue):
+# without it, GPU devices get the plain-MLX reference and the CPU extension's masks.
+ENABLE_VARIABLE = "MLX_FUSED_LORA_GPU_KERNELS"
+
+
 def gpu_backend():
-    """'cuda' or 'metal' for MLX's default device, or None if it is not a GPU."""
-    if mx.default_device() != mx.gpu:
+    """'cuda' or 'metal' when MLX's default device is a GPU and the kernels are enabled
+    (MLX_FUSED_LORA_GPU_KERNELS=1), else None."""
+    if mx.default_device() != mx.gpu or os.environ.get(ENABLE_VARIABLE) != "1":
         return None
     if mx.cuda.is_available():
         return "cuda"
