@@ -10,7 +10,7 @@ adds the built-in attributes the body names; CUDA writes template arguments as
 """
 
 METAL_TYPES = {"float": "float", "uint32_t": "uint32_t", "uint64_t": "uint64_t",
-               "bfloat16": "bfloat16_t", "float16": "half"}
+               "bfloat16": "bfloat16_t", "float16": "float16_t"}
 CUDA_TYPES = {"float": "float", "uint32_t": "uint32_t", "uint64_t": "uint64_t",
               "bfloat16": "__nv_bfloat16", "float16": "__half"}
 

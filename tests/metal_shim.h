@@ -18,7 +18,7 @@ struct uint3 {
 };
 
 // Only declared: a syntax check never runs them.
-using half = _Float16;
+using float16_t = _Float16;  // MLX: typedef half float16_t
 struct bfloat16_t {
   bfloat16_t(float);
   operator float() const;
