@@ -1,0 +1,215 @@
+"""Training checkpoints that a crash cannot half-write, and that are checked on load.
+
+A checkpoint is a directory ``checkpoints/step_00000123/`` with ``adapters.safetensors``
+(the trainable parameters), ``optimizer.safetensors`` (the optimizer state, its step count
+included), ``trainer_state.json`` (step, data position, seed, random key, settings) and
+``manifest.json`` (each file's size and sha256), written last. It is built in a hidden
+temporary directory, every file fsynced, and renamed into place; then ``checkpoints/latest``
+(the name of the newest) is replaced by the same write-then-rename. A process killed at
+any moment leaves either the previous checkpoint or the new one, never a mix.
+
+`load_checkpoint` refuses a directory whose manifest is missing or whose files differ from
+it in size or hash (`CheckpointError`, naming the file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Union
+
+import mlx.core as mx
+
+__all__ = [
+    "CheckpointError",
+    "MANIFEST",
+    "save_checkpoint",
+    "load_checkpoint",
+    "resolve_checkpoint",
+    "atomic_write_dir",
+    "atomic_write_text",
+    "sha256_file",
+]
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, truncated or corrupt."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not supported on every platform; the renames are still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_dir(target: Union[str, Path], write: Callable[[Path], object]) -> list[Path]:
+    """Run ``write(tmp_dir)``, then move each file it made into ``target`` by rename.
+
+    For output files with fixed names (adapters, merged weights): each file is replaced
+    whole, so a reader never sees a partly written one.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = target / f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        moved = []
+        for f in sorted(tmp.iterdir()):
+            _fsync_file(f)
+            os.replace(f, target / f.name)
+            moved.append(target / f.name)
+        _fsync_dir(target)
+        return moved
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(
+    root: Union[str, Path],
+    step: int,
+    adapters: dict[str, mx.array],
+    optimizer_state: dict[str, mx.array],
+    trainer_state: dict,
+    keep_last: int = 3,
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically; returns its directory."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), optimizer_state)
+    with open(tmp / "trainer_state.json", "w") as f:
+        json.dump(trainer_state, f, indent=2, sort_keys=True)
+    files = {}
+    for p in sorted(tmp.iterdir()):
+        _fsync_file(p)
+        files[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a rerun of the same step: move the old one aside first
+        old = root / f".old-step_{step:08d}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    atomic_write_text(root / LATEST, final.name + "\n")
+    _prune(root, keep_last)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for p in steps[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_checkpoint(path: Union[str, Path]) -> Path:
+    """The checkpoint directory ``path`` names: itself, or the latest under it.
+
+    Accepts a ``step_*`` directory, a ``checkpoints`` directory, or a run's output
+    directory (which holds ``checkpoints/``).
+    """
+    path = Path(path)
+    if (path / MANIFEST).exists() or path.name.startswith("step_"):
+        return path
+    for root in (path, path / "checkpoints"):
+        latest = root / LATEST
+        if latest.is_file():
+            return root / latest.read_text().strip()
+        steps = sorted(p for p in root.glob("step_*") if (p / MANIFEST).exists())
+        if steps:
+            return steps[-1]
+    raise CheckpointError(f"no checkpoint at {path} (expected a step_* directory or a 'latest' file)")
+
+
+def load_checkpoint(path: Union[str, Path]) -> tuple[dict, dict, dict]:
+    """``(adapters, optimizer_state, trainer_state)`` of a verified checkpoint."""
+    ckpt = resolve_checkpoint(path)
+    manifest_path = ckpt / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"checkpoint {ckpt} has no {MANIFEST}: it is incomplete (its write was interrupted) "
+            "or not a checkpoint"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {ckpt}: unreadable {MANIFEST} ({e})") from None
+    for name in ("adapters.safetensors", "optimizer.safetensors", "trainer_state.json"):
+        if name not in files:
+            raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} does not list {name}")
+    for name, meta in files.items():
+        p = ckpt / name
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {ckpt}: {name} is missing")
+        size = p.stat().st_size
+        if size != meta["size"]:
+            raise CheckpointError(
+                f"checkpoint {ckpt}: {name} is {size} bytes, the manifest says {meta['size']} "
+                "(truncated or overwritten); refusing to resume from it"
+            )
+        digest = sha256_file(p)
+        if digest != meta["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {ckpt}: {name} has sha256 {digest[:16]}..., the manifest says "
+                f"{meta['sha256'][:16]}... (corrupt); refusing to resume from it"
+            )
+    adapters = mx.load(str(ckpt / "adapters.safetensors"))
+    optimizer_state = mx.load(str(ckpt / "optimizer.safetensors"))
+    trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+    trainer_state["checkpoint_dir"] = str(ckpt)
+    return adapters, optimizer_state, trainer_state

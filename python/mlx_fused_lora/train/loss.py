@@ -1,0 +1,73 @@
+"""CSM's training loss: semantic (codebook 0) + acoustic (codebooks 1..K-1), weighted.
+
+Teacher forcing over frames: the backbone state of row ``t`` predicts the codes of row
+``t + 1``. Codebook 0 is scored on every target row; the decoder (codebooks 1..K-1) runs
+on a random ``decoder_fraction`` of the rows only (Sesame's compute amortization, 1/16 in
+the paper). Rows are drawn per sequence among its target rows, by ranking uniform noise
+plus the target flag, so target rows always outrank others; a short sequence's extra
+picks land on non-target rows, which are masked out of the mean.
+
+``semantic = mean CE(codebook 0)`` over target rows,
+``acoustic = mean over picked target rows of (mean CE over codebooks 1..K-1)``,
+``loss = semantic_weight * semantic + acoustic_weight * acoustic``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+__all__ = ["decoder_rows", "csm_loss"]
+
+
+def decoder_rows(num_rows: int, fraction: float) -> int:
+    """How many rows per sequence the decoder runs on (at least one)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"decoder_fraction must be in (0, 1], got {fraction}")
+    return max(1, min(num_rows, math.ceil(fraction * num_rows)))
+
+
+def csm_loss(
+    model,
+    tokens: mx.array,
+    mask: mx.array,
+    target: mx.array,
+    *,
+    semantic_weight: float,
+    acoustic_weight: float,
+    decoder_fraction: float,
+    key: Optional[mx.array] = None,
+):
+    """``(loss, (semantic, acoustic))`` of a batch.
+
+    ``tokens``/``mask`` ``[B, L, K+1]``, ``target`` ``[B, L]`` (bool: rows trained on).
+    ``key`` fixes the decoder's row choice (validation); None draws it from ``mx.random``
+    (training, with the random state threaded through ``mx.compile``).
+    """
+    K = model.config.audio_num_codebooks
+    h = model(tokens[:, :-1], mask[:, :-1])  # row t predicts row t + 1
+    codes = tokens[:, 1:, :K]
+    weight = target[:, 1:].astype(mx.float32)
+    rows = mx.maximum(weight.sum(), 1.0)
+
+    logits0 = model.codebook0_head(h)
+    ce0 = nn.losses.cross_entropy(logits0.astype(mx.float32), codes[..., 0])
+    semantic = (ce0 * weight).sum() / rows
+
+    n_dec = decoder_rows(h.shape[1], decoder_fraction)
+    noise = mx.random.uniform(shape=weight.shape, key=key)
+    picked = mx.argsort(-(noise + weight), axis=1)[:, :n_dec]
+    h_dec = mx.take_along_axis(h, picked[..., None], axis=1)
+    codes_dec = mx.take_along_axis(codes, picked[..., None], axis=1)
+    weight_dec = mx.take_along_axis(weight, picked, axis=1)
+    logits = model.codebook_logits(h_dec, codes_dec)[:, :, 1:]
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), codes_dec[..., 1:]).mean(axis=-1)
+    acoustic = (ce * weight_dec).sum() / mx.maximum(weight_dec.sum(), 1.0)
+
+    loss = semantic_weight * semantic + acoustic_weight * acoustic
+    # (The count of target rows is not returned: an output that depends on the inputs only
+    # breaks mx.compile in MLX 0.32 (`_Map_base::at`); callers count ``target`` themselves.)
+    return loss, (semantic, acoustic)
