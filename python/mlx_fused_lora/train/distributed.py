@@ -5,7 +5,7 @@ rows ``r, r + world, ...`` of each global batch (``batch_size`` per rank). Gradi
 averaged across ranks inside the compiled step (``nn.average_gradients``), so every rank
 applies the same update and the adapters stay identical. Only rank 0 writes files.
 
-    mlx.launch -n 2 --python "$(which python)" -m mlx_fused_lora finetune ...
+    mlx.launch -n 2 --python "$(which python)" "$(which mlx-fused-lora)" finetune ...
 """
 
 from __future__ import annotations
