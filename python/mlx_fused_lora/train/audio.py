@@ -7,11 +7,18 @@
   and end near silence.
 - `load_codes`: pre-encoded Mimi codes ``[codebooks, frames]`` from ``.npy`` or
   ``.safetensors`` (key ``codes``, or the file's only tensor).
-- `MimiCodec`: mlx-audio's Mimi (optional extra ``[audio]``) with local weights.
+- `MimiCodec`: mlx-audio's Mimi (optional extra ``[audio]``) from one local weights file;
+  `save_mimi` writes one (with its config in the file's metadata) for a custom or tiny Mimi.
+
+Only `MimiCodec` imports mlx-audio, and only its Mimi modules, which import neither
+``sounddevice`` (PortAudio) nor ``transformers``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import struct
 import wave
 from pathlib import Path
 from typing import Union
@@ -26,6 +33,8 @@ __all__ = [
     "resample",
     "load_codes",
     "MimiCodec",
+    "save_mimi",
+    "read_safetensors_header",
     "AUDIO_SUFFIXES",
     "CODE_SUFFIXES",
 ]
@@ -34,6 +43,9 @@ SAMPLE_RATE = 24_000  # Mimi's rate
 FRAME_RATE = 12.5  # Mimi frames per second (1920 samples each)
 AUDIO_SUFFIXES = (".wav",)
 CODE_SUFFIXES = (".npy", ".safetensors")
+MIMI_CONFIG_KEY = "mimi_config"  # safetensors metadata: a non-standard Mimi's MimiConfig as JSON
+
+log = logging.getLogger(__name__)
 
 
 def read_wav(path: Union[str, Path]) -> tuple[np.ndarray, int]:
@@ -110,43 +122,166 @@ def load_codes(path: Union[str, Path]) -> np.ndarray:
     return codes.astype(np.int32)
 
 
-class MimiCodec:
-    """Mimi through mlx-audio: 24 kHz mono audio <-> codes ``[codebooks, frames]``.
+def read_safetensors_header(path: Union[str, Path]) -> dict:
+    """The JSON header of a ``.safetensors`` file (tensor names, shapes, ``__metadata__``)
+    without reading any tensor: a 385 MB Mimi checkpoint is inspected for free."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if not 2 <= size <= 100_000_000:
+            raise ValueError(f"{path}: not a .safetensors file")
+        return json.loads(f.read(size))
 
-    ``weights``: a local Mimi weights file (``.safetensors``, as in ``kyutai/moshiko``'s
-    ``tokenizer-e351c8d8-checkpoint125.safetensors`` or mlx-audio's conversion) or a
-    directory holding one. Needs the optional extra: ``pip install 'mlx-fused-lora[audio]'``.
+
+def find_mimi_weights(path: Union[str, Path]) -> Path:
+    """``path`` itself, or the Mimi weights in directory ``path``: its only ``.safetensors``
+    file, else the one whose name has ``tokenizer`` or ``mimi`` in it (kyutai's
+    ``moshiko`` repositories hold the Moshi LM's ``model.safetensors`` beside Mimi's
+    ``tokenizer-e351c8d8-checkpoint125.safetensors``)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        named = [f for f in files if "tokenizer" in f.name.lower() or "mimi" in f.name.lower()]
+        chosen = files if len(files) == 1 else named
+        if len(chosen) != 1:
+            raise FileNotFoundError(
+                f"cannot tell which .safetensors in {path} holds Mimi "
+                f"({[f.name for f in files] or 'none found'}): pass the file itself to --codec-path"
+            )
+        path = chosen[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"Mimi weights {path} not found (--codec-path)")
+    return path
+
+
+def count_codebooks(names) -> int:
+    """Codebooks a Mimi checkpoint holds: ``rvq_first``'s one plus ``rvq_rest``'s layers."""
+    rest = {n.split("quantizer.rvq_rest.vq.layers.")[1].split(".")[0] for n in names if "quantizer.rvq_rest.vq.layers." in n}
+    return 1 + len(rest)
+
+
+def is_kyutai_layout(names) -> bool:
+    """kyutai's PyTorch checkpoint (``encoder.model.N...``, convolutions channels-first),
+    as opposed to mlx-audio's own parameter names (what `save_mimi` writes)."""
+    return any(n.startswith(("encoder.model.", "decoder.model.")) for n in names)
+
+
+def mimi_config(header: dict, num_codebooks: int):
+    """mlx-audio's ``MimiConfig``: the file's ``mimi_config`` metadata when it has one (a
+    custom or test-sized Mimi, as `save_mimi` writes), else the released Mimi's
+    (``mimi_202407``), with as many codebooks as the file holds."""
+    from mlx_audio.codec.models.mimi.mimi import MimiConfig, mimi_202407
+    from mlx_audio.codec.models.mimi.modules import SeanetConfig, TransformerConfig
+
+    meta = (header.get("__metadata__") or {}).get(MIMI_CONFIG_KEY)
+    if meta is None:
+        return mimi_202407(num_codebooks)
+    d = json.loads(meta)
+    d["seanet"] = SeanetConfig(**d["seanet"])
+    d["transformer"] = TransformerConfig(**d["transformer"])
+    d["quantizer_nq"] = num_codebooks
+    return MimiConfig(**d)
+
+
+def save_mimi(model, path: Union[str, Path]) -> Path:
+    """Write an mlx-audio ``Mimi`` as one ``.safetensors`` file that `MimiCodec` reads back:
+    its parameters under mlx-audio's names and its config in the ``mimi_config`` metadata."""
+    import dataclasses
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    weights = dict(tree_flatten(model.parameters()))
+    config = json.dumps(dataclasses.asdict(model.cfg))
+    mx.save_safetensors(str(path), weights, metadata={MIMI_CONFIG_KEY: config})
+    return Path(path)
+
+
+def _refresh_derived_arrays(model) -> None:
+    # Mimi caches arrays computed from its parameters (codebook embeddings = embedding_sum /
+    # cluster_usage, expanded transposed-conv weights); recompute them after a load or cast.
+    for module in model.modules():
+        if hasattr(module, "update_in_place"):
+            module.update_in_place()
+
+
+class MimiCodec:
+    """Mimi through mlx-audio: 24 kHz mono audio <-> codes ``[num_codebooks, frames]`` (12.5 frames/s).
+
+    ``weights``: a local ``.safetensors`` file, or a directory holding it (see
+    `find_mimi_weights`). Two layouts load: kyutai's PyTorch checkpoint, the one CSM uses
+    (``tokenizer-e351c8d8-checkpoint125.safetensors`` from ``kyutai/moshiko-pytorch-bf16``),
+    and mlx-audio's parameter names (`save_mimi`). The architecture is the released Mimi's
+    unless the file's metadata carries a ``mimi_config`` (`save_mimi` writes it), which is
+    how a test runs a tiny random Mimi through this same path. Nothing else is passed:
+
+    - ``num_codebooks`` is the CSM's (32 for CSM-1B); the file must hold at least that many
+      (the released Mimi holds 32). Mimi's quantizer is residual, so fewer is a coarser codec:
+      the first ``num_codebooks`` codes are kept, as Moshi does with 8.
+    - Weights are cast to float32 (kyutai's file is bfloat16) so encoding is exact on CPU.
+
+    Needs the optional extra: ``pip install 'mlx-fused-lora[audio]'`` (mlx-audio).
     """
 
     def __init__(self, weights: Union[str, Path], num_codebooks: int = 32):
         try:
-            from mlx_audio.codec.models.mimi import Mimi, mimi_202407
+            import mlx.core as mx
+            from mlx_audio.codec.models.mimi.mimi import Mimi
         except ImportError as e:
             raise ImportError(
                 "encoding WAV audio needs mlx-audio's Mimi: pip install 'mlx-fused-lora[audio]' "
                 f"(or pass pre-encoded codes as .npy/.safetensors) [{e}]"
             ) from None
-        path = Path(weights)
-        if path.is_dir():
-            files = sorted(path.glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"no .safetensors Mimi weights in {path}")
-            path = files[0]
-        if not path.is_file():
-            raise FileNotFoundError(f"Mimi weights {path} not found (--codec-path)")
-        self.model = Mimi(mimi_202407(num_codebooks))
-        self.model.load_pytorch_weights(str(path), strict=True)
+        path = find_mimi_weights(weights)
+        header = read_safetensors_header(path)
+        names = [k for k in header if k != "__metadata__"]
+        if not any(n.startswith("quantizer.rvq_first.") for n in names):
+            raise ValueError(f"{path} is not a Mimi checkpoint (no quantizer.rvq_first.* tensors): --codec-path")
+        available = count_codebooks(names)
+        if available < num_codebooks:
+            raise ValueError(f"{path} holds a Mimi with {available} codebooks; the model needs {num_codebooks}")
+        config = mimi_config(header, available)
+        if (config.sample_rate, config.frame_rate) != (SAMPLE_RATE, FRAME_RATE):
+            # the data path resamples to SAMPLE_RATE and cuts word timings at FRAME_RATE
+            raise ValueError(f"{path}: Mimi at {config.sample_rate} Hz / {config.frame_rate} frames/s, need {SAMPLE_RATE} / {FRAME_RATE}")
+        model = Mimi(config)
+        if is_kyutai_layout(names):
+            model.load_pytorch_weights(str(path), strict=True)
+        else:
+            model.load_weights(str(path), strict=True)
+        model.set_dtype(mx.float32)
+        _refresh_derived_arrays(model)
+        mx.eval(model.parameters())
+        self.model = model
+        self.path = path
         self.num_codebooks = num_codebooks
+        self.codebook_size = config.quantizer_bins
 
     def encode(self, samples: np.ndarray) -> np.ndarray:
+        """Codes ``[num_codebooks, ceil(len / 1920)]`` int32 of 24 kHz mono ``samples``."""
         import mlx.core as mx
 
-        x = mx.array(samples, dtype=mx.float32)[None, None, :]
-        codes = self.model.encode(x)  # [1, codebooks, frames]
-        return np.array(codes[0]).astype(np.int32)
+        if len(samples) == 0:  # Mimi's convolutions need input; an empty clip has no frames
+            return np.zeros((self.num_codebooks, 0), np.int32)
+        x = mx.array(np.asarray(samples, np.float32))[None, None, :]
+        codes = self.model.encode(x)[0, : self.num_codebooks]  # [codebooks, frames] uint32
+        return np.array(codes).astype(np.int32)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
+        """24 kHz mono float32 audio of codes ``[codebooks, frames]``.
+
+        CSM's audio vocabulary is larger than Mimi's codebooks (2051 vs 2048): a code past
+        the codebook, which a sampled frame can hold, is clamped rather than read out of
+        bounds, and counted in a warning.
+        """
         import mlx.core as mx
 
-        pcm = self.model.decode(mx.array(codes, dtype=mx.int32)[None])
-        return np.array(pcm).reshape(-1).astype(np.float32)
+        codes = np.asarray(codes)
+        if codes.shape[-1] == 0:
+            return np.zeros(0, np.float32)
+        bad = int(((codes < 0) | (codes >= self.codebook_size)).sum())
+        if bad:
+            log.warning("%d of %d codes outside Mimi's codebook [0, %d); clamped", bad, codes.size, self.codebook_size)
+        codes = np.clip(codes, 0, self.codebook_size - 1).astype(np.int32)
+        pcm = self.model.decode(mx.array(codes)[None])  # [1, 1, samples]
+        return np.array(pcm.astype(mx.float32)).reshape(-1)
