@@ -1,35 +1,68 @@
-"""The fused LoRA linear op against plain MLX and against the GEMM limit, in one run.
+"""The fused LoRA linear op against the plain-MLX peers and the GEMM limit.
 
-    pytest benchmarks/ --benchmark-only
+    pytest benchmarks/ --benchmark-only            # the issue's full grid (long on a CPU: see README)
+    pytest benchmarks/ --benchmark-only --quick    # a few cases, under two minutes on 2 CPU cores
 
-Each case records its best time (pytest-benchmark's min) and, in extra_info, the
-peak memory MLX held while it ran; conftest.py prints the ratios and targets at
-the end of the run. Shapes: fp32, M = 2048, K = N = 2048, r = 16, p in {0, 0.1}.
+The grid, the cases and the ratios are those of ``mlx_fused_lora.benchmarking``,
+which ``mlx-fused-lora bench`` runs too; this is the pytest-benchmark runner of
+the same cases. Each test is one kind on one group (shape, dtype, p, pass) and
+records its best round (pytest-benchmark's min) and, in extra_info, the peak memory
+MLX held; conftest.py prints the ratio table and checks the targets at the end.
+Unlike the CLI, pytest runs each case's rounds back to back, not interleaved.
 """
 
 import mlx.core as mx
 import pytest
 
-from mlx_fused_lora.benchmarking import cases, make_inputs, peak_memory
+from mlx_fused_lora import benchmarking as bm
 
-SHAPE = dict(m=2048, k=2048, n=2048, r=16)
-# The plain layer runs on MLX's bundled reference BLAS on Linux: seconds per call.
-ROUNDS = {"fused": 10, "limit": 10, "plain": 3}
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return make_inputs(**SHAPE, dtype=mx.float32)
+BUDGET_S, MAX_ROUNDS = 2.0, 10
+_inputs_cache = {}
 
 
-@pytest.mark.parametrize("p", [0.0, 0.1])
-@pytest.mark.parametrize("kind", ["limit", "fused", "plain"])
-@pytest.mark.parametrize("pass_name", ["forward", "forward_backward"])
-def test_lora_linear(benchmark, inputs, pass_name, kind, p):
-    fn = cases(inputs, dropout=p)[kind][pass_name]
-    benchmark.group = f"{pass_name} p={p}"
-    benchmark.extra_info.update(
-        kind=kind, pass_name=pass_name, dropout=p, dtype="float32",
-        device=str(mx.default_device()), peak_memory=peak_memory(fn), **SHAPE,
-    )
-    benchmark.pedantic(fn, rounds=ROUNDS[kind], warmup_rounds=1, iterations=1)
+def pytest_generate_tests(metafunc):
+    quick = metafunc.config.getoption("--quick")
+    if "group" in metafunc.fixturenames:
+        shapes = bm.quick_shapes() if quick else bm.full_shapes()
+        groups = bm.grid(shapes, bm.device_dtypes(), peer_max_gflop=bm.default_peer_max_gflop())
+        params = [(g, kind) for g in groups for kind in g.kinds]
+        ids = [f"{g.shape.label.replace(' ', '-')}-{g.dtype}-p{g.dropout}-{g.pass_name}-{kind}" for g, kind in params]
+        metafunc.parametrize("group,kind", params, ids=ids)
+    if "e2e_kind" in metafunc.fixturenames:
+        metafunc.parametrize("e2e_kind", ["fused", "plain"])
+
+
+def _inputs(group):
+    key = (group.shape, group.dtype)
+    if key not in _inputs_cache:
+        _inputs_cache.clear()  # one shape's arrays at a time
+        s = group.shape
+        _inputs_cache[key] = bm.make_inputs(s.m, s.k, s.n, s.r, group.dtype)
+    return _inputs_cache[key]
+
+
+def _run(benchmark, fn, kind):
+    bm.timed_call(fn)  # warm-up
+    seconds, peak = bm.timed_call(fn)
+    rounds = bm.rounds_for(seconds, BUDGET_S, MAX_ROUNDS, bm.MIN_ROUNDS.get(kind, 1))
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+    return peak
+
+
+def test_lora_linear(benchmark, group, kind):
+    fn = bm.cases(_inputs(group), group.dropout, kinds=(kind,))[kind][group.pass_name]
+    s = group.shape
+    benchmark.group = f"{s.label} {group.dtype} p={group.dropout} {group.pass_name}"
+    peak = _run(benchmark, fn, kind)
+    benchmark.extra_info.update(m=s.m, k=s.k, n=s.n, r=s.r, dtype=group.dtype, dropout=group.dropout,
+                                pass_name=group.pass_name, kind=kind, peak_memory=peak,
+                                device=str(mx.default_device()))
+
+
+def test_end_to_end_training_step(benchmark, e2e_kind, request):
+    config = bm.E2E_QUICK if request.config.getoption("--quick") else bm.E2E_FULL
+    layer_cls = bm.FusedLoRALinear if e2e_kind == "fused" else bm.plain_layer_class()
+    benchmark.group = "end-to-end training step"
+    peak = _run(benchmark, bm.training_step(config, layer_cls), e2e_kind)
+    benchmark.extra_info.update(e2e_kind=e2e_kind, tokens=config.tokens, peak_memory=peak,
+                                config=dict(config.__dict__))

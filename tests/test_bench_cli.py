@@ -131,3 +131,29 @@ def test_grids_are_the_issues():
     quick = bm.grid(bm.quick_shapes(), ["float32"])
     assert len(quick) <= 4 and all(g.kinds == bm.KINDS for g in quick)
     assert bm.parse_shape("512x1024x1024") == bm.Shape(512, 1024, 1024, 16)
+
+
+def test_addmm_peer_computes_what_the_plain_layer_does():
+    # A benchmark peer is only a peer if it computes the same function (and gradients).
+    import mlx.core as mx
+
+    inputs = bm.make_inputs(16, 32, 24, 4)
+    layers = [bm._layer(cls, inputs, 0.0, bm.SCALE) for cls in (bm.PlainLoRALinear, bm.AddmmLoRALinear)]
+
+    def outputs(layer):
+        def apply(x, a, b):
+            layer.lora_a, layer.lora_b = a, b
+            return layer(x)
+        primals = [inputs["x"], inputs["lora_a"], inputs["lora_b"]]
+        y, grads = mx.vjp(apply, primals, [inputs["cotangent"]])
+        return [y[0]] + list(grads)
+
+    for plain, addmm in zip(*map(outputs, layers)):
+        assert mx.allclose(plain, addmm, atol=1e-5).item()
+    # With dropout the kept elements are scaled by 1/(1-p): the mean of h stays put.
+    layer = bm._layer(bm.AddmmLoRALinear, bm.make_inputs(256, 64, 8, 4), 0.5, 1.0)
+    layer.linear.weight = mx.zeros_like(layer.linear.weight)
+    layer.lora_b = mx.ones_like(layer.lora_b)
+    x = mx.ones((256, 64))
+    expected = (x @ layer.lora_a).sum(axis=1).mean().item()
+    assert abs(layer(x).mean().item() - expected) < 0.1 * abs(expected) + 0.05

@@ -1,0 +1,283 @@
+"""``mlx-fused-lora bench``: the benchmark suite, as a table, a JSON file and a PNG chart.
+
+Runs the cases of ``benchmarking.py`` (the same ones ``pytest benchmarks/
+--benchmark-only`` runs) on whatever device MLX runs on: the fused op against the
+plain-MLX peers and against the limit, for each shape, dtype, dropout p and pass,
+then a training step of a small Llama-style model, fused vs mlx-lm's layers.
+
+    mlx-fused-lora bench --quick            # a few cases, under two minutes on 2 CPU cores
+    mlx-fused-lora bench                    # the issue's full grid
+    mlx-fused-lora bench --shapes 64x128x96x8 --no-e2e   # a custom grid (MxKxNxR)
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from importlib import metadata
+
+import mlx.core as mx
+
+from . import benchmarking as bm
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="mlx-fused-lora bench",
+        description="The fused LoRA op against plain MLX and the GEMM limit: table, JSON and PNG chart.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="a few cases (512x1024x1024 r16, a tiny end-to-end model): under two minutes on 2 CPU cores")
+    parser.add_argument("--shapes", type=_shape_list, metavar="MxKxNxR[,...]",
+                        help="measure these shapes instead of the grid's (r defaults to 16 if left out); "
+                             "the end-to-end step then uses the quick grid's small model")
+    parser.add_argument("--dtypes", type=_dtype_list, metavar="DTYPE[,...]",
+                        help="float32, bfloat16, float16 (default: float32 on the CPU, bfloat16,float16 on a GPU)")
+    parser.add_argument("--dropouts", type=_dropout_list, default=bm.DROPOUTS, metavar="P[,...]",
+                        help="dropout rates (default: 0,0.1)")
+    parser.add_argument("--passes", type=_pass_list, default=bm.PASSES, metavar="PASS[,...]",
+                        help="forward, forward_backward (default: both)")
+    parser.add_argument("--peer-max-gflop", type=_non_negative, default=None, metavar="G",
+                        help="run the plain peers only on shapes whose base GEMM (2MKN) is at most G GFLOP; "
+                             f"0: everywhere (default: {bm.CPU_PEER_MAX_GFLOP} on the CPU, where the peers run "
+                             "MLX's reference BLAS, 0 on a GPU)")
+    parser.add_argument("--budget", type=_positive, default=2.0, metavar="SECONDS",
+                        help="timed seconds per case after its warm-up: a case gets the rounds that fit, at least "
+                             "1 (3 for fused and limit), at most --rounds (default 2)")
+    parser.add_argument("--rounds", type=_positive_int, default=10, help="most timed rounds per case (default 10)")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step")
+    parser.add_argument("--no-chart", action="store_true", help="write no PNG (needs no matplotlib)")
+    parser.add_argument("--out", default=".", metavar="DIR", help="folder for the JSON and PNG (default: .)")
+    parser.add_argument("--name", metavar="NAME",
+                        help="file name stem (default: bench-<device>-<quick|full|custom>)")
+    return parser.parse_args(argv)
+
+
+def _split(text):
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _shape_list(text):
+    try:
+        return [bm.parse_shape(item) for item in _split(text)]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+
+
+def _dtype_list(text):
+    items = _split(text)
+    for item in items:
+        if item not in ("float32", "bfloat16", "float16"):
+            raise argparse.ArgumentTypeError(f"unknown dtype {item!r}: float32, bfloat16 or float16")
+    return items
+
+
+def _dropout_list(text):
+    try:
+        items = [float(item) for item in _split(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers in [0, 1), e.g. 0,0.1")
+    if not items or not all(0 <= p < 1 for p in items):
+        raise argparse.ArgumentTypeError(f"{text!r}: dropout rates must be in [0, 1)")
+    return items
+
+
+def _pass_list(text):
+    items = _split(text)
+    if not items or any(item not in bm.PASSES for item in items):
+        raise argparse.ArgumentTypeError(f"{text!r}: passes are forward, forward_backward")
+    return items
+
+
+def _positive(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+    return value
+
+
+def _non_negative(text):
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0")
+    return value
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
+    return value
+
+
+class Progress:
+    """A one-line progress bar on stderr (a line per step when stderr is not a terminal)."""
+
+    def __init__(self, total, stream=sys.stderr, width=30):
+        self.total, self.done, self.stream, self.width = total, 0, stream, width
+        self.start = time.perf_counter()
+        self.live = stream.isatty()
+
+    def step(self, label):
+        self.done += 1
+        filled = self.width * self.done // max(self.total, 1)
+        bar = "#" * filled + "-" * (self.width - filled)
+        line = f"[{bar}] {self.done}/{self.total} {time.perf_counter() - self.start:6.0f}s  {label}"
+        if self.live:
+            self.stream.write("\r" + line[:120].ljust(120))
+            if self.done == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def machine_info():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = dict(platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(),
+                device=str(mx.default_device()))
+    try:
+        info["device_info"] = {k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))}
+    except Exception:  # older MLX or no device query: the device name is enough
+        pass
+    return info
+
+
+def versions():
+    found = {"python": platform.python_version()}
+    for package in ("mlx", "mlx-fused-lora", "mlx-lm", "numpy", "scipy-openblas32", "matplotlib"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def load_average():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if not args.no_chart:
+        try:
+            import matplotlib  # noqa: F401  (fail now, not after the run)
+        except ImportError:
+            print("mlx-fused-lora bench: the chart needs matplotlib: pip install 'mlx-fused-lora[bench]' "
+                  "(or pass --no-chart)", file=sys.stderr)
+            return 2
+
+    device = mx.default_device()
+    grid_name = "custom" if args.shapes else "quick" if args.quick else "full"
+    shapes = args.shapes or (bm.quick_shapes() if args.quick else bm.full_shapes())
+    dtypes = args.dtypes or bm.device_dtypes(device)
+    peer_max = bm.default_peer_max_gflop(device) if args.peer_max_gflop is None else args.peer_max_gflop
+    groups = bm.grid(shapes, dtypes, args.dropouts, args.passes, peer_max)
+    e2e_config = None if args.no_e2e else bm.E2E_QUICK if args.quick or args.shapes else bm.E2E_FULL
+    name = args.name or f"bench-{device.type.name}-{grid_name}"
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, name + ".json")
+    png_path = None if args.no_chart else os.path.join(args.out, name + ".png")
+
+    started, load_start = datetime.datetime.now(datetime.timezone.utc), load_average()
+    wall_start = time.perf_counter()
+    print(f"mlx-fused-lora bench: {len(groups)} comparisons ({grid_name} grid) on {device}, "
+          f"dtypes {','.join(dtypes)}, load average {_load_text(load_start)}", flush=True)
+
+    calibration_start = bm.calibration_gemm_s(dtypes[0])
+    progress = Progress(len(groups) + (e2e_config is not None))
+    records, inputs, inputs_key = [], None, None
+    for group in groups:
+        key = (group.shape, group.dtype)
+        if key != inputs_key:
+            inputs, inputs_key = None, key  # free the last shape's arrays first
+            inputs = bm.make_inputs(group.shape.m, group.shape.k, group.shape.n, group.shape.r, group.dtype)
+        records += bm.measure_group(group, inputs, args.budget, args.rounds)
+        progress.step(f"{group.shape.label} {group.dtype} p={group.dropout} {group.pass_name}")
+    inputs = None
+    end_to_end = None
+    if e2e_config is not None:
+        end_to_end = bm.measure_end_to_end(e2e_config, budget_s=2 * args.budget, max_rounds=args.rounds)
+        progress.step("end-to-end training step")
+
+    calibration_end = bm.calibration_gemm_s(dtypes[0])
+    rows = bm.ratio_rows(records)
+    misses = bm.target_misses(rows)
+    load_end = load_average()
+    report = dict(
+        schema="mlx-fused-lora-bench/1",
+        command=" ".join(["mlx-fused-lora", "bench"] + [shlex.quote(a) for a in argv]),
+        started=started.isoformat(timespec="seconds"),
+        wall_s=time.perf_counter() - wall_start,
+        load_average=dict(start=load_start, end=load_end),
+        calibration=dict(what=f"best of 5: the 2048^3 {dtypes[0]} base GEMM through the limit path, seconds",
+                         start=calibration_start, end=calibration_end),
+        machine=machine_info(),
+        versions=versions(),
+        settings=dict(grid=grid_name, dtypes=list(dtypes), dropouts=list(args.dropouts),
+                      passes=list(args.passes), peer_max_gflop=peer_max, budget_s=args.budget,
+                      max_rounds=args.rounds, scale=bm.SCALE, plain_layer=_class_name(bm.plain_layer_class())),
+        kinds=dict(
+            fused="FusedLoRALinear (the fused op)",
+            plain="mlx-lm's LoRALinear (PlainLoRALinear when mlx-lm is not installed)",
+            plain_compiled="the plain layer under mx.compile",
+            plain_addmm="AddmmLoRALinear: plain MLX at its best (addmm, adapters in x's dtype)",
+            limit="base GEMM alone (forward); x @ W.T and dY @ W (forward_backward)",
+        ),
+        cases=records,
+        ratios=rows,
+        targets=dict(shape=list(bm.TARGET_SHAPE), bounds={f"{p} {w}": b for (p, w), b in bm.TARGETS.items()},
+                     misses=misses),
+        end_to_end=end_to_end,
+    )
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=1)
+    if png_path:
+        from .bench_chart import write_chart
+        write_chart(report, png_path)
+
+    print()
+    for line in bm.format_ratio_table(rows):
+        print(line)
+    print("times: best round, each comparison measured side by side; x/fused > 1 means fused is faster; "
+          "MiB: MLX's peak memory while the case ran, inputs included")
+    if end_to_end:
+        print(_e2e_text(end_to_end))
+    if any(bm.TARGET_SHAPE == (r["m"], r["k"], r["n"], r["r"], r["dtype"]) for r in rows):
+        print("targets at 2048^3 r16 fp32: " + ("; ".join(misses) if misses else "all met"))
+    print(f"load average {_load_text(load_start)} at the start, {_load_text(load_end)} at the end; "
+          f"2048^3 GEMM {calibration_start * 1e3:.1f} ms at the start, {calibration_end * 1e3:.1f} ms at the end; "
+          f"{report['wall_s']:.0f} s in all")
+    print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""))
+    return 0
+
+
+def _class_name(cls):
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def _load_text(load):
+    return "unknown" if load is None else "/".join(f"{v:.2f}" for v in load)
+
+
+def _e2e_text(e2e):
+    c, res = e2e["config"], e2e["results"]
+    return (f"end-to-end training step (TinyLlama dim {c['dim']}, {c['layers']} layers, {c['tokens']} tokens, "
+            f"every projection LoRA r={c['r']} p={c['dropout']}, compiled step, Adam): "
+            f"fused {res['fused']['tokens_per_s']:.0f} tok/s {res['fused']['peak_memory'] / 2**20:.0f} MiB, "
+            f"plain {res['plain']['tokens_per_s']:.0f} tok/s {res['plain']['peak_memory'] / 2**20:.0f} MiB "
+            f"({e2e['plain_layer']}): {e2e['speedup']:.2f}x faster, {e2e['memory_ratio']:.2f}x less memory")
