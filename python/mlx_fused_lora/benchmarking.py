@@ -24,7 +24,6 @@ ratios and the end-to-end training step live here too, so the pytest suite
 (``benchmarks/``) and the CLI (``bench.py``) are two runners of the same cases.
 """
 
-import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -142,7 +141,7 @@ def plain_layer_class():
     return LoRALinear
 
 
-class AddmmLoRALinear(nn.Module):
+class AddmmLoRALinear(FusedLoRALinear):
     """Benchmark peer, not a product layer: LoRA as well as plain MLX can write it.
 
     Same parameters as mlx-lm's ``LoRALinear``, but: the adapters are cast to x's
@@ -152,22 +151,6 @@ class AddmmLoRALinear(nn.Module):
     left between it and the fused op is what plain MLX cannot avoid: the mask and
     dropped copy of x, and the autodiff's stored intermediates.
     """
-
-    def __init__(self, input_dims, output_dims, r=8, dropout=0.0, scale=20.0, bias=False):
-        super().__init__()
-        self.linear = nn.Linear(input_dims, output_dims, bias=bias)
-        self.dropout = float(dropout)
-        self.scale = scale
-        bound = 1 / math.sqrt(input_dims)
-        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r))
-        self.lora_b = mx.zeros(shape=(r, output_dims))
-
-    @staticmethod
-    def from_base(linear, r=8, dropout=0.0, scale=20.0):
-        output_dims, input_dims = linear.weight.shape
-        layer = AddmmLoRALinear(input_dims, output_dims, r=r, dropout=dropout, scale=scale)
-        layer.linear = linear
-        return layer
 
     def __call__(self, x):
         weight = self.linear.weight

@@ -28,12 +28,12 @@ def draw_dropout_key():
 
 
 class FusedLoRALinear(nn.Module):
-    @staticmethod
-    def from_base(linear, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+    @classmethod
+    def from_base(cls, linear, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
         output_dims, input_dims = linear.weight.shape
         if isinstance(linear, nn.QuantizedLinear):
             input_dims = input_dims * 32 // linear.bits
-        lora = FusedLoRALinear(input_dims, output_dims, r=r, dropout=dropout, scale=scale)
+        lora = cls(input_dims, output_dims, r=r, dropout=dropout, scale=scale)
         lora.linear = linear
         return lora
 

@@ -156,6 +156,18 @@ def _unpack(args, has_bias, has_key):
     return x, weight, bias, lora_a, lora_b, key
 
 
+def _cotangents(dx, dy, x, bias, d_lora_a, d_lora_b, key):
+    """The VJP's cotangents in the op's input order. The frozen weight's is a lazy
+    dY.T @ x: never evaluated in LoRA training (nothing asks for it), correct if asked."""
+    grads = [dx, dy.T @ x]
+    if bias is not None:
+        grads.append(dy.sum(axis=0).astype(bias.dtype))
+    grads += [d_lora_a, d_lora_b]
+    if key is not None:
+        grads.append(mx.zeros_like(key))
+    return tuple(grads)
+
+
 @functools.lru_cache(maxsize=None)
 def _cpu_op(scale, p, has_bias):
     """The op for one (scale, p, bias?) as an mx.custom_function over the C++ primitives.
@@ -177,14 +189,7 @@ def _cpu_op(scale, p, has_bias):
         ds, d_lora_b = _ext.lora_low_rank_grad(dy, h, lora_b, scale=scale)
         dx = _ext.lora_input_grad(dy, weight, ds, lora_a, key, dropout=p)
         d_lora_a = _ext.lora_down_grad(x, ds, lora_a, key, dropout=p)
-        d_weight = dy.T @ x  # lazy: evaluated only if the weight's gradient is asked for
-        grads = [dx, d_weight]
-        if has_bias:
-            grads.append(dy.sum(axis=0).astype(bias.dtype))
-        grads += [d_lora_a, d_lora_b]
-        if has_key:
-            grads.append(mx.zeros_like(key))
-        return tuple(grads)
+        return _cotangents(dx, dy, x, bias, d_lora_a, d_lora_b, key)
 
     return op
 
@@ -218,13 +223,7 @@ def gpu_op(kernels, scale, p, has_bias):
         d_lora_b = (scale * (h.astype(x.dtype).T @ dy)).astype(lora_b.dtype)
         d_lora_a = kernels.dropout_down_grad(x, ds, key, p).astype(lora_a.dtype)
         dx = mx.addmm(kernels.masked_input_grad(ds, lora_a.astype(f32), key, p, x.dtype), dy, weight)
-        grads = [dx, dy.T @ x]  # the weight's: lazy, evaluated only if asked for
-        if has_bias:
-            grads.append(dy.sum(axis=0).astype(bias.dtype))
-        grads += [d_lora_a, d_lora_b]
-        if has_key:
-            grads.append(mx.zeros_like(key))
-        return tuple(grads)
+        return _cotangents(dx, dy, x, bias, d_lora_a, d_lora_b, key)
 
     return op
 
