@@ -137,8 +137,10 @@ def test_addmm_peer_computes_what_the_plain_layer_does():
     # A benchmark peer is only a peer if it computes the same function (and gradients).
     import mlx.core as mx
 
+    from mlx_fused_lora.layers import PlainLoRALinear
+
     inputs = bm.make_inputs(16, 32, 24, 4)
-    layers = [bm._layer(cls, inputs, 0.0, bm.SCALE) for cls in (bm.PlainLoRALinear, bm.AddmmLoRALinear)]
+    layers = [bm.layer_from_inputs(cls, inputs, 0.0) for cls in (PlainLoRALinear, bm.AddmmLoRALinear)]
 
     def outputs(layer):
         def apply(x, a, b):
@@ -151,7 +153,7 @@ def test_addmm_peer_computes_what_the_plain_layer_does():
     for plain, addmm in zip(*map(outputs, layers)):
         assert mx.allclose(plain, addmm, atol=1e-5).item()
     # With dropout the kept elements are scaled by 1/(1-p): the mean of h stays put.
-    layer = bm._layer(bm.AddmmLoRALinear, bm.make_inputs(256, 64, 8, 4), 0.5, 1.0)
+    layer = bm.layer_from_inputs(bm.AddmmLoRALinear, bm.make_inputs(256, 64, 8, 4), 0.5, 1.0)
     layer.linear.weight = mx.zeros_like(layer.linear.weight)
     layer.lora_b = mx.ones_like(layer.lora_b)
     x = mx.ones((256, 64))

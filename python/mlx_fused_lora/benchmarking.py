@@ -33,7 +33,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 from ._extension import _ext
-from .layers import FusedLoRALinear, PlainLoRALinear
+from .layers import FusedLoRALinear, plain_layer_class
 
 KINDS = ("fused", "plain", "plain_compiled", "plain_addmm", "limit")
 PEERS = ("plain", "plain_compiled", "plain_addmm")
@@ -133,14 +133,6 @@ def grid(shapes, dtypes, dropouts=DROPOUTS, passes=PASSES, peer_max_gflop=0.0):
     return groups
 
 
-def plain_layer_class():
-    try:
-        from mlx_lm.tuner.lora import LoRALinear
-    except ImportError:
-        return PlainLoRALinear
-    return LoRALinear
-
-
 class AddmmLoRALinear(FusedLoRALinear):
     """Benchmark peer, not a product layer: LoRA as well as plain MLX can write it.
 
@@ -184,7 +176,8 @@ def make_inputs(m, k, n, r, dtype=mx.float32, seed=0):
     return arrays
 
 
-def _layer(cls, inputs, dropout, scale):
+def layer_from_inputs(cls, inputs, dropout, scale=SCALE):
+    """A `cls` layer holding make_inputs' weight and adapters, in training mode."""
     k = inputs["x"].shape[-1]
     n, r = inputs["lora_b"].shape[1], inputs["lora_b"].shape[0]
     layer = cls(k, n, r=r, dropout=dropout, scale=scale)
@@ -243,11 +236,11 @@ def _limit_passes(inputs):
 def cases(inputs, dropout, scale=SCALE, kinds=KINDS):
     """{kind: {"forward": fn, "forward_backward": fn}} for each kind in `kinds`."""
     builders = {
-        "fused": lambda: _layer_passes(_layer(FusedLoRALinear, inputs, dropout, scale), inputs),
-        "plain": lambda: _layer_passes(_layer(plain_layer_class(), inputs, dropout, scale), inputs),
+        "fused": lambda: _layer_passes(layer_from_inputs(FusedLoRALinear, inputs, dropout, scale), inputs),
+        "plain": lambda: _layer_passes(layer_from_inputs(plain_layer_class(), inputs, dropout, scale), inputs),
         "plain_compiled": lambda: _layer_passes(
-            _layer(plain_layer_class(), inputs, dropout, scale), inputs, compiled=True),
-        "plain_addmm": lambda: _layer_passes(_layer(AddmmLoRALinear, inputs, dropout, scale), inputs),
+            layer_from_inputs(plain_layer_class(), inputs, dropout, scale), inputs, compiled=True),
+        "plain_addmm": lambda: _layer_passes(layer_from_inputs(AddmmLoRALinear, inputs, dropout, scale), inputs),
         "limit": lambda: _limit_passes(inputs),
     }
     return {kind: builders[kind]() for kind in kinds}

@@ -10,7 +10,8 @@ import argparse
 import mlx.core as mx
 import numpy as np
 
-from .benchmarking import best_time, cases, make_inputs, peak_memory, plain_layer_class
+from .benchmarking import best_time, cases, layer_from_inputs, make_inputs, peak_memory
+from .layers import FusedLoRALinear, plain_layer_class
 
 
 def main(argv=None):
@@ -27,7 +28,8 @@ def main(argv=None):
           f"W ({args.dims}, {args.dims}), r = {args.rank}, dropout = {args.dropout}")
 
     # Same parameters, no dropout: the two layers must agree before timing means anything.
-    fused_layer, plain_layer = _layers(inputs)
+    fused_layer, plain_layer = (layer_from_inputs(cls, inputs, dropout=0.0).eval()
+                                for cls in (FusedLoRALinear, plain_layer_class()))
     diff = np.abs(np.array(fused_layer(inputs["x"])) - np.array(plain_layer(inputs["x"]))).max()
     print(f"max |fused - plain| at dropout 0: {diff:.2e}")
 
@@ -47,17 +49,3 @@ def main(argv=None):
           "Memory: MLX's peak while the case ran, inputs included.")
     return 0
 
-
-def _layers(inputs):
-    from .layers import FusedLoRALinear
-
-    k, n = inputs["x"].shape[1], inputs["weight"].shape[0]
-    r = inputs["lora_a"].shape[1]
-    layers = []
-    for cls in (FusedLoRALinear, plain_layer_class()):
-        layer = cls(k, n, r=r, scale=2.0)
-        layer.linear.weight = inputs["weight"]
-        layer.lora_a, layer.lora_b = inputs["lora_a"], inputs["lora_b"]
-        layer.eval()
-        layers.append(layer)
-    return layers

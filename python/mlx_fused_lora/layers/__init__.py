@@ -2,6 +2,6 @@
 
 from .convert import linear_to_lora_layers
 from .fused_lora_linear import FusedLoRALinear
-from .plain_lora_linear import PlainLoRALinear
+from .plain_lora_linear import PlainLoRALinear, plain_layer_class
 
-__all__ = ["FusedLoRALinear", "PlainLoRALinear", "linear_to_lora_layers"]
+__all__ = ["FusedLoRALinear", "PlainLoRALinear", "linear_to_lora_layers", "plain_layer_class"]

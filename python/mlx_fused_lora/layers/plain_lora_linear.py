@@ -12,6 +12,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+def plain_layer_class():
+    """The plain peer: mlx-lm's ``LoRALinear`` when mlx-lm is installed, else ours."""
+    try:
+        from mlx_lm.tuner.lora import LoRALinear
+    except ImportError:
+        return PlainLoRALinear
+    return LoRALinear
+
+
 class PlainLoRALinear(nn.Module):
     @staticmethod
     def from_base(linear, r: int = 8, dropout: float = 0.0, scale: float = 20.0):

@@ -35,7 +35,8 @@ def run_demo(workdir: Path, steps: int, batch_size: int, dropout: float, width: 
              targets, seed: int = 0, layer_kinds=("fused", "plain"), quiet: bool = True) -> dict:
     """Train each layer kind from the same files; returns ``{kind: TrainResult}``."""
     from .synthetic import write_random_csm, write_synthetic_dataset
-    from .trainer import CSMLoRATrainer, plain_lora_class
+    from ..layers import plain_layer_class
+    from .trainer import CSMLoRATrainer
 
     model_dir = write_random_csm(workdir / "model", demo_config(width, layers), seed=seed)
     audio_dir = write_synthetic_dataset(workdir / "data", num_files=24, frames=(24, 32), words_per_file=(3, 4), seed=seed)
@@ -50,7 +51,7 @@ def run_demo(workdir: Path, steps: int, batch_size: int, dropout: float, width: 
         results[kind] = trainer.train(epochs=0, max_steps=steps, batch_size=batch_size, val_every=0,
                                       save_every=0, save_mode="lora")
         del trainer
-    results["plain_class"] = f"{plain_lora_class().__module__}.{plain_lora_class().__name__}"
+    results["plain_class"] = f"{plain_layer_class().__module__}.{plain_layer_class().__name__}"
     return results
 
 

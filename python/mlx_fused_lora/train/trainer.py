@@ -38,6 +38,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from ..csm import CSM, apply_lora, load_csm, save_csm
 from ..csm.lora import freeze_all_but_lora, lora_dropout_p, lora_layers
+from ..layers import plain_layer_class
 from .checkpoint import CheckpointError, atomic_write_dir, load_checkpoint, save_checkpoint
 from .data import DataReport, DataSpec, Sample, batch_order, build_dataset, collate, frame_turn, Segment, split_train_val
 from .distributed import World, init_world
@@ -49,7 +50,6 @@ __all__ = [
     "TrainResult",
     "NonFiniteLossError",
     "CSMLoRATrainer",
-    "plain_lora_class",
     "use_plain_lora_layers",
     "make_schedule",
 ]
@@ -117,20 +117,9 @@ class TrainResult:
     outputs: list = field(default_factory=list)
 
 
-def plain_lora_class():
-    """mlx-lm's ``LoRALinear`` when mlx-lm is installed, else our copy of its formulation."""
-    try:
-        from mlx_lm.tuner.lora import LoRALinear
-    except ImportError:
-        from ..layers import PlainLoRALinear
-
-        return PlainLoRALinear
-    return LoRALinear
-
-
 def use_plain_lora_layers(model: nn.Module, train_bias: bool = False) -> None:
     """Swap every LoRA layer for the plain (mlx-lm) one, same base, adapters and scale."""
-    cls = plain_lora_class()
+    cls = plain_layer_class()
     swapped = []
     for name, layer in lora_layers(model):
         plain = cls.from_base(layer.linear, r=layer.lora_a.shape[1], dropout=lora_dropout_p(layer), scale=layer.scale)
