@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_fused_lora.train.checkpoint import (
-    CheckpointError, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint,
+    TrainingCheckpointError, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint,
 )
 
 
@@ -37,7 +37,7 @@ def test_truncated_file_is_refused(tmp_path):
     path = _save(tmp_path, 3)
     f = path / "adapters.safetensors"
     f.write_bytes(f.read_bytes()[:-7])
-    with pytest.raises(CheckpointError, match="adapters.safetensors is .* bytes.*truncated"):
+    with pytest.raises(TrainingCheckpointError, match="adapters.safetensors is .* bytes.*truncated"):
         load_checkpoint(path)
 
 
@@ -47,16 +47,16 @@ def test_corrupt_byte_is_refused(tmp_path):
     data = bytearray(f.read_bytes())
     data[-3] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="optimizer.safetensors has sha256.*corrupt"):
+    with pytest.raises(TrainingCheckpointError, match="optimizer.safetensors has sha256.*corrupt"):
         load_checkpoint(path)
 
 
 def test_incomplete_checkpoint_without_manifest_is_refused(tmp_path):
     path = _save(tmp_path, 3)
     (path / "manifest.json").unlink()
-    with pytest.raises(CheckpointError, match="no manifest.json"):
+    with pytest.raises(TrainingCheckpointError, match="no manifest.json"):
         load_checkpoint(path)
-    with pytest.raises(CheckpointError, match="no checkpoint"):
+    with pytest.raises(TrainingCheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "nowhere")
 
 

@@ -7,7 +7,7 @@
 - ``mlx-fused-lora finetune`` (`cli.py`) and ``mlx-fused-lora demo`` (`demo.py`).
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import TrainingCheckpointError, load_checkpoint, save_checkpoint
 from .data import DataReport, DataSpec, build_dataset
 from .loss import csm_loss
 from .trainer import CSMLoRATrainer, NonFiniteLossError, TrainResult, TrainSettings
@@ -17,7 +17,7 @@ __all__ = [
     "TrainSettings",
     "TrainResult",
     "NonFiniteLossError",
-    "CheckpointError",
+    "TrainingCheckpointError",
     "save_checkpoint",
     "load_checkpoint",
     "DataReport",

@@ -9,7 +9,7 @@ temporary directory, every file fsynced, and renamed into place; then ``checkpoi
 any moment leaves either the previous checkpoint or the new one, never a mix.
 
 `load_checkpoint` refuses a directory whose manifest is missing or whose files differ from
-it in size or hash (`CheckpointError`, naming the file).
+it in size or hash (`TrainingCheckpointError`, naming the file).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Callable, Union
 import mlx.core as mx
 
 __all__ = [
-    "CheckpointError",
+    "TrainingCheckpointError",
     "MANIFEST",
     "save_checkpoint",
     "load_checkpoint",
@@ -39,7 +39,7 @@ LATEST = "latest"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class TrainingCheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, truncated or corrupt."""
 
 
@@ -172,7 +172,7 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
         steps = sorted(p for p in root.glob("step_*") if (p / MANIFEST).exists())
         if steps:
             return steps[-1]
-    raise CheckpointError(f"no checkpoint at {path} (expected a step_* directory or a 'latest' file)")
+    raise TrainingCheckpointError(f"no checkpoint at {path} (expected a step_* directory or a 'latest' file)")
 
 
 def load_checkpoint(path: Union[str, Path]) -> tuple[dict, dict, dict]:
@@ -180,7 +180,7 @@ def load_checkpoint(path: Union[str, Path]) -> tuple[dict, dict, dict]:
     ckpt = resolve_checkpoint(path)
     manifest_path = ckpt / MANIFEST
     if not manifest_path.is_file():
-        raise CheckpointError(
+        raise TrainingCheckpointError(
             f"checkpoint {ckpt} has no {MANIFEST}: it is incomplete (its write was interrupted) "
             "or not a checkpoint"
         )
@@ -188,23 +188,23 @@ def load_checkpoint(path: Union[str, Path]) -> tuple[dict, dict, dict]:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
     except (ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {ckpt}: unreadable {MANIFEST} ({e})") from None
+        raise TrainingCheckpointError(f"checkpoint {ckpt}: unreadable {MANIFEST} ({e})") from None
     for name in ("adapters.safetensors", "optimizer.safetensors", "trainer_state.json"):
         if name not in files:
-            raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} does not list {name}")
+            raise TrainingCheckpointError(f"checkpoint {ckpt}: {MANIFEST} does not list {name}")
     for name, meta in files.items():
         p = ckpt / name
         if not p.is_file():
-            raise CheckpointError(f"checkpoint {ckpt}: {name} is missing")
+            raise TrainingCheckpointError(f"checkpoint {ckpt}: {name} is missing")
         size = p.stat().st_size
         if size != meta["size"]:
-            raise CheckpointError(
+            raise TrainingCheckpointError(
                 f"checkpoint {ckpt}: {name} is {size} bytes, the manifest says {meta['size']} "
                 "(truncated or overwritten); refusing to resume from it"
             )
         digest = sha256_file(p)
         if digest != meta["sha256"]:
-            raise CheckpointError(
+            raise TrainingCheckpointError(
                 f"checkpoint {ckpt}: {name} has sha256 {digest[:16]}..., the manifest says "
                 f"{meta['sha256'][:16]}... (corrupt); refusing to resume from it"
             )

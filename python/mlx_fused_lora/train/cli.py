@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         level=logging.DEBUG if args.debug else getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
     )
-    from .checkpoint import CheckpointError
+    from .checkpoint import TrainingCheckpointError
     from .trainer import CSMLoRATrainer, NonFiniteLossError
 
     try:
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
             max_steps=args.max_steps, generate_samples=args.generate_samples,
             sample_prompt=args.sample_prompt, speaker_id=args.speaker_id,
         )
-    except (CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
+    except (TrainingCheckpointError, NonFiniteLossError, FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
         if args.debug:
             raise
         log.error("%s", e)

@@ -39,7 +39,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from ..csm import CSM, apply_lora, load_csm, save_csm
 from ..csm.lora import freeze_all_but_lora, lora_dropout_p, lora_layers
 from ..layers import plain_layer_class
-from .checkpoint import CheckpointError, atomic_write_dir, load_checkpoint, save_checkpoint
+from .checkpoint import TrainingCheckpointError, atomic_write_dir, load_checkpoint, save_checkpoint
 from .data import DataReport, DataSpec, Sample, batch_order, build_dataset, collate, frame_turn, Segment, split_train_val
 from .distributed import World, init_world
 from .loss import csm_loss
@@ -446,12 +446,12 @@ class CSMLoRATrainer:
         trainable = dict(tree_flatten(self.model.trainable_parameters()))
         missing = sorted(set(trainable) - set(adapters))
         if missing:
-            raise CheckpointError(f"checkpoint {state['checkpoint_dir']} lacks adapters {missing[:3]}...")
+            raise TrainingCheckpointError(f"checkpoint {state['checkpoint_dir']} lacks adapters {missing[:3]}...")
         self.model.load_weights(list(adapters.items()), strict=False)
 
         def restored(path_, value):
             if path_ not in opt_state:
-                raise CheckpointError(f"checkpoint {state['checkpoint_dir']} lacks optimizer state {path_}")
+                raise TrainingCheckpointError(f"checkpoint {state['checkpoint_dir']} lacks optimizer state {path_}")
             return opt_state[path_]
 
         optimizer.state = tree_map_with_path(restored, optimizer.state)
