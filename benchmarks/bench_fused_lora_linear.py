@@ -12,8 +12,6 @@ Unlike the CLI, pytest runs each case's rounds back to back, not interleaved.
 """
 
 import mlx.core as mx
-import pytest
-
 from mlx_fused_lora import benchmarking as bm
 
 BUDGET_S, MAX_ROUNDS = 2.0, 10
@@ -54,9 +52,18 @@ def test_lora_linear(benchmark, group, kind):
     s = group.shape
     benchmark.group = f"{s.label} {group.dtype} p={group.dropout} {group.pass_name}"
     peak = _run(benchmark, fn, kind)
-    benchmark.extra_info.update(m=s.m, k=s.k, n=s.n, r=s.r, dtype=group.dtype, dropout=group.dropout,
-                                pass_name=group.pass_name, kind=kind, peak_memory=peak,
-                                device=str(mx.default_device()))
+    benchmark.extra_info.update(
+        m=s.m,
+        k=s.k,
+        n=s.n,
+        r=s.r,
+        dtype=group.dtype,
+        dropout=group.dropout,
+        pass_name=group.pass_name,
+        kind=kind,
+        peak_memory=peak,
+        device=str(mx.default_device()),
+    )
 
 
 def test_end_to_end_training_step(benchmark, e2e_kind, request):
@@ -64,5 +71,4 @@ def test_end_to_end_training_step(benchmark, e2e_kind, request):
     layer_cls = bm.FusedLoRALinear if e2e_kind == "fused" else bm.plain_layer_class()
     benchmark.group = "end-to-end training step"
     peak = _run(benchmark, bm.training_step(config, layer_cls), e2e_kind)
-    benchmark.extra_info.update(e2e_kind=e2e_kind, tokens=config.tokens, peak_memory=peak,
-                                config=dict(config.__dict__))
+    benchmark.extra_info.update(e2e_kind=e2e_kind, tokens=config.tokens, peak_memory=peak, config=dict(config.__dict__))

@@ -4,8 +4,12 @@ from mlx_fused_lora import benchmarking as bm
 
 
 def pytest_addoption(parser):
-    parser.addoption("--quick", action="store_true", default=False,
-                     help="benchmark a few cases (under two minutes on 2 CPU cores) instead of the full grid")
+    parser.addoption(
+        "--quick",
+        action="store_true",
+        default=False,
+        help="benchmark a few cases (under two minutes on 2 CPU cores) instead of the full grid",
+    )
 
 
 def _stat(bench, name):
@@ -46,6 +50,8 @@ def pytest_terminal_summary(terminalreporter, config):
     e2e = {_info(b)["e2e_kind"]: b for b in session.benchmarks if "e2e_kind" in _info(b)}
     if {"fused", "plain"} <= e2e.keys():
         tokens = {k: _info(b)["tokens"] / _stat(b, "min") for k, b in e2e.items()}
-        write(f"end-to-end training step: fused {tokens['fused']:.0f} tok/s "
-              f"{_info(e2e['fused'])['peak_memory'] / 2**20:.0f} MiB, plain {tokens['plain']:.0f} tok/s "
-              f"{_info(e2e['plain'])['peak_memory'] / 2**20:.0f} MiB: {tokens['fused'] / tokens['plain']:.2f}x")
+        write(
+            f"end-to-end training step: fused {tokens['fused']:.0f} tok/s "
+            f"{_info(e2e['fused'])['peak_memory'] / 2**20:.0f} MiB, plain {tokens['plain']:.0f} tok/s "
+            f"{_info(e2e['plain'])['peak_memory'] / 2**20:.0f} MiB: {tokens['fused'] / tokens['plain']:.2f}x"
+        )

@@ -17,9 +17,11 @@ def _x(value, digits=2):
 
 
 def peer_table(rows, dropout=None):
-    lines = ["| M × K × N, r | pass | p | fused / limit | plain / fused | compiled / fused | addmm / fused "
-             "| peak MiB fused · plain · compiled · addmm |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| M × K × N, r | pass | p | fused / limit | plain / fused | compiled / fused | addmm / fused "
+        "| peak MiB fused · plain · compiled · addmm |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         if "plain_over_fused" not in row or (dropout is not None and row["dropout"] != dropout):
             continue
@@ -28,7 +30,8 @@ def peer_table(rows, dropout=None):
             f"| {row['m']}×{row['k']}×{row['n']}, {row['r']} | {_pass(row)} | {row['dropout']} "
             f"| {_x(row['fused_over_limit'], 3)} | {_x(row['plain_over_fused'], 1)} "
             f"| {_x(row['plain_compiled_over_fused'], 1)} | {_x(row['plain_addmm_over_fused'], 1)} "
-            f"| {mem['fused']:.1f} · {mem['plain']:.1f} · {mem['plain_compiled']:.1f} · {mem['plain_addmm']:.1f} |")
+            f"| {mem['fused']:.1f} · {mem['plain']:.1f} · {mem['plain_compiled']:.1f} · {mem['plain_addmm']:.1f} |"
+        )
     return lines
 
 
@@ -39,9 +42,8 @@ def limit_table(rows):
     for row in rows:
         by_shape.setdefault((row["m"], row["k"], row["r"], row["dtype"]), {})[(row["pass_name"], row["dropout"])] = row
     head = " | ".join(f"{'fwd' if p == 'forward' else 'fwd+bwd'} p={d}" for p, d in columns)
-    lines = [f"| M × K (= N), r | {head} | fused peak MiB (fwd+bwd, p=0.1) |",
-             "|---|" + "---|" * (len(columns) + 1)]
-    for (m, k, r, dtype), cells in sorted(by_shape.items()):
+    lines = [f"| M × K (= N), r | {head} | fused peak MiB (fwd+bwd, p=0.1) |", "|---|" + "---|" * (len(columns) + 1)]
+    for (m, k, r, _dtype), cells in sorted(by_shape.items()):
         values = " | ".join(_x(cells[c]["fused_over_limit"], 3) if c in cells else "-" for c in columns)
         fb = cells.get(("forward_backward", 0.1))
         mem = f"{fb['memory_mib']['fused']:.0f} (limit {fb['memory_mib']['limit']:.0f})" if fb else "-"
@@ -75,10 +77,12 @@ def e2e_line(report):
 def provenance(report):
     m, v = report["machine"], report["versions"]
     load, cal = report["load_average"], report.get("calibration", {})
-    return (f"`{report['command']}` on {m['cpu']} ({m['cpu_count']} cores, {m['device']}), "
-            f"mlx {v['mlx']}, mlx-lm {v['mlx-lm']}, Python {v['python']}, {report['started']}; "
-            f"{report['wall_s'] / 60:.1f} min; load average {load['start'][0]:.2f} → {load['end'][0]:.2f}; "
-            f"2048³ GEMM {cal.get('start', 0) * 1e3:.0f} → {cal.get('end', 0) * 1e3:.0f} ms.")
+    return (
+        f"`{report['command']}` on {m['cpu']} ({m['cpu_count']} cores, {m['device']}), "
+        f"mlx {v['mlx']}, mlx-lm {v['mlx-lm']}, Python {v['python']}, {report['started']}; "
+        f"{report['wall_s'] / 60:.1f} min; load average {load['start'][0]:.2f} → {load['end'][0]:.2f}; "
+        f"2048³ GEMM {cal.get('start', 0) * 1e3:.0f} → {cal.get('end', 0) * 1e3:.0f} ms."
+    )
 
 
 def main():
@@ -90,12 +94,15 @@ def main():
     with open(args.json_path) as f:
         report = json.load(f)
     print(provenance(report), "\n")
-    for line in peer_table(report["ratios"], args.peer_dropout) + [""] + limit_table(report["ratios"]) + [""] + e2e_line(report):
+    for line in (
+        peer_table(report["ratios"], args.peer_dropout) + [""] + limit_table(report["ratios"]) + [""] + e2e_line(report)
+    ):
         print(line)
     misses = bm.target_misses(report["ratios"])
     print("\ntargets at 2048³ r16 fp32:", "; ".join(misses) if misses else "all met (or shape not in this run)")
     if args.png:
         from mlx_fused_lora.bench_chart import write_chart
+
         write_chart(report, args.png)
 
 

@@ -17,8 +17,8 @@ NB_MODULE(_ext, m) {
   m.attr("mlx_version") = MFL_BUILT_AGAINST_MLX;
 
   m.def("lora_forward", &mfl::lora_forward, "x"_a, "weight"_a, "bias"_a.none(), "lora_a"_a,
-        "lora_b"_a, "key"_a.none(), nb::kw_only(), "scale"_a, "dropout"_a,
-        "stream"_a = nb::none(), "Returns (y, h): y = x @ W^T + bias + scale * h @ B, h = (mask * x) @ A.");
+        "lora_b"_a, "key"_a.none(), nb::kw_only(), "scale"_a, "dropout"_a, "stream"_a = nb::none(),
+        "Returns (y, h): y = x @ W^T + bias + scale * h @ B, h = (mask * x) @ A.");
   m.def("lora_low_rank_grad", &mfl::lora_low_rank_grad, "cotangent"_a, "h"_a, "lora_b"_a,
         nb::kw_only(), "scale"_a, "stream"_a = nb::none(),
         "Returns (dS, dB): dS = scale * dY @ B^T, dB = scale * h^T @ dY.");
@@ -33,8 +33,8 @@ NB_MODULE(_ext, m) {
          mx::StreamOrDevice s) {
         return mfl::dropout_mask(key, mx::Shape(shape.begin(), shape.end()), dropout, dtype, s);
       },
-      "key"_a, "shape"_a, "dropout"_a, "dtype"_a,
-        nb::kw_only(), "stream"_a = nb::none(), "The dropout multipliers the op applies.");
+      "key"_a, "shape"_a, "dropout"_a, "dtype"_a, nb::kw_only(), "stream"_a = nb::none(),
+      "The dropout multipliers the op applies.");
   m.def(
       "dropout_bits",
       [](uint32_t key0, uint32_t key1, uint64_t index0, int64_t count) {

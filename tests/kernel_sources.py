@@ -9,10 +9,20 @@ adds the built-in attributes the body names; CUDA writes template arguments as
 `constexpr` / `using` lines at the top of the body.
 """
 
-METAL_TYPES = {"float": "float", "uint32_t": "uint32_t", "uint64_t": "uint64_t",
-               "bfloat16": "bfloat16_t", "float16": "float16_t"}
-CUDA_TYPES = {"float": "float", "uint32_t": "uint32_t", "uint64_t": "uint64_t",
-              "bfloat16": "__nv_bfloat16", "float16": "__half"}
+METAL_TYPES = {
+    "float": "float",
+    "uint32_t": "uint32_t",
+    "uint64_t": "uint64_t",
+    "bfloat16": "bfloat16_t",
+    "float16": "float16_t",
+}
+CUDA_TYPES = {
+    "float": "float",
+    "uint32_t": "uint32_t",
+    "uint64_t": "uint64_t",
+    "bfloat16": "__nv_bfloat16",
+    "float16": "__half",
+}
 
 METAL_ATTRIBUTES = {
     "thread_position_in_grid": "uint3",
@@ -45,8 +55,9 @@ def metal_source(name, inputs, outputs, header, body, template=(), atomic=False)
     params += [f"  {t} {a} [[{a}]]" for a, t in METAL_ATTRIBUTES.items() if a in body]
     source = header + "\n"
     if template:
-        source += "template <" + ", ".join(
-            f"{'typename' if isinstance(v, str) else 'int'} {n}" for n, v in template) + ">\n"
+        source += (
+            "template <" + ", ".join(f"{'typename' if isinstance(v, str) else 'int'} {n}" for n, v in template) + ">\n"
+        )
     source += f"[[kernel]] void {name}(\n" + ",\n".join(params) + ") {\n" + body + "\n}\n"
     if template:
         args = ", ".join(_template_value(v, METAL_TYPES) for _, v in template)
@@ -74,6 +85,10 @@ def cuda_source(name, inputs, outputs, header, body, template=()):
         "#include <cuda/std/array>\nusing Shape = cuda::std::array<int32_t, 10>;\n"
         + header
         + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
-        + f"__global__ void {name}(\n" + ",\n".join(params) + ") {\n"
-        + cuda_constants(template) + body + "\n}\n}\n"
+        + f"__global__ void {name}(\n"
+        + ",\n".join(params)
+        + ") {\n"
+        + cuda_constants(template)
+        + body
+        + "\n}\n}\n"
     )

@@ -5,7 +5,6 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from mlx_fused_lora.adapters import (
     convert_adapter,
     detect_adapter_format,
@@ -43,8 +42,13 @@ def randomize_lora_b(model, seed=4):
 @pytest.fixture(scope="module")
 def adapted():
     m = base_csm()
-    apply_lora(m, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "codebook0_head", "projection"],
-               r=4, alpha=12.0, dropout=0.05)
+    apply_lora(
+        m,
+        ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "codebook0_head", "projection"],
+        r=4,
+        alpha=12.0,
+        dropout=0.05,
+    )
     randomize_lora_b(m)
     m.eval()
     return m
@@ -117,12 +121,17 @@ def test_peft_mlx_lm_round_trip_is_exact(adapted, frames, tmp_path):
     convert_adapter(tmp_path / "peft", tmp_path / "mlx", to="mlx-lm")
     convert_adapter(tmp_path / "mlx", tmp_path / "peft2", to="peft")
     convert_adapter(tmp_path / "peft2", tmp_path / "mlx2", to="mlx-lm")
-    tensors_equal(mx.load(str(tmp_path / "peft" / "adapter_model.safetensors")),
-                  mx.load(str(tmp_path / "peft2" / "adapter_model.safetensors")))
-    tensors_equal(mx.load(str(tmp_path / "mlx" / "adapters.safetensors")),
-                  mx.load(str(tmp_path / "mlx2" / "adapters.safetensors")))
+    tensors_equal(
+        mx.load(str(tmp_path / "peft" / "adapter_model.safetensors")),
+        mx.load(str(tmp_path / "peft2" / "adapter_model.safetensors")),
+    )
+    tensors_equal(
+        mx.load(str(tmp_path / "mlx" / "adapters.safetensors")),
+        mx.load(str(tmp_path / "mlx2" / "adapters.safetensors")),
+    )
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text()) == json.loads(
-        (tmp_path / "peft2" / "adapter_config.json").read_text())
+        (tmp_path / "peft2" / "adapter_config.json").read_text()
+    )
     expected = outputs(adapted, frames)
     for d in ("peft", "mlx", "peft2", "mlx2"):
         np.testing.assert_array_equal(outputs(load_adapters(base_csm(), tmp_path / d), frames), expected)
@@ -172,15 +181,16 @@ def test_peft_adapter_with_hf_csm_names(adapted, frames, tmp_path):
             fl = cfg.backbone if k.startswith("backbone") else cfg.decoder
             heads = fl.num_heads if ".q_proj." in k else fl.num_kv_heads
             v = hf_permute_rows(v, heads)
-        k = (k.replace("backbone.layers.", "backbone_model.layers.")
-              .replace("decoder.layers.", "depth_decoder.model.layers.")
-              .replace("codebook0_head.", "lm_head.")
-              .replace("projection.", "depth_decoder.model.inputs_embeds_projector."))
+        k = (
+            k.replace("backbone.layers.", "backbone_model.layers.")
+            .replace("decoder.layers.", "depth_decoder.model.layers.")
+            .replace("codebook0_head.", "lm_head.")
+            .replace("projection.", "depth_decoder.model.inputs_embeds_projector.")
+        )
         hf["base_model.model." + k] = mx.array(v)
     (tmp_path / "hf").mkdir()
     mx.save_safetensors(str(tmp_path / "hf" / "adapter_model.safetensors"), hf)
-    (tmp_path / "hf" / "adapter_config.json").write_text(
-        (tmp_path / "ours" / "adapter_config.json").read_text())
+    (tmp_path / "hf" / "adapter_config.json").write_text((tmp_path / "ours" / "adapter_config.json").read_text())
     loaded = load_adapters(base_csm(), tmp_path / "hf")
     np.testing.assert_array_equal(outputs(loaded, frames), outputs(adapted, frames))
 
@@ -217,8 +227,14 @@ def test_any_mlx_lm_model(tmp_path):
     llama = pytest.importorskip("mlx_lm.models.llama")
     tuner = pytest.importorskip("mlx_lm.tuner.utils")
     args = llama.ModelArgs(
-        model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=40,
+        model_type="llama",
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=40,
     )
 
     def base():
@@ -249,14 +265,14 @@ def test_any_mlx_lm_model(tmp_path):
 def test_adapter_with_torchtune_csm_names(adapted, frames, tmp_path):
     save_adapters(adapted, tmp_path / "ours", format="mlx-lm")
     renamed = {
-        k.replace(".self_attn.o_proj.", ".attn.output_proj.").replace(".self_attn.", ".attn.")
-         .replace(".mlp.up_proj.", ".mlp.w3."): v
+        k.replace(".self_attn.o_proj.", ".attn.output_proj.")
+        .replace(".self_attn.", ".attn.")
+        .replace(".mlp.up_proj.", ".mlp.w3."): v
         for k, v in mx.load(str(tmp_path / "ours" / "adapters.safetensors")).items()
     }
     assert "backbone.layers.0.attn.output_proj.lora_a" in renamed
     (tmp_path / "tt").mkdir()
     mx.save_safetensors(str(tmp_path / "tt" / "adapters.safetensors"), renamed)
-    (tmp_path / "tt" / "adapter_config.json").write_text(
-        (tmp_path / "ours" / "adapter_config.json").read_text())
+    (tmp_path / "tt" / "adapter_config.json").write_text((tmp_path / "ours" / "adapter_config.json").read_text())
     loaded = load_adapters(base_csm(), tmp_path / "tt")
     np.testing.assert_array_equal(outputs(loaded, frames), outputs(adapted, frames))

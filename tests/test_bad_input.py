@@ -4,7 +4,6 @@ import math
 
 import mlx.core as mx
 import pytest
-
 from mlx_fused_lora import FusedLoRALinear, dropout_mask, fused_lora_linear
 
 K, N, R = 16, 12, 4
@@ -27,8 +26,14 @@ def call(**kw):
     args = good()
     args.update(kw)
     return fused_lora_linear(
-        args["x"], args["weight"], args["bias"], args["lora_a"], args["lora_b"],
-        scale=args["scale"], dropout=args["dropout"], key=args["key"],
+        args["x"],
+        args["weight"],
+        args["bias"],
+        args["lora_a"],
+        args["lora_b"],
+        scale=args["scale"],
+        dropout=args["dropout"],
+        key=args["key"],
     )
 
 

@@ -13,8 +13,8 @@ import subprocess
 import sys
 
 import pytest
-
-from mlx_fused_lora import bench, benchmarking as bm, cli
+from mlx_fused_lora import bench, cli
+from mlx_fused_lora import benchmarking as bm
 
 TINY = ["--shapes", "32x64x48x4", "--budget", "0.001", "--rounds", "1"]
 
@@ -55,8 +55,13 @@ def test_json_has_machine_versions_command_and_every_case(full_run):
         assert case["time_s"] > 0 and case["peak_memory"] > 0 and case["rounds"] == 1
         assert case["time_s"] == min(case["times_s"])
     row = report["ratios"][0]
-    assert {"fused_over_limit", "plain_over_fused", "plain_compiled_over_fused",
-            "plain_addmm_over_fused", "memory_mib"} <= row.keys()
+    assert {
+        "fused_over_limit",
+        "plain_over_fused",
+        "plain_compiled_over_fused",
+        "plain_addmm_over_fused",
+        "memory_mib",
+    } <= row.keys()
     e2e = report["end_to_end"]
     assert e2e["config"] == dict(bm.E2E_QUICK.__dict__, tokens=bm.E2E_QUICK.tokens)
     assert e2e["results"]["fused"]["tokens_per_s"] > 0 and e2e["results"]["plain"]["peak_memory"] > 0
@@ -73,28 +78,45 @@ def test_png_is_a_valid_png(full_run):
 
 
 def test_options_narrow_the_grid_and_no_chart_writes_no_png(tmp_path, capsys):
-    argv = TINY + ["--dropouts", "0.1", "--passes", "forward", "--peer-max-gflop", "1e-9",
-                   "--no-e2e", "--no-chart", "--out", str(tmp_path), "--name", "narrow"]
+    argv = TINY + [
+        "--dropouts",
+        "0.1",
+        "--passes",
+        "forward",
+        "--peer-max-gflop",
+        "1e-9",
+        "--no-e2e",
+        "--no-chart",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "narrow",
+    ]
     assert bench.main(argv) == 0
     report = json.loads((tmp_path / "narrow.json").read_text())
     assert not (tmp_path / "narrow.png").exists()
     # Above the peer cap only the fused op and the limit run.
     assert sorted((c["kind"], c["pass_name"], c["dropout"]) for c in report["cases"]) == [
-        ("fused", "forward", 0.1), ("limit", "forward", 0.1)]
+        ("fused", "forward", 0.1),
+        ("limit", "forward", 0.1),
+    ]
     assert report["end_to_end"] is None
     assert report["settings"]["peer_max_gflop"] == 1e-9
     assert "plain/fused" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--shapes", "12x"], "MxKxNxR"),
-    (["--shapes", "0x4x4x4"], "positive"),
-    (["--dropouts", "1.5"], "[0, 1)"),
-    (["--passes", "sideways"], "forward, forward_backward"),
-    (["--dtypes", "int8"], "unknown dtype"),
-    (["--rounds", "0"], ">= 1"),
-    (["--bogus"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shapes", "12x"], "MxKxNxR"),
+        (["--shapes", "0x4x4x4"], "positive"),
+        (["--dropouts", "1.5"], "[0, 1)"),
+        (["--passes", "sideways"], "forward, forward_backward"),
+        (["--dtypes", "int8"], "unknown dtype"),
+        (["--rounds", "0"], ">= 1"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
 def test_bad_options_exit_2_naming_the_problem(argv, message, capsys):
     with pytest.raises(SystemExit) as raised:
         bench.main(argv)
@@ -118,8 +140,9 @@ def test_help_through_both_entry_points(capsys):
         assert option in text
     assert cli.main(["--help"]) == 0
     assert "bench" in capsys.readouterr().out
-    result = subprocess.run([sys.executable, "-m", "mlx_fused_lora", "bench", "--help"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_fused_lora", "bench", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and "--quick" in result.stdout
 
 
@@ -136,7 +159,6 @@ def test_grids_are_the_issues():
 def test_addmm_peer_computes_what_the_plain_layer_does():
     # A benchmark peer is only a peer if it computes the same function (and gradients).
     import mlx.core as mx
-
     from mlx_fused_lora.layers import PlainLoRALinear
 
     inputs = bm.make_inputs(16, 32, 24, 4)
@@ -146,11 +168,12 @@ def test_addmm_peer_computes_what_the_plain_layer_does():
         def apply(x, a, b):
             layer.lora_a, layer.lora_b = a, b
             return layer(x)
+
         primals = [inputs["x"], inputs["lora_a"], inputs["lora_b"]]
         y, grads = mx.vjp(apply, primals, [inputs["cotangent"]])
         return [y[0]] + list(grads)
 
-    for plain, addmm in zip(*map(outputs, layers)):
+    for plain, addmm in zip(*map(outputs, layers), strict=False):
         assert mx.allclose(plain, addmm, atol=1e-5).item()
     # With dropout the kept elements are scaled by 1/(1-p): the mean of h stays put.
     layer = bm.layer_from_inputs(bm.AddmmLoRALinear, bm.make_inputs(256, 64, 8, 4), 0.5, 1.0)

@@ -6,8 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-from mlx_fused_lora.csm import CSM, CSMConfig, CheckpointError, apply_lora, load_csm, save_csm
+from mlx_fused_lora.csm import CSM, CheckpointError, CSMConfig, apply_lora, load_csm, save_csm
 from mlx_fused_lora.csm.loading import detect_layout, permute_rows_from_hf, permute_rows_to_hf
 from mlx_fused_lora.csm.model import llama3_rope_frequencies
 
@@ -19,10 +18,12 @@ def model():
     mx.random.seed(7)
     m = CSM(CSMConfig.tiny())
     # non-trivial norm scales, so a norm loaded into the wrong slot would show
-    m.update({
-        "backbone": {"norm": {"weight": 1 + 0.1 * mx.random.normal((64,))}},
-        "decoder": {"norm": {"weight": 1 + 0.1 * mx.random.normal((32,))}},
-    })
+    m.update(
+        {
+            "backbone": {"norm": {"weight": 1 + 0.1 * mx.random.normal((64,))}},
+            "decoder": {"norm": {"weight": 1 + 0.1 * mx.random.normal((32,))}},
+        }
+    )
     mx.eval(m.parameters())
     return m
 
@@ -75,24 +76,37 @@ def test_layout_key_names(model, tmp_path):
         save_csm(model, tmp_path / layout, layout=layout)
         names[layout] = set(mx.load(str(tmp_path / layout / "model.safetensors")))
     assert {
-        "backbone.layers.0.attn.q_proj.weight", "backbone.layers.1.attn.output_proj.weight",
-        "decoder.layers.0.mlp.w1.weight", "decoder.layers.0.mlp.w2.weight",
-        "decoder.layers.0.mlp.w3.weight", "backbone.layers.0.sa_norm.scale",
-        "backbone.layers.0.mlp_norm.scale", "backbone.norm.scale", "decoder.norm.scale",
-        "text_embeddings.weight", "audio_embeddings.weight", "projection.weight",
-        "codebook0_head.weight", "audio_head",
+        "backbone.layers.0.attn.q_proj.weight",
+        "backbone.layers.1.attn.output_proj.weight",
+        "decoder.layers.0.mlp.w1.weight",
+        "decoder.layers.0.mlp.w2.weight",
+        "decoder.layers.0.mlp.w3.weight",
+        "backbone.layers.0.sa_norm.scale",
+        "backbone.layers.0.mlp_norm.scale",
+        "backbone.norm.scale",
+        "decoder.norm.scale",
+        "text_embeddings.weight",
+        "audio_embeddings.weight",
+        "projection.weight",
+        "codebook0_head.weight",
+        "audio_head",
     } <= names["torchtune"]
     assert {
-        "backbone.layers.0.self_attn.o_proj.weight", "backbone.layers.0.mlp.gate_proj.weight",
-        "backbone.layers.0.input_layernorm.weight", "decoder.norm.weight",
+        "backbone.layers.0.self_attn.o_proj.weight",
+        "backbone.layers.0.mlp.gate_proj.weight",
+        "backbone.layers.0.input_layernorm.weight",
+        "decoder.norm.weight",
     } <= names["mlx"]
     assert {
         "backbone_model.layers.0.self_attn.q_proj.weight",
         "depth_decoder.model.layers.1.post_attention_layernorm.weight",
-        "backbone_model.norm.weight", "depth_decoder.model.norm.weight",
-        "embed_text_tokens.weight", "lm_head.weight",
+        "backbone_model.norm.weight",
+        "depth_decoder.model.norm.weight",
+        "embed_text_tokens.weight",
+        "lm_head.weight",
         "depth_decoder.model.inputs_embeds_projector.weight",
-        "depth_decoder.codebooks_head.weight", "depth_decoder.model.embed_tokens.weight",
+        "depth_decoder.codebooks_head.weight",
+        "depth_decoder.model.embed_tokens.weight",
     } <= names["hf"]
     # the tied backbone audio table is stored only on the depth decoder, as Transformers does
     assert "backbone_model.embed_tokens.embed_audio_tokens.weight" not in names["hf"]
@@ -208,15 +222,27 @@ def test_dtype_cast(model, tmp_path):
 @pytest.mark.parametrize(
     "layout,edit,pattern",
     [
-        ("torchtune", lambda w: w.update({"backbone.layers.0.attn.bogus.weight": mx.zeros((2,))}),
-         r"unknown keys.*backbone\.layers\.0\.attn\.bogus\.weight"),
-        ("torchtune", lambda w: w.update({"backbone.layers.5.attn.q_proj.weight": mx.zeros((2,))}),
-         r"unknown keys.*backbone\.layers\.5\.attn\.q_proj\.weight"),
-        ("torchtune", lambda w: w.pop("decoder.layers.1.mlp.w2.weight"),
-         r"missing keys.*decoder\.layers\.1\.mlp\.w2\.weight"),
+        (
+            "torchtune",
+            lambda w: w.update({"backbone.layers.0.attn.bogus.weight": mx.zeros((2,))}),
+            r"unknown keys.*backbone\.layers\.0\.attn\.bogus\.weight",
+        ),
+        (
+            "torchtune",
+            lambda w: w.update({"backbone.layers.5.attn.q_proj.weight": mx.zeros((2,))}),
+            r"unknown keys.*backbone\.layers\.5\.attn\.q_proj\.weight",
+        ),
+        (
+            "torchtune",
+            lambda w: w.pop("decoder.layers.1.mlp.w2.weight"),
+            r"missing keys.*decoder\.layers\.1\.mlp\.w2\.weight",
+        ),
         ("hf", lambda w: w.pop("lm_head.weight"), r"missing keys.*lm_head\.weight"),
-        ("mlx", lambda w: w.update({"projection.weight": mx.zeros((32, 63))}),
-         r"shape mismatch for projection\.weight: expected \(32, 64\), got \(32, 63\)"),
+        (
+            "mlx",
+            lambda w: w.update({"projection.weight": mx.zeros((32, 63))}),
+            r"shape mismatch for projection\.weight: expected \(32, 64\), got \(32, 63\)",
+        ),
     ],
 )
 def test_bad_checkpoint_names_the_key(model, tmp_path, layout, edit, pattern):

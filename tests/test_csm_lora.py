@@ -8,7 +8,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
 from mlx_fused_lora.csm import CSM, CSMConfig, apply_lora, merge_lora
 from mlx_fused_lora.csm.lora import lora_dropout_p, lora_layers
 from mlx_fused_lora.layers import FusedLoRALinear
@@ -81,13 +80,16 @@ def test_target_layers_and_vocabulary():
     m = fresh()
     report = apply_lora(m, ["output_proj", "w1"], target_layers=[1], r=2, alpha=2)
     assert sorted(report.modules) == [
-        "backbone.layers.1.mlp.gate_proj", "backbone.layers.1.self_attn.o_proj",
-        "decoder.layers.1.mlp.gate_proj", "decoder.layers.1.self_attn.o_proj",
+        "backbone.layers.1.mlp.gate_proj",
+        "backbone.layers.1.self_attn.o_proj",
+        "decoder.layers.1.mlp.gate_proj",
+        "decoder.layers.1.self_attn.o_proj",
     ]
     m = fresh()
     report = apply_lora(m, "q_proj", target_layers={"backbone": [0], "decoder": None}, r=2, alpha=2)
     assert sorted(report.modules) == [
-        "backbone.layers.0.self_attn.q_proj", "decoder.layers.0.self_attn.q_proj",
+        "backbone.layers.0.self_attn.q_proj",
+        "decoder.layers.0.self_attn.q_proj",
         "decoder.layers.1.self_attn.q_proj",
     ]
     with pytest.raises(ValueError, match="unknown LoRA target 'qkv'"):
@@ -131,8 +133,7 @@ def test_merge_folds_in_float32_and_casts_once():
     holder = nn.Module()
     holder.proj = layer
     expect = (
-        lin.weight.astype(mx.float32)
-        + 0.5 * (layer.lora_b.astype(mx.float32).T @ layer.lora_a.astype(mx.float32).T)
+        lin.weight.astype(mx.float32) + 0.5 * (layer.lora_b.astype(mx.float32).T @ layer.lora_a.astype(mx.float32).T)
     ).astype(mx.bfloat16)
     merge_lora(holder)
     assert isinstance(holder.proj, nn.Linear) and holder.proj.weight.dtype == mx.bfloat16

@@ -6,7 +6,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
 from mlx_fused_lora.csm import CSM, CSMConfig, RopeScaling, generate, sample_top_k
 from mlx_fused_lora.csm.model import RotaryEmbedding, llama3_rope_frequencies
 

@@ -5,7 +5,6 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from mlx_fused_lora import dropout_mask, fused_lora_linear
 
 
@@ -68,6 +67,7 @@ def test_op_applies_exactly_this_mask():
 
 def spec_bits(key0, key1, index):
     """The hash of csrc/kernels/lora_dropout.h, restated in numpy uint32 arithmetic."""
+
     def mix(h):
         h = h ^ (h >> np.uint32(16))
         h = h * np.uint32(0x7FEB352D)

@@ -5,7 +5,6 @@ import itertools
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from mlx_fused_lora import dropout_mask, fused_lora_linear
 from mlx_fused_lora.ops import reference
 
@@ -80,7 +79,7 @@ def test_forward_and_grads_match_reference(shape, n, r, dtype, p):
     fused, ref = both(args, p, key, scale)
     g = mx.grad(fused, argnums=(0, 1, 2, 3))(x, b, a, bb)
     g_ref = mx.grad(ref, argnums=(0, 1, 2, 3))(x, b, a, bb)
-    for name, gi, gr, src in zip(("x", "bias", "lora_a", "lora_b"), g, g_ref, (x, b, a, bb)):
+    for name, gi, gr, src in zip(("x", "bias", "lora_a", "lora_b"), g, g_ref, (x, b, a, bb), strict=False):
         assert gi.dtype == src.dtype, name
         assert rel_err(gi, gr) < TOL[dtype], name
 
@@ -99,7 +98,7 @@ def test_float32_adapters_with_bf16_x(p):
     g = mx.grad(fused, argnums=(0, 2, 3))(x, b, a, bb)
     g_ref = mx.grad(ref, argnums=(0, 2, 3))(x, b, a, bb)
     assert [t.dtype for t in g] == [mx.bfloat16, mx.float32, mx.float32]
-    for gi, gr in zip(g, g_ref):
+    for gi, gr in zip(g, g_ref, strict=False):
         assert rel_err(gi, gr) < TOL[mx.bfloat16]
 
 
@@ -111,8 +110,8 @@ def test_non_contiguous_x():
         mask = dropout_mask(key, xt.shape, p) if p > 0 else None
         y = fused_lora_linear(xt, w, b, a, bb, scale=0.5, dropout=p, key=key)
         assert rel_err(y, reference.lora_linear(xt, w, b, a, bb, 0.5, mask)) < TOL[mx.float32]
-        g = mx.grad(lambda x: fused_lora_linear(x, w, b, a, bb, scale=0.5, dropout=p, key=key).sum())(xt)
-        g_ref = mx.grad(lambda x: reference.lora_linear(x, w, b, a, bb, 0.5, mask).sum())(xt)
+        g = mx.grad(lambda x, p=p: fused_lora_linear(x, w, b, a, bb, scale=0.5, dropout=p, key=key).sum())(xt)
+        g_ref = mx.grad(lambda x, mask=mask: reference.lora_linear(x, w, b, a, bb, 0.5, mask).sum())(xt)
         assert rel_err(g, g_ref) < TOL[mx.float32]
 
 
@@ -164,7 +163,7 @@ def test_grad_of_any_subset_and_weight_grad_when_asked():
         for argnums in itertools.combinations(range(5), size):
             g = mx.grad(fused, argnums=argnums)(*primals)
             g_ref = mx.grad(ref, argnums=argnums)(*primals)
-            for gi, gr in zip(g, g_ref):
+            for gi, gr in zip(g, g_ref, strict=False):
                 assert rel_err(gi, gr) < TOL[mx.float32], argnums
 
 
@@ -182,7 +181,7 @@ def test_compiled_matches_eager_and_takes_new_keys():
     assert not mx.array_equal(cf(x, a, bb, mx.random.key(0)), cf(x, a, bb, mx.random.key(1)))
     g = mx.compile(mx.grad(lambda x, a, bb, key: f(x, a, bb, key).sum(), argnums=(0, 1, 2)))
     g_eager = mx.grad(lambda x, a, bb, key: f(x, a, bb, key).sum(), argnums=(0, 1, 2))
-    for gi, ge in zip(g(x, a, bb, mx.random.key(4)), g_eager(x, a, bb, mx.random.key(4))):
+    for gi, ge in zip(g(x, a, bb, mx.random.key(4)), g_eager(x, a, bb, mx.random.key(4)), strict=False):
         assert rel_err(gi, ge) < 1e-6
 
 

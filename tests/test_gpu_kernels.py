@@ -14,7 +14,6 @@ import subprocess
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from kernel_sources import cuda_constants, cuda_source, metal_source
 from mlx_fused_lora import dropout_mask
 from mlx_fused_lora.ops import gpu_kernels
@@ -29,19 +28,23 @@ M, K, R = 37, 150, 5
 KERNEL_IO = {
     "dropout_mask": (
         [("key", "uint32_t", 2, 1), ("dropout", "float", 1, 0), ("size", "uint64_t", 1, 0)],
-        [("mask", "float")], [],
+        [("mask", "float")],
+        [],
     ),
     "dropout_down_proj": (
         [("x", "bfloat16", M * K, 2), ("a", "float", K * R, 2), ("key", "uint32_t", 2, 1), ("dropout", "float", 1, 0)],
-        [("h", "float")], [("R", R), ("CHUNK", gpu_kernels.REDUCTION_CHUNK)],
+        [("h", "float")],
+        [("R", R), ("CHUNK", gpu_kernels.REDUCTION_CHUNK)],
     ),
     "dropout_down_grad": (
         [("x", "float16", M * K, 2), ("ds", "float", M * R, 2), ("key", "uint32_t", 2, 1), ("dropout", "float", 1, 0)],
-        [("da", "float")], [("R", R), ("CHUNK", gpu_kernels.REDUCTION_CHUNK)],
+        [("da", "float")],
+        [("R", R), ("CHUNK", gpu_kernels.REDUCTION_CHUNK)],
     ),
     "masked_input_grad": (
         [("ds", "float", M * R, 2), ("a", "float", K * R, 2), ("key", "uint32_t", 2, 1), ("dropout", "float", 1, 0)],
-        [("e", "bfloat16")], [("R", R), ("OutT", "bfloat16")],
+        [("e", "bfloat16")],
+        [("R", R), ("OutT", "bfloat16")],
     ),
 }
 assert KERNEL_IO.keys() == gpu_kernels.KERNELS.keys(), "every kernel needs its IO spec here"
@@ -57,7 +60,8 @@ def metal_syntax_check(name, tmp_path, body=None):
     path.write_text(metal_source(f"mfl_{name}", inputs, outputs, header, full_body, template, atomic))
     return subprocess.run(
         [CXX, "-std=c++17", "-fsyntax-only", "-Wno-attributes", "-include", str(SHIM), "-x", "c++", str(path)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
 
 
@@ -85,8 +89,9 @@ def test_cuda_source_compiles(name, tmp_path):
     _, _, header, body = gpu_kernels.kernel_parts("cuda", name)
     path = tmp_path / f"{name}.cu"
     path.write_text(cuda_source(f"mfl_{name}", inputs, outputs, header, body, template))
-    result = subprocess.run([NVCC, "-std=c++17", "-c", str(path), "-o", str(tmp_path / f"{name}.o")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [NVCC, "-std=c++17", "-c", str(path), "-o", str(tmp_path / f"{name}.o")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -135,17 +140,24 @@ def emulate(name, tmp_path, inputs, outputs, template, threads):
         for arg, _ in outputs
     )
     source = (
-        EMULATION_PRELUDE + header
+        EMULATION_PRELUDE
+        + header
         + f"\nstatic void kernel({', '.join(params)}) {{\n{cuda_constants(template)}{body}\n}}\n"
-        + "int main(int argc, char** argv) {\n" + "\n".join(loads)
+        + "int main(int argc, char** argv) {\n"
+        + "\n".join(loads)
         + f"\nblockDim.x = {gpu_kernels.ELEMENTWISE_GROUP};\n"
         + f"for (unsigned b = 0; b < ({threads} + blockDim.x - 1) / blockDim.x; ++b)\n"
         + "  for (unsigned t = 0; t < blockDim.x; ++t) {\n    blockIdx.x = b; threadIdx.x = t;\n"
-        + f"    kernel({', '.join(call_args)});\n  }}\n" + writes + "}\n"
+        + f"    kernel({', '.join(call_args)});\n  }}\n"
+        + writes
+        + "}\n"
     )
     (tmp_path / "emulate.cpp").write_text(source)
-    build = subprocess.run([CXX, "-std=c++17", "-O1", str(tmp_path / "emulate.cpp"), "-o", str(tmp_path / "emulate")],
-                           capture_output=True, text=True)
+    build = subprocess.run(
+        [CXX, "-std=c++17", "-O1", str(tmp_path / "emulate.cpp"), "-o", str(tmp_path / "emulate")],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr
     run = subprocess.run([str(tmp_path / "emulate")] + [str(tmp_path / f"in_{a}.bin") for a, _ in inputs])
     assert run.returncode == 0
@@ -162,9 +174,14 @@ def mask_of(shape, p):
 @needs_cxx
 def test_dropout_mask_template_matches_the_cpu_mask_bit_for_bit(tmp_path):
     n, p = 3 * 256 + 77, 0.3  # not a multiple of the block: the bound check matters
-    out = emulate("dropout_mask", tmp_path,
-                  [("key", KEY), ("dropout", np.array(p, np.float32)), ("size", np.array(n, np.uint64))],
-                  [("mask", (n,))], [], n)
+    out = emulate(
+        "dropout_mask",
+        tmp_path,
+        [("key", KEY), ("dropout", np.array(p, np.float32)), ("size", np.array(n, np.uint64))],
+        [("mask", (n,))],
+        [],
+        n,
+    )
     assert np.array_equal(out["mask"].view(np.uint32), mask_of((n,), p).view(np.uint32))
 
 
@@ -180,16 +197,34 @@ def test_reduction_and_epilogue_templates_match_numpy(p, tmp_path):
     common = [("key", KEY), ("dropout", np.array(p, np.float32))]
     xm = x * mask_of((M, K), p)
 
-    h = emulate("dropout_down_proj", tmp_path, [("x", x), ("a", a)] + common, [("h", (M, R))],
-                [("R", R), ("CHUNK", chunk)], M * -(-K // chunk))["h"]
+    h = emulate(
+        "dropout_down_proj",
+        tmp_path,
+        [("x", x), ("a", a)] + common,
+        [("h", (M, R))],
+        [("R", R), ("CHUNK", chunk)],
+        M * -(-K // chunk),
+    )["h"]
     np.testing.assert_allclose(h, xm @ a, rtol=1e-5, atol=1e-4)
 
-    da = emulate("dropout_down_grad", tmp_path, [("x", x), ("ds", ds)] + common, [("da", (K, R))],
-                 [("R", R), ("CHUNK", chunk)], K * -(-M // chunk))["da"]
+    da = emulate(
+        "dropout_down_grad",
+        tmp_path,
+        [("x", x), ("ds", ds)] + common,
+        [("da", (K, R))],
+        [("R", R), ("CHUNK", chunk)],
+        K * -(-M // chunk),
+    )["da"]
     np.testing.assert_allclose(da, xm.T @ ds, rtol=1e-5, atol=1e-4)
 
-    e = emulate("masked_input_grad", tmp_path, [("ds", ds), ("a", a)] + common, [("e", (M, K))],
-                [("R", R), ("OutT", "float")], M * K)["e"]
+    e = emulate(
+        "masked_input_grad",
+        tmp_path,
+        [("ds", ds), ("a", a)] + common,
+        [("e", (M, K))],
+        [("R", R), ("OutT", "float")],
+        M * K,
+    )["e"]
     np.testing.assert_allclose(e, mask_of((M, K), p) * (ds @ a.T), rtol=1e-5, atol=1e-5)
 
 
@@ -246,9 +281,12 @@ def test_gpu_op_glue_matches_reference(dtype, p):
         return (reference.lora_linear(x, w, b, a, bb, 1.5, mask).astype(mx.float32) * ct).sum()
 
     tol = 2e-5 if dtype == mx.float32 else 2e-2
-    got, want = mx.value_and_grad(fused, argnums=(0, 1, 2, 3))(x, b, a, bb), mx.value_and_grad(ref, argnums=(0, 1, 2, 3))(x, b, a, bb)
+    got, want = (
+        mx.value_and_grad(fused, argnums=(0, 1, 2, 3))(x, b, a, bb),
+        mx.value_and_grad(ref, argnums=(0, 1, 2, 3))(x, b, a, bb),
+    )
     assert abs(got[0].item() - want[0].item()) <= tol * max(1.0, abs(want[0].item())) * 10
-    for g, r in zip(got[1], want[1]):
+    for g, r in zip(got[1], want[1], strict=False):
         g, r = np.array(g.astype(mx.float32)), np.array(r.astype(mx.float32))
         assert np.abs(g - r).max() <= tol * np.abs(r).max()
 
@@ -259,10 +297,9 @@ def test_gpu_op_glue_matches_reference(dtype, p):
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 def test_gpu_op_matches_reference(dtype, p, monkeypatch):
     """On the GPU, the kernels path: forward and gradients against reference.py."""
-    from test_fused_lora_linear import SHAPES, TOL, both, make_inputs, rel_err
-
     from mlx_fused_lora import fused_lora_linear
     from mlx_fused_lora.ops import reference
+    from test_fused_lora_linear import SHAPES, TOL, both, make_inputs, rel_err
 
     monkeypatch.setenv(gpu_kernels.ENABLE_VARIABLE, "1")
     for shape, n, r in SHAPES:
@@ -273,5 +310,9 @@ def test_gpu_op_matches_reference(dtype, p, monkeypatch):
         y = fused_lora_linear(x, w, b, a, bb, scale=1.7, dropout=p, key=key)
         assert rel_err(y, reference.lora_linear(x, w, b, a, bb, 1.7, mask)) < TOL[dtype]
         fused, ref = both(args, p, key, 1.7)
-        for gi, gr in zip(mx.grad(fused, argnums=(0, 1, 2, 3))(x, b, a, bb), mx.grad(ref, argnums=(0, 1, 2, 3))(x, b, a, bb)):
+        for gi, gr in zip(
+            mx.grad(fused, argnums=(0, 1, 2, 3))(x, b, a, bb),
+            mx.grad(ref, argnums=(0, 1, 2, 3))(x, b, a, bb),
+            strict=False,
+        ):
             assert rel_err(gi, gr) < TOL[dtype]

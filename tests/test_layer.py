@@ -8,9 +8,8 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.tuner.lora import LoRALinear
-
 from mlx_fused_lora import FusedLoRALinear
+from mlx_lm.tuner.lora import LoRALinear
 
 
 def shapes(module):

@@ -19,14 +19,13 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 pytest.importorskip("mlx_lm")
 
+import mlx_fused_lora  # noqa: E402
 import mlx_lm.tuner.utils as tuner_utils  # noqa: E402
+from mlx_fused_lora import FusedLoRALinear, lm_lora, patch_mlx_lm  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 from mlx_lm.tuner.dora import DoRALinear  # noqa: E402
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear  # noqa: E402
 from mlx_lm.tuner.trainer import TrainingArgs, default_loss, iterate_batches, train  # noqa: E402
-
-import mlx_fused_lora  # noqa: E402
-from mlx_fused_lora import FusedLoRALinear, lm_lora, patch_mlx_lm  # noqa: E402
 
 LLAMA = dict(
     model_type="llama",
@@ -307,12 +306,22 @@ def train_with_mlx_lm(tuner, adapter_file, iters=24, dropout=0.1, check_dropout=
             pass
 
     args = TrainingArgs(
-        batch_size=4, iters=iters, steps_per_report=8, steps_per_eval=1000,
-        steps_per_save=1000, max_seq_length=64, adapter_file=str(adapter_file),
+        batch_size=4,
+        iters=iters,
+        steps_per_report=8,
+        steps_per_eval=1000,
+        steps_per_save=1000,
+        max_seq_length=64,
+        adapter_file=str(adapter_file),
     )
     mx.random.seed(0)
-    train(model=model, optimizer=optim.Adam(learning_rate=1e-3), train_dataset=data,
-          args=args, training_callback=Callback())
+    train(
+        model=model,
+        optimizer=optim.Adam(learning_rate=1e-3),
+        train_dataset=data,
+        args=args,
+        training_callback=Callback(),
+    )
     return model, initial, loss_on_fixed_batch(), reports
 
 
@@ -367,10 +376,16 @@ def write_tiny_model_dir(path, n_layers=2):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-    }))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
     return model, words
 
 
@@ -387,10 +402,28 @@ def test_lm_lora_cli_trains_end_to_end(real_mlx_lm, tmp_path):
     adapters = tmp_path / "adapters"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_COLOR": "1"}
     cmd = [
-        sys.executable, "-m", "mlx_fused_lora.lm_lora",
-        "--model", str(tmp_path / "model"), "--train", "--data", str(tmp_path / "data"),
-        "--iters", "3", "--batch-size", "2", "--num-layers", "1", "--val-batches", "1",
-        "--steps-per-report", "1", "--learning-rate", "1e-3", "--adapter-path", str(adapters),
+        sys.executable,
+        "-m",
+        "mlx_fused_lora.lm_lora",
+        "--model",
+        str(tmp_path / "model"),
+        "--train",
+        "--data",
+        str(tmp_path / "data"),
+        "--iters",
+        "3",
+        "--batch-size",
+        "2",
+        "--num-layers",
+        "1",
+        "--val-batches",
+        "1",
+        "--steps-per-report",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--adapter-path",
+        str(adapters),
         "--grad-checkpoint",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
@@ -409,9 +442,20 @@ def test_lm_lora_cli_trains_end_to_end(real_mlx_lm, tmp_path):
 
     # --test alone: the CLI rebuilds the layers through mlx-lm's load_adapters.
     cmd = [
-        sys.executable, "-m", "mlx_fused_lora.lm_lora", "--model", str(tmp_path / "model"),
-        "--test", "--data", str(tmp_path / "data"), "--batch-size", "2", "--test-batches", "1",
-        "--adapter-path", str(adapters),
+        sys.executable,
+        "-m",
+        "mlx_fused_lora.lm_lora",
+        "--model",
+        str(tmp_path / "model"),
+        "--test",
+        "--data",
+        str(tmp_path / "data"),
+        "--batch-size",
+        "2",
+        "--test-batches",
+        "1",
+        "--adapter-path",
+        str(adapters),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -434,11 +478,25 @@ def test_lm_lora_main_uses_fused_layers_in_process(real_mlx_lm, tmp_path, monkey
     monkeypatch.setattr(mlx_lm.lora, "train", spy_train)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argv_before = list(sys.argv)
-    lm_lora.main([
-        "--model", str(tmp_path / "model"), "--train", "--data", str(tmp_path / "data"),
-        "--iters", "1", "--batch-size", "2", "--num-layers", "2", "--val-batches", "1",
-        "--adapter-path", str(tmp_path / "adapters"),
-    ])
+    lm_lora.main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--train",
+            "--data",
+            str(tmp_path / "data"),
+            "--iters",
+            "1",
+            "--batch-size",
+            "2",
+            "--num-layers",
+            "2",
+            "--val-batches",
+            "1",
+            "--adapter-path",
+            str(tmp_path / "adapters"),
+        ]
+    )
     assert seen["types"] == {FusedLoRALinear}
     assert sys.argv == argv_before
     assert (tmp_path / "adapters" / "adapters.safetensors").exists()

@@ -1,13 +1,14 @@
 """Checkpoints: round trip, atomic replacement, corrupt/truncated/incomplete ones refused."""
 
-import json
-
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from mlx_fused_lora.train.checkpoint import (
-    TrainingCheckpointError, atomic_write_text, load_checkpoint, resolve_checkpoint, save_checkpoint,
+    TrainingCheckpointError,
+    atomic_write_text,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
 )
 
 

@@ -9,7 +9,6 @@ import time
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from mlx_fused_lora.csm import CSMConfig, load_csm
 from mlx_fused_lora.train.checkpoint import load_checkpoint
 from mlx_fused_lora.train.cli import build_parser, main
@@ -27,23 +26,72 @@ def setup(tmp_path_factory):
 
 
 def _args(model, audio, out, *extra):
-    return ["--model-path", str(model), "--audio-dir", str(audio), "--output-dir", str(out),
-            "--tokenizer", "byte", "--batch-size", "2", "--learning-rate", "5e-3", "--lora-dropout", "0.1",
-            "--no-progress", "--log-level", "WARNING", *extra]
+    return [
+        "--model-path",
+        str(model),
+        "--audio-dir",
+        str(audio),
+        "--output-dir",
+        str(out),
+        "--tokenizer",
+        "byte",
+        "--batch-size",
+        "2",
+        "--learning-rate",
+        "5e-3",
+        "--lora-dropout",
+        "0.1",
+        "--no-progress",
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
 
 
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--model-path", "--output-dir", "--audio-dir", "--transcript-dir", "--alignment-dir",
-                 "--speaker-id", "--max-seq-len", "--context-turns", "--lora-r", "--lora-alpha",
-                 "--lora-dropout", "--target-modules", "--target-layers", "--lora-bias", "--learning-rate",
-                 "--semantic-weight", "--acoustic-weight", "--weight-decay", "--batch-size", "--epochs",
-                 "--val-split", "--val-every", "--save-every", "--max-grad-norm", "--resume-from",
-                 "--save-mode", "--generate-samples", "--sample-prompt", "--log-level", "--debug",
-                 "--warmup-steps", "--lr-schedule", "--grad-accumulation-steps", "--decoder-fraction",
-                 "--seed", "--tokenizer", "--codec-path", "--grad-checkpoint"):
+    for flag in (
+        "--model-path",
+        "--output-dir",
+        "--audio-dir",
+        "--transcript-dir",
+        "--alignment-dir",
+        "--speaker-id",
+        "--max-seq-len",
+        "--context-turns",
+        "--lora-r",
+        "--lora-alpha",
+        "--lora-dropout",
+        "--target-modules",
+        "--target-layers",
+        "--lora-bias",
+        "--learning-rate",
+        "--semantic-weight",
+        "--acoustic-weight",
+        "--weight-decay",
+        "--batch-size",
+        "--epochs",
+        "--val-split",
+        "--val-every",
+        "--save-every",
+        "--max-grad-norm",
+        "--resume-from",
+        "--save-mode",
+        "--generate-samples",
+        "--sample-prompt",
+        "--log-level",
+        "--debug",
+        "--warmup-steps",
+        "--lr-schedule",
+        "--grad-accumulation-steps",
+        "--decoder-fraction",
+        "--seed",
+        "--tokenizer",
+        "--codec-path",
+        "--grad-checkpoint",
+    ):
         assert flag in text, flag
     defaults = build_parser().parse_args(["--model-path", "m", "--output-dir", "o", "--audio-dir", "a"])
     assert (defaults.lora_r, defaults.lora_alpha, defaults.target_modules) == (8, 16.0, ["q_proj", "v_proj"])
@@ -54,8 +102,24 @@ def test_help_documents_every_flag(capsys):
 def test_trains_validates_checkpoints_and_saves(setup, tmp_path, mode, capsys):
     root, model, audio = setup
     out = tmp_path / "out"
-    rc = main(_args(model, audio, out, "--epochs", "2", "--val-every", "3", "--save-every", "2",
-                    "--save-mode", mode, "--grad-accumulation-steps", "2", "--generate-samples"))
+    rc = main(
+        _args(
+            model,
+            audio,
+            out,
+            "--epochs",
+            "2",
+            "--val-every",
+            "3",
+            "--save-every",
+            "2",
+            "--save-mode",
+            mode,
+            "--grad-accumulation-steps",
+            "2",
+            "--generate-samples",
+        )
+    )
     assert rc == 0
     assert "done:" in capsys.readouterr().out
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -73,7 +137,6 @@ def test_trains_validates_checkpoints_and_saves(setup, tmp_path, mode, capsys):
     assert (out / "sample.npy").exists() and np.load(out / "sample.npy").shape[0] == K
     if mode == "lora":  # the Python API reads the saved adapters back, equal to the checkpoint's
         from mlx.utils import tree_flatten
-
         from mlx_fused_lora.train.trainer import CSMLoRATrainer
 
         trainer = CSMLoRATrainer(model, tmp_path / "again", tokenizer="byte", progress=False)
@@ -87,8 +150,10 @@ def test_trains_validates_checkpoints_and_saves(setup, tmp_path, mode, capsys):
         w_m = np.array(merged.backbone.layers[0].self_attn.q_proj.weight)
         w_b = np.array(base.backbone.layers[0].self_attn.q_proj.weight)
         assert not np.array_equal(w_m, w_b)  # the adapters changed the merged weight
-        np.testing.assert_array_equal(np.array(merged.backbone.layers[0].self_attn.k_proj.weight),
-                                      np.array(base.backbone.layers[0].self_attn.k_proj.weight))
+        np.testing.assert_array_equal(
+            np.array(merged.backbone.layers[0].self_attn.k_proj.weight),
+            np.array(base.backbone.layers[0].self_attn.k_proj.weight),
+        )
 
 
 def test_non_finite_loss_stops_with_a_clear_message(setup, tmp_path, caplog):

@@ -4,10 +4,16 @@ import wave
 
 import numpy as np
 import pytest
-
 from mlx_fused_lora.train.audio import read_wav, resample, write_wav
 from mlx_fused_lora.train.data import (
-    DataSpec, Segment, batch_order, build_dataset, build_sample, collate, frame_turn, split_train_val,
+    DataSpec,
+    Segment,
+    batch_order,
+    build_dataset,
+    build_sample,
+    collate,
+    frame_turn,
+    split_train_val,
 )
 from mlx_fused_lora.train.synthetic import write_synthetic_dataset
 from mlx_fused_lora.train.tokenizer import ByteTokenizer, load_text_tokenizer
@@ -27,7 +33,7 @@ def test_frame_turn_layout():
     # audio rows: the codes, transposed, and an all-zero end frame with the audio mask on
     np.testing.assert_array_equal(tokens[len(text) : -1, :K], codes.T)
     assert (tokens[-1] == 0).all() and mask[-1, :K].all() and not mask[-1, K]
-    assert not mask[len(text):, K].any()
+    assert not mask[len(text) :, K].any()
     assert list(is_audio) == [False] * len(text) + [True] * 6
 
 
@@ -55,8 +61,11 @@ def test_bad_data_is_skipped_and_counted(tmp_path):
     samples, report = build_dataset(audio, ByteTokenizer(), SPEC)
     assert report.files == 7
     assert dict(report.skipped) == {
-        "missing transcript": 1, "unreadable file": 1, "codes out of range": 1,
-        "too few codebooks": 1, "empty segment": 1,
+        "missing transcript": 1,
+        "unreadable file": 1,
+        "codes out of range": 1,
+        "too few codebooks": 1,
+        "empty segment": 1,
     }
     assert len(samples) == report.samples == 2
     assert "skipped" in str(report) and "missing transcript: 1" in str(report)
@@ -114,7 +123,7 @@ def test_collate_pads_with_masked_rows():
     s2, _ = build_sample([Segment("abcdefgh", 0, np.ones((K, 9), np.int32))], ByteTokenizer(), SPEC)
     b = collate([s1, s2], max_seq_len=256, pad_multiple=16)
     assert b["tokens"].shape == (2, 32, K + 1) and b["target"].shape == (2, 32)
-    assert not b["mask"][0, len(s1):].any() and not b["target"][0, len(s1):].any()
+    assert not b["mask"][0, len(s1) :].any() and not b["target"][0, len(s1) :].any()
 
 
 def test_tokenizer_json_through_tokenizers(tmp_path):
@@ -130,4 +139,3 @@ def test_tokenizer_json_through_tokenizers(tmp_path):
     with pytest.raises(FileNotFoundError, match="--tokenizer"):
         (tmp_path / "empty").mkdir()
         load_text_tokenizer(None, tmp_path / "empty")
-

@@ -9,11 +9,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from mlx_fused_lora.csm import CSMConfig
 from mlx_fused_lora.train.synthetic import write_random_csm, write_synthetic_dataset
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import sys
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -25,7 +24,7 @@ SCRIPT = textwrap.dedent('''
     rank = t.world.rank
     mx.save_safetensors(f"{out}/rank{rank}.safetensors", dict(tree_flatten(t.model.trainable_parameters())))
     print(f"rank {rank} of {t.world.size}: loss {r.final_loss:.6f}")
-''')
+""")
 
 
 def _launcher():
@@ -42,7 +41,9 @@ def test_two_ranks_train_to_identical_adapters(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [_launcher(), "-n", "2", "--python", sys.executable, str(script), str(model), str(audio), str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rank 0 of 2" in proc.stdout and "rank 1 of 2" in proc.stdout

@@ -21,7 +21,6 @@ from mlx.utils import tree_flatten  # noqa: E402
 from mlx_audio.codec.models.mimi.mimi import Mimi, MimiConfig  # noqa: E402
 from mlx_audio.codec.models.mimi.modules import SeanetConfig, TransformerConfig  # noqa: E402
 from mlx_audio.codec.models.mimi.modules.quantization import EuclideanCodebook  # noqa: E402
-
 from mlx_fused_lora.csm import CSMConfig  # noqa: E402
 from mlx_fused_lora.train.audio import MIMI_CONFIG_KEY, MimiCodec, save_mimi, write_wav  # noqa: E402
 from mlx_fused_lora.train.cli import main  # noqa: E402
@@ -37,20 +36,53 @@ SAMPLES_PER_FRAME = 1920  # 24 kHz / 12.5 frames/s
 def tiny_mimi_config(num_codebooks: int = K) -> MimiConfig:
     """The released Mimi's structure (same strides: 24 kHz, 12.5 frames/s) at a tiny width."""
     seanet = SeanetConfig(
-        dimension=16, channels=1, causal=True, nfilters=2, nresidual_layers=1, ratios=[8, 6, 5, 4],
-        ksize=7, residual_ksize=3, last_ksize=3, dilation_base=2, pad_mode="constant", true_skip=True,
+        dimension=16,
+        channels=1,
+        causal=True,
+        nfilters=2,
+        nresidual_layers=1,
+        ratios=[8, 6, 5, 4],
+        ksize=7,
+        residual_ksize=3,
+        last_ksize=3,
+        dilation_base=2,
+        pad_mode="constant",
+        true_skip=True,
         compress=2,
     )
     transformer = TransformerConfig(
-        d_model=16, num_heads=2, num_layers=1, causal=True, norm_first=True, bias_ff=False,
-        bias_attn=False, layer_scale=0.01, positional_embedding="rope", use_conv_bias=True,
-        gating=False, norm="layer_norm", context=250, max_period=10000, max_seq_len=8192,
-        kv_repeat=1, dim_feedforward=32, conv_layout=True, use_conv_block=False,
-        cross_attention=False, conv_kernel_size=3,
+        d_model=16,
+        num_heads=2,
+        num_layers=1,
+        causal=True,
+        norm_first=True,
+        bias_ff=False,
+        bias_attn=False,
+        layer_scale=0.01,
+        positional_embedding="rope",
+        use_conv_bias=True,
+        gating=False,
+        norm="layer_norm",
+        context=250,
+        max_period=10000,
+        max_seq_len=8192,
+        kv_repeat=1,
+        dim_feedforward=32,
+        conv_layout=True,
+        use_conv_block=False,
+        cross_attention=False,
+        conv_kernel_size=3,
     )
     return MimiConfig(
-        channels=1, sample_rate=24000, frame_rate=12.5, renormalize=True, seanet=seanet,
-        transformer=transformer, quantizer_nq=num_codebooks, quantizer_bins=BINS, quantizer_dim=8,
+        channels=1,
+        sample_rate=24000,
+        frame_rate=12.5,
+        renormalize=True,
+        seanet=seanet,
+        transformer=transformer,
+        quantizer_nq=num_codebooks,
+        quantizer_bins=BINS,
+        quantizer_dim=8,
     )
 
 
@@ -60,8 +92,11 @@ def tiny_random_mimi(seed: int = 0) -> Mimi:
     # mlx-audio's conv init (uniform, +-1/fan_in) shrinks the signal ~1e6-fold through the
     # encoder and a fresh codebook is all zeros, so every frame would get one code: draw
     # convolutions with unit gain and codebooks at the latents' scale instead
-    convs = [(k, mx.random.normal(v.shape) / math.sqrt(math.prod(v.shape[1:])))
-             for k, v in tree_flatten(model.parameters()) if k.endswith("weight") and v.ndim == 3]
+    convs = [
+        (k, mx.random.normal(v.shape) / math.sqrt(math.prod(v.shape[1:])))
+        for k, v in tree_flatten(model.parameters())
+        if k.endswith("weight") and v.ndim == 3
+    ]
     model.load_weights(convs, strict=False)
     for m in model.modules():
         if isinstance(m, EuclideanCodebook):
@@ -113,8 +148,12 @@ def _clip(seconds: float, rate: int, kind: str, rng) -> np.ndarray:
 
 
 CLIPS = [  # (seconds, rate, kind): two rates away from 24 kHz, so resampling runs both ways
-    (1.0, 16_000, "sine"), (1.5, 44_100, "noise"), (0.8, 16_000, "noise"),
-    (1.2, 44_100, "sine"), (1.0, 44_100, "sine"), (0.9, 16_000, "sine"),
+    (1.0, 16_000, "sine"),
+    (1.5, 44_100, "noise"),
+    (0.8, 16_000, "noise"),
+    (1.2, 44_100, "sine"),
+    (1.0, 44_100, "sine"),
+    (0.9, 16_000, "sine"),
 ]
 
 
@@ -138,7 +177,9 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("wav")
     mimi = tiny_random_mimi()
     codec_file = save_kyutai_checkpoint(mimi, root / "tokenizer-tiny.safetensors", mx.bfloat16)
-    model = write_random_csm(root / "model", CSMConfig.tiny(text_vocab_size=260, audio_vocab_size=V, audio_num_codebooks=K))
+    model = write_random_csm(
+        root / "model", CSMConfig.tiny(text_vocab_size=260, audio_vocab_size=V, audio_num_codebooks=K)
+    )
     return root, mimi, codec_file, model, write_wav_dataset(root / "data")
 
 
@@ -148,7 +189,10 @@ def test_codec_loads_kyutai_and_mlx_layouts_and_encodes_as_the_model(tiny, tmp_p
     expected = np.array(mimi.encode(mx.array(audio)[None, None]))[0]
     assert expected.shape == (K, math.ceil(len(audio) / SAMPLES_PER_FRAME))
     assert len(np.unique(expected[0])) > 1  # the random Mimi tells frames apart
-    for path in (save_kyutai_checkpoint(mimi, tmp_path / "kyutai.safetensors"), save_mimi(mimi, tmp_path / "mlx.safetensors")):
+    for path in (
+        save_kyutai_checkpoint(mimi, tmp_path / "kyutai.safetensors"),
+        save_mimi(mimi, tmp_path / "mlx.safetensors"),
+    ):
         codec = MimiCodec(path, num_codebooks=K)
         codes = codec.encode(audio)
         assert codes.dtype == np.int32
@@ -200,13 +244,42 @@ def test_wav_dataset_becomes_frames_of_mimi_codes(tiny, tmp_path):
 def test_finetune_cli_trains_on_wavs_and_writes_a_wav_sample(tiny, tmp_path, capsys):
     _, _, codec_file, model, audio = tiny
     out = tmp_path / "out"
-    rc = main([
-        "--model-path", str(model), "--audio-dir", str(audio), "--output-dir", str(out),
-        "--codec-path", str(codec_file), "--tokenizer", "byte", "--batch-size", "2",
-        "--learning-rate", "1e-2", "--epochs", "4", "--val-split", "0.2", "--val-every", "4",
-        "--save-every", "4", "--decoder-fraction", "0.5", "--context-turns", "0",
-        "--generate-samples", "--sample-prompt", "hello", "--no-progress", "--log-level", "WARNING",
-    ])
+    rc = main(
+        [
+            "--model-path",
+            str(model),
+            "--audio-dir",
+            str(audio),
+            "--output-dir",
+            str(out),
+            "--codec-path",
+            str(codec_file),
+            "--tokenizer",
+            "byte",
+            "--batch-size",
+            "2",
+            "--learning-rate",
+            "1e-2",
+            "--epochs",
+            "4",
+            "--val-split",
+            "0.2",
+            "--val-every",
+            "4",
+            "--save-every",
+            "4",
+            "--decoder-fraction",
+            "0.5",
+            "--context-turns",
+            "0",
+            "--generate-samples",
+            "--sample-prompt",
+            "hello",
+            "--no-progress",
+            "--log-level",
+            "WARNING",
+        ]
+    )
     assert rc == 0 and "done:" in capsys.readouterr().out
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [line["loss"] for line in lines if "loss" in line]

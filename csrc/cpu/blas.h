@@ -18,20 +18,14 @@ namespace mfl::cpu {
 // C (m x n, row-major) = alpha * op(A) @ op(B) + beta * C, op(X) = X or X^T as
 // stored row-major with the given leading dims. beta = 1 accumulates onto C, which
 // is how the fused op adds the base GEMM to the LoRA term without an M x N temporary.
-inline void sgemm(
-    bool transpose_a, bool transpose_b,
-    int m, int n, int k,
-    float alpha,
-    const float* a, int lda,
-    const float* b, int ldb,
-    float beta,
-    float* c, int ldc) {
+inline void sgemm(bool transpose_a, bool transpose_b, int m, int n, int k, float alpha,
+                  const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc) {
   if (m == 0 || n == 0) {
     return;
   }
-  MFL_CBLAS_SGEMM(
-      CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans, transpose_b ? CblasTrans : CblasNoTrans,
-      m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  MFL_CBLAS_SGEMM(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans,
+                  transpose_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c,
+                  ldc);
 }
 
-} // namespace mfl::cpu
+}  // namespace mfl::cpu

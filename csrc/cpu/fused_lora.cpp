@@ -4,11 +4,10 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "mlx/backend/cpu/encoder.h"
-
 #include "cpu/blas.h"
 #include "cpu/parallel.h"
 #include "cpu/row_kernels.h"
+#include "mlx/backend/cpu/encoder.h"
 
 namespace mfl {
 
@@ -48,9 +47,7 @@ std::string shape_str(const mx::array& a) {
   return s.str();
 }
 
-bool is_float(mx::Dtype t) {
-  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
-}
+bool is_float(mx::Dtype t) { return t == mx::float32 || t == mx::float16 || t == mx::bfloat16; }
 
 template <typename Fn>
 void dispatch_float(mx::Dtype t, Fn&& fn) {
@@ -85,15 +82,9 @@ class Scratch {
  public:
   explicit Scratch(int64_t count)
       : data_(mx::allocator::malloc(std::max<int64_t>(count, 1) * sizeof(float))) {}
-  Scratch(int64_t count, float fill) : Scratch(count) {
-    std::fill(data(), data() + count, fill);
-  }
-  float* data() {
-    return static_cast<float*>(data_.buffer().raw_ptr());
-  }
-  float& operator[](int64_t i) {
-    return data()[i];
-  }
+  Scratch(int64_t count, float fill) : Scratch(count) { std::fill(data(), data() + count, fill); }
+  float* data() { return static_cast<float*>(data_.buffer().raw_ptr()); }
+  float& operator[](int64_t i) { return data()[i]; }
 
  private:
   mx::allocator::Data data_;
@@ -109,7 +100,8 @@ Scratch adapter_as_float(const mx::array& a, float multiplier = 1.0f, bool trans
     const T* src = a.data<T>();
     for (int64_t i = 0; i < rows; ++i) {
       for (int64_t j = 0; j < cols; ++j) {
-        out[transpose ? j * rows + i : i * cols + j] = multiplier * static_cast<float>(src[i * cols + j]);
+        out[transpose ? j * rows + i : i * cols + j] =
+            multiplier * static_cast<float>(src[i * cols + j]);
       }
     }
   });
@@ -132,7 +124,8 @@ Dropout dropout_from(float p, const mx::array* key) {
 // itself when nothing changes (float32, no dropout), else fills `buf`: so a masked
 // or widened row exists only in a worker's row buffer, never as a copy of x.
 template <typename T>
-const float* x_row(const T* x, int64_t row_len, int64_t i, int64_t k0, int64_t len, const Dropout& d, float* buf) {
+const float* x_row(const T* x, int64_t row_len, int64_t i, int64_t k0, int64_t len,
+                   const Dropout& d, float* buf) {
   const T* src = x + i * row_len + k0;
   const uint64_t index0 = uint64_t(i) * uint64_t(row_len) + uint64_t(k0);
   if constexpr (std::is_same_v<T, float>) {
@@ -154,7 +147,8 @@ const float* x_row(const T* x, int64_t row_len, int64_t i, int64_t k0, int64_t l
 constexpr int64_t kBlock = 4;
 
 // h[q * r + j] = rows[q] . a_t[j] for q < count: rows @ A with A given as A^T (r x k).
-void project_rows(const float* const rows[kBlock], int64_t count, const float* a_t, int64_t k, int64_t r, float* h) {
+void project_rows(const float* const rows[kBlock], int64_t count, const float* a_t, int64_t k,
+                  int64_t r, float* h) {
   for (int64_t j = 0; j < r; j += 2) {
     const float* cols[2] = {a_t + j * k, a_t + std::min(j + 1, r - 1) * k};
     float out[kBlock][2];
@@ -170,8 +164,8 @@ void project_rows(const float* const rows[kBlock], int64_t count, const float* a
 
 // out (len) = init + sum_j coef[j * coef_stride] * vecs[j * ld] over j < r: one row
 // of a rank-r product, written with one pass per four ranks. init may be null (0).
-void combine_rows(float* out, const float* coef, int64_t coef_stride, const float* vecs, int64_t ld, int64_t r,
-                  int64_t len, const float* init) {
+void combine_rows(float* out, const float* coef, int64_t coef_stride, const float* vecs, int64_t ld,
+                  int64_t r, int64_t len, const float* init) {
   if (init) {
     std::memcpy(out, init, len * sizeof(float));
   }
@@ -211,7 +205,8 @@ void for_each_float_tile(const T* a, int64_t m, int64_t k, Fn&& fn) {
 // those rows into acc (leading dim n_out); the GEMM then accumulates onto it
 // (beta = 1), straight into out for float32, so no m x n_out temporary exists.
 template <typename T, typename Init>
-void gemm_onto(const T* a, const T* w, bool transpose_w, int64_t m, int64_t k_in, int64_t n_out, T* out, Init&& init) {
+void gemm_onto(const T* a, const T* w, bool transpose_w, int64_t m, int64_t k_in, int64_t n_out,
+               T* out, Init&& init) {
   const int ldw = transpose_w ? k_in : n_out;
   if constexpr (std::is_same_v<T, float>) {
     init(int64_t(0), m, out);
@@ -224,7 +219,8 @@ void gemm_onto(const T* a, const T* w, bool transpose_w, int64_t m, int64_t k_in
     Scratch acc(std::min<int64_t>(m, std::max<int64_t>(1, kTileElements / k_in)) * n_out);
     for_each_float_tile(a, m, k_in, [&](int64_t row0, int64_t rows, const float* a_tile) {
       init(row0, rows, acc.data());
-      cpu::sgemm(false, transpose_w, rows, n_out, k_in, 1.0f, a_tile, k_in, w32.data(), ldw, 1.0f, acc.data(), n_out);
+      cpu::sgemm(false, transpose_w, rows, n_out, k_in, 1.0f, a_tile, k_in, w32.data(), ldw, 1.0f,
+                 acc.data(), n_out);
       parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
         store_row(out + (row0 + i0) * n_out, acc.data() + i0 * n_out, (i1 - i0) * n_out);
       });
@@ -237,14 +233,13 @@ void gemm_onto(const T* a, const T* w, bool transpose_w, int64_t m, int64_t k_in
 // then accumulates onto y. Passes: x twice (this, the GEMM), y written then updated
 // by the GEMM.
 template <typename T>
-void forward_impl(
-    const mx::array& x, const mx::array& w, const mx::array* bias,
-    const mx::array& a, const mx::array& b, const mx::array* key,
-    float scale, float p, mx::array& y, mx::array& h) {
+void forward_impl(const mx::array& x, const mx::array& w, const mx::array* bias, const mx::array& a,
+                  const mx::array& b, const mx::array* key, float scale, float p, mx::array& y,
+                  mx::array& h) {
   const int64_t k = x.shape(1), n = w.shape(0), r = a.shape(1);
   const Dropout d = dropout_from(p, key);
   Scratch a_t = adapter_as_float(a, 1.0f, /*transpose=*/true);  // (r, K)
-  Scratch b_scaled = adapter_as_float(b, scale);                 // (r, N)
+  Scratch b_scaled = adapter_as_float(b, scale);                // (r, N)
   Scratch bias32(bias ? n : 0);
   if (bias) {
     load_row(bias32.data(), bias->data<T>(), n);
@@ -263,7 +258,8 @@ void forward_impl(
         float* hr = hp + (row0 + i) * r;
         project_rows(xr, count, a_t.data(), k, r, hr);
         for (int64_t q = 0; q < count; ++q) {
-          combine_rows(acc + (i + q) * n, hr + q * r, 1, b_scaled.data(), n, r, n, bias ? bias32.data() : nullptr);
+          combine_rows(acc + (i + q) * n, hr + q * r, 1, b_scaled.data(), n, r, n,
+                       bias ? bias32.data() : nullptr);
         }
       }
     });
@@ -273,9 +269,8 @@ void forward_impl(
 
 // dS = scale * dY @ B^T, dB = scale * h^T @ dY: two rank-r GEMMs over dY, no mask.
 template <typename T>
-void low_rank_grad_impl(
-    const mx::array& dy, const mx::array& h, const mx::array& b, float scale,
-    mx::array& ds, mx::array& db) {
+void low_rank_grad_impl(const mx::array& dy, const mx::array& h, const mx::array& b, float scale,
+                        mx::array& ds, mx::array& db) {
   const int64_t m = dy.shape(0), n = dy.shape(1), r = h.shape(1);
   Scratch b32 = adapter_as_float(b);  // (r, N)
   Scratch db32(r * n, 0.0f);
@@ -291,7 +286,8 @@ void low_rank_grad_impl(
 // dA = (mask ⊙ x)^T @ dS in one pass over x: each worker owns a slab of x's
 // columns, accumulates dA^T for it over row blocks, and needs no reduction.
 template <typename T>
-void down_grad_impl(const mx::array& x, const mx::array& ds, const mx::array* key, float p, mx::array& da) {
+void down_grad_impl(const mx::array& x, const mx::array& ds, const mx::array* key, float p,
+                    mx::array& da) {
   const int64_t m = x.shape(0), k = x.shape(1), r = ds.shape(1);
   const Dropout d = dropout_from(p, key);
   Scratch da32(k * r);
@@ -328,9 +324,8 @@ void down_grad_impl(const mx::array& x, const mx::array& ds, const mx::array* ke
 // (one write pass, mask applied while the row is in cache), then the GEMM
 // accumulates onto it.
 template <typename T>
-void input_grad_impl(
-    const mx::array& dy, const mx::array& w, const mx::array& ds, const mx::array& a,
-    const mx::array* key, float p, mx::array& dx) {
+void input_grad_impl(const mx::array& dy, const mx::array& w, const mx::array& ds,
+                     const mx::array& a, const mx::array* key, float p, mx::array& dx) {
   const int64_t m = dy.shape(0), n = dy.shape(1), k = w.shape(1), r = a.shape(1);
   const Dropout d = dropout_from(p, key);
   Scratch a_t = adapter_as_float(a, 1.0f, /*transpose=*/true);  // (r, K)
@@ -362,24 +357,26 @@ void check_key(const std::optional<mx::array>& key, float dropout) {
   }
 }
 
-} // namespace
+}  // namespace
 
 ///////////////////////////////////////////////////////////////////////////////
 // Builders: validate, make inputs row-contiguous, and add the primitive.
 ///////////////////////////////////////////////////////////////////////////////
 
-std::vector<mx::array> lora_forward(
-    const mx::array& x, const mx::array& weight, const std::optional<mx::array>& bias,
-    const mx::array& lora_a, const mx::array& lora_b, const std::optional<mx::array>& key,
-    float scale, float dropout, mx::StreamOrDevice s) {
+std::vector<mx::array> lora_forward(const mx::array& x, const mx::array& weight,
+                                    const std::optional<mx::array>& bias, const mx::array& lora_a,
+                                    const mx::array& lora_b, const std::optional<mx::array>& key,
+                                    float scale, float dropout, mx::StreamOrDevice s) {
   require(x.ndim() == 2 && weight.ndim() == 2 && lora_a.ndim() == 2 && lora_b.ndim() == 2,
           "lora_forward takes 2-D x, weight, lora_a and lora_b");
-  require(weight.shape(1) == x.shape(1), "weight must be (N, K) with K = x.shape[-1] = " +
-          std::to_string(x.shape(1)) + ", got " + shape_str(weight));
+  require(weight.shape(1) == x.shape(1),
+          "weight must be (N, K) with K = x.shape[-1] = " + std::to_string(x.shape(1)) + ", got " +
+              shape_str(weight));
   require(lora_a.shape(0) == x.shape(1), "lora_a must be (K, r), got " + shape_str(lora_a));
   require(lora_b.shape(0) == lora_a.shape(1) && lora_b.shape(1) == weight.shape(0),
           "lora_b must be (r, N), got " + shape_str(lora_b));
-  require(is_float(x.dtype()) && x.dtype() == weight.dtype(), "x and weight must share a float dtype");
+  require(is_float(x.dtype()) && x.dtype() == weight.dtype(),
+          "x and weight must share a float dtype");
   require(is_float(lora_a.dtype()) && is_float(lora_b.dtype()), "adapters must be float");
   if (bias) {
     require(bias->ndim() == 1 && bias->shape(0) == weight.shape(0) && bias->dtype() == x.dtype(),
@@ -402,28 +399,29 @@ std::vector<mx::array> lora_forward(
       std::make_shared<LoRAForward>(stream, scale, dropout, bias.has_value()), inputs);
 }
 
-std::vector<mx::array> lora_low_rank_grad(
-    const mx::array& cotangent, const mx::array& h, const mx::array& lora_b, float scale,
-    mx::StreamOrDevice s) {
+std::vector<mx::array> lora_low_rank_grad(const mx::array& cotangent, const mx::array& h,
+                                          const mx::array& lora_b, float scale,
+                                          mx::StreamOrDevice s) {
   require(cotangent.ndim() == 2 && h.ndim() == 2 && lora_b.ndim() == 2, "expected 2-D arrays");
   require(h.shape(0) == cotangent.shape(0) && h.shape(1) == lora_b.shape(0) &&
-          lora_b.shape(1) == cotangent.shape(1), "cotangent (M, N), h (M, r), lora_b (r, N) disagree");
+              lora_b.shape(1) == cotangent.shape(1),
+          "cotangent (M, N), h (M, r), lora_b (r, N) disagree");
   require(h.dtype() == mx::float32 && is_float(cotangent.dtype()) && is_float(lora_b.dtype()),
           "h must be float32, cotangent and lora_b float");
   auto stream = mx::to_stream(s);
   const int m = h.shape(0), r = h.shape(1), n = lora_b.shape(1);
-  return mx::array::make_arrays(
-      {{m, r}, {r, n}}, {mx::float32, lora_b.dtype()},
-      std::make_shared<LoRALowRankGrad>(stream, scale),
-      {row_contiguous(cotangent, stream), row_contiguous(h, stream), row_contiguous(lora_b, stream)});
+  return mx::array::make_arrays({{m, r}, {r, n}}, {mx::float32, lora_b.dtype()},
+                                std::make_shared<LoRALowRankGrad>(stream, scale),
+                                {row_contiguous(cotangent, stream), row_contiguous(h, stream),
+                                 row_contiguous(lora_b, stream)});
 }
 
-mx::array lora_down_grad(
-    const mx::array& x, const mx::array& ds, const mx::array& lora_a,
-    const std::optional<mx::array>& key, float dropout, mx::StreamOrDevice s) {
+mx::array lora_down_grad(const mx::array& x, const mx::array& ds, const mx::array& lora_a,
+                         const std::optional<mx::array>& key, float dropout, mx::StreamOrDevice s) {
   require(x.ndim() == 2 && ds.ndim() == 2 && lora_a.ndim() == 2, "expected 2-D arrays");
-  require(ds.shape(0) == x.shape(0) && lora_a.shape(0) == x.shape(1) && lora_a.shape(1) == ds.shape(1),
-          "x (M, K), ds (M, r), lora_a (K, r) disagree");
+  require(
+      ds.shape(0) == x.shape(0) && lora_a.shape(0) == x.shape(1) && lora_a.shape(1) == ds.shape(1),
+      "x (M, K), ds (M, r), lora_a (K, r) disagree");
   require(ds.dtype() == mx::float32 && is_float(x.dtype()) && is_float(lora_a.dtype()),
           "ds must be float32, x and lora_a float");
   check_key(key, dropout);
@@ -432,31 +430,33 @@ mx::array lora_down_grad(
   if (dropout > 0.0f) {
     inputs.push_back(row_contiguous(*key, stream));
   }
-  return mx::array(lora_a.shape(), lora_a.dtype(), std::make_shared<LoRADownGrad>(stream, dropout), inputs);
+  return mx::array(lora_a.shape(), lora_a.dtype(), std::make_shared<LoRADownGrad>(stream, dropout),
+                   inputs);
 }
 
-mx::array lora_input_grad(
-    const mx::array& cotangent, const mx::array& weight, const mx::array& ds,
-    const mx::array& lora_a, const std::optional<mx::array>& key, float dropout,
-    mx::StreamOrDevice s) {
+mx::array lora_input_grad(const mx::array& cotangent, const mx::array& weight, const mx::array& ds,
+                          const mx::array& lora_a, const std::optional<mx::array>& key,
+                          float dropout, mx::StreamOrDevice s) {
   require(cotangent.ndim() == 2 && weight.ndim() == 2 && ds.ndim() == 2 && lora_a.ndim() == 2,
           "expected 2-D arrays");
   require(weight.shape(0) == cotangent.shape(1) && ds.shape(0) == cotangent.shape(0) &&
-          lora_a.shape(0) == weight.shape(1) && lora_a.shape(1) == ds.shape(1),
+              lora_a.shape(0) == weight.shape(1) && lora_a.shape(1) == ds.shape(1),
           "cotangent (M, N), weight (N, K), ds (M, r), lora_a (K, r) disagree");
   require(is_float(cotangent.dtype()) && cotangent.dtype() == weight.dtype(),
           "cotangent and weight must share a float dtype");
-  require(ds.dtype() == mx::float32 && is_float(lora_a.dtype()), "ds must be float32, lora_a float");
+  require(ds.dtype() == mx::float32 && is_float(lora_a.dtype()),
+          "ds must be float32, lora_a float");
   check_key(key, dropout);
   auto stream = mx::to_stream(s);
-  std::vector<mx::array> inputs = {
-      row_contiguous(cotangent, stream), row_contiguous(weight, stream),
-      row_contiguous(ds, stream), row_contiguous(lora_a, stream)};
+  std::vector<mx::array> inputs = {row_contiguous(cotangent, stream),
+                                   row_contiguous(weight, stream), row_contiguous(ds, stream),
+                                   row_contiguous(lora_a, stream)};
   if (dropout > 0.0f) {
     inputs.push_back(row_contiguous(*key, stream));
   }
   const int m = cotangent.shape(0), k = weight.shape(1);
-  return mx::array({m, k}, cotangent.dtype(), std::make_shared<LoRAInputGrad>(stream, dropout), inputs);
+  return mx::array({m, k}, cotangent.dtype(), std::make_shared<LoRAInputGrad>(stream, dropout),
+                   inputs);
 }
 
 mx::array dropout_mask(const mx::array& key, const mx::Shape& shape, float dropout, mx::Dtype dtype,
@@ -468,7 +468,8 @@ mx::array dropout_mask(const mx::array& key, const mx::Shape& shape, float dropo
                    {row_contiguous(mx::astype(key, mx::uint32, stream), stream)});
 }
 
-mx::array blas_matmul(const mx::array& a, const mx::array& b, bool transpose_b, mx::StreamOrDevice s) {
+mx::array blas_matmul(const mx::array& a, const mx::array& b, bool transpose_b,
+                      mx::StreamOrDevice s) {
   require(a.ndim() == 2 && b.ndim() == 2, "blas_matmul takes 2-D arrays");
   require(a.dtype() == b.dtype() && is_float(a.dtype()), "a and b must share a float dtype");
   const int inner = transpose_b ? b.shape(1) : b.shape(0);
@@ -492,21 +493,23 @@ void LoRAForward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     // inputs: x, weight, [bias], lora_a, lora_b, [key]
     const size_t ai = has_bias ? 3 : 2;
     dispatch_float(inputs[0].dtype(), [&](auto tag) {
-      forward_impl<decltype(tag)>(
-          inputs[0], inputs[1], has_bias ? &inputs[2] : nullptr, inputs[ai], inputs[ai + 1],
-          p > 0.0f ? &inputs[ai + 2] : nullptr, scale, p, outputs[0], outputs[1]);
+      forward_impl<decltype(tag)>(inputs[0], inputs[1], has_bias ? &inputs[2] : nullptr, inputs[ai],
+                                  inputs[ai + 1], p > 0.0f ? &inputs[ai + 2] : nullptr, scale, p,
+                                  outputs[0], outputs[1]);
     });
   });
 }
 
-void LoRALowRankGrad::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void LoRALowRankGrad::eval_cpu(const std::vector<mx::array>& inputs,
+                               std::vector<mx::array>& outputs) {
   for (auto& out : outputs) {
     out.set_data(mx::allocator::malloc(out.nbytes()));
   }
   auto& encoder = mx::cpu::get_command_encoder(stream());
   encoder.dispatch([inputs, outputs, scale = scale_]() mutable {
     dispatch_float(inputs[0].dtype(), [&](auto tag) {
-      low_rank_grad_impl<decltype(tag)>(inputs[0], inputs[1], inputs[2], scale, outputs[0], outputs[1]);
+      low_rank_grad_impl<decltype(tag)>(inputs[0], inputs[1], inputs[2], scale, outputs[0],
+                                        outputs[1]);
     });
   });
 }
@@ -526,8 +529,8 @@ void LoRAInputGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& ou
   auto& encoder = mx::cpu::get_command_encoder(stream());
   encoder.dispatch([inputs, out, p = dropout_]() mutable {
     dispatch_float(inputs[0].dtype(), [&](auto tag) {
-      input_grad_impl<decltype(tag)>(
-          inputs[0], inputs[1], inputs[2], inputs[3], p > 0.0f ? &inputs[4] : nullptr, p, out);
+      input_grad_impl<decltype(tag)>(inputs[0], inputs[1], inputs[2], inputs[3],
+                                     p > 0.0f ? &inputs[4] : nullptr, p, out);
     });
   });
 }
@@ -564,20 +567,20 @@ void BlasMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
       using T = decltype(tag);
       if constexpr (std::is_same_v<T, float>) {
         // The bare GEMM (beta = 0): the limit must not pay for anything else.
-        cpu::sgemm(false, transpose_b, a.shape(0), n_out, a.shape(1), 1.0f, a.data<float>(), a.shape(1),
-                   b.data<float>(), b.shape(1), 0.0f, out.data<float>(), n_out);
+        cpu::sgemm(false, transpose_b, a.shape(0), n_out, a.shape(1), 1.0f, a.data<float>(),
+                   a.shape(1), b.data<float>(), b.shape(1), 0.0f, out.data<float>(), n_out);
       } else {
-        gemm_onto(a.data<T>(), b.data<T>(), transpose_b, a.shape(0), a.shape(1), n_out, out.data<T>(),
-                  [&](int64_t, int64_t rows, float* acc) { std::memset(acc, 0, rows * n_out * sizeof(float)); });
+        gemm_onto(a.data<T>(), b.data<T>(), transpose_b, a.shape(0), a.shape(1), n_out,
+                  out.data<T>(), [&](int64_t, int64_t rows, float* acc) {
+                    std::memset(acc, 0, rows * n_out * sizeof(float));
+                  });
       }
     });
   });
 }
 
-#define MFL_CPU_ONLY(Class, ...)                    \
-  void Class::eval_gpu(const std::vector<mx::array>&, __VA_ARGS__) { \
-    gpu_unsupported(#Class);                        \
-  }
+#define MFL_CPU_ONLY(Class, ...) \
+  void Class::eval_gpu(const std::vector<mx::array>&, __VA_ARGS__) { gpu_unsupported(#Class); }
 MFL_CPU_ONLY(LoRAForward, std::vector<mx::array>&)
 MFL_CPU_ONLY(LoRALowRankGrad, std::vector<mx::array>&)
 MFL_CPU_ONLY(LoRADownGrad, mx::array&)
@@ -591,17 +594,17 @@ MFL_CPU_ONLY(BlasMatmul, mx::array&)
 //   dh = (m*dx) @ A + (m*x) @ dA
 //   dy = dx @ W^T + c (m*dx) @ A @ B  +  x @ dW^T + db  +  c ((m*x) @ dA @ B + h @ dB)
 // The dx term is this op applied to dx without bias, so it reuses the same mask.
-std::vector<mx::array> LoRAForward::jvp(
-    const std::vector<mx::array>& primals,
-    const std::vector<mx::array>& tangents,
-    const std::vector<int>& argnums) {
+std::vector<mx::array> LoRAForward::jvp(const std::vector<mx::array>& primals,
+                                        const std::vector<mx::array>& tangents,
+                                        const std::vector<int>& argnums) {
   const mx::Stream s = stream();
   const size_t ai = has_bias_ ? 3 : 2;
   const mx::array& x = primals[0];
   const mx::array& w = primals[1];
   const mx::array a = mx::astype(primals[ai], mx::float32, s);
   const mx::array b = mx::astype(primals[ai + 1], mx::float32, s);
-  const std::optional<mx::array> key = dropout_ > 0.0f ? std::optional(primals[ai + 2]) : std::nullopt;
+  const std::optional<mx::array> key =
+      dropout_ > 0.0f ? std::optional(primals[ai + 2]) : std::nullopt;
   mx::array x_masked = mx::astype(x, mx::float32, s);
   if (key) {
     x_masked = mx::multiply(x_masked, dropout_mask(*key, x.shape(), dropout_, mx::float32, s), s);
@@ -612,11 +615,15 @@ std::vector<mx::array> LoRAForward::jvp(
     const int arg = argnums[i];
     const mx::array t = tangents[i];
     if (arg == 0) {
-      auto along_x = lora_forward(t, w, std::nullopt, primals[ai], primals[ai + 1], key, scale_, dropout_, s);
+      auto along_x =
+          lora_forward(t, w, std::nullopt, primals[ai], primals[ai + 1], key, scale_, dropout_, s);
       dy = mx::add(dy, mx::astype(along_x[0], mx::float32, s), s);
       dh = mx::add(dh, along_x[1], s);
     } else if (arg == 1) {
-      dy = mx::add(dy, mx::matmul(mx::astype(x, mx::float32, s), mx::transpose(mx::astype(t, mx::float32, s), s), s), s);
+      dy = mx::add(dy,
+                   mx::matmul(mx::astype(x, mx::float32, s),
+                              mx::transpose(mx::astype(t, mx::float32, s), s), s),
+                   s);
     } else if (has_bias_ && arg == 2) {
       dy = mx::add(dy, mx::astype(t, mx::float32, s), s);
     } else if (arg == static_cast<int>(ai)) {
@@ -625,7 +632,9 @@ std::vector<mx::array> LoRAForward::jvp(
       dy = mx::add(dy, mx::multiply(mx::array(scale_), mx::matmul(dh_a, b, s), s), s);
     } else if (arg == static_cast<int>(ai + 1)) {
       mx::array h = mx::matmul(x_masked, a, s);
-      dy = mx::add(dy, mx::multiply(mx::array(scale_), mx::matmul(h, mx::astype(t, mx::float32, s), s), s), s);
+      dy = mx::add(
+          dy, mx::multiply(mx::array(scale_), mx::matmul(h, mx::astype(t, mx::float32, s), s), s),
+          s);
     }
   }
   return {mx::astype(dy, x.dtype(), s), dh};
@@ -672,4 +681,4 @@ bool BlasMatmul::is_equivalent(const mx::Primitive& other) const {
   return transpose_b_ == static_cast<const BlasMatmul&>(other).transpose_b_;
 }
 
-} // namespace mfl
+}  // namespace mfl

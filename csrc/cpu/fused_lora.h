@@ -28,60 +28,35 @@ namespace mx = mlx::core;
 namespace mfl {
 
 // Returns {y (M, N) in x's dtype, h (M, r) float32}.
-std::vector<mx::array> lora_forward(
-    const mx::array& x,
-    const mx::array& weight,
-    const std::optional<mx::array>& bias,
-    const mx::array& lora_a,
-    const mx::array& lora_b,
-    const std::optional<mx::array>& key,
-    float scale,
-    float dropout,
-    mx::StreamOrDevice s = {});
+std::vector<mx::array> lora_forward(const mx::array& x, const mx::array& weight,
+                                    const std::optional<mx::array>& bias, const mx::array& lora_a,
+                                    const mx::array& lora_b, const std::optional<mx::array>& key,
+                                    float scale, float dropout, mx::StreamOrDevice s = {});
 
 // Returns {dS (M, r) float32, dB (r, N) in lora_b's dtype}.
-std::vector<mx::array> lora_low_rank_grad(
-    const mx::array& cotangent,
-    const mx::array& h,
-    const mx::array& lora_b,
-    float scale,
-    mx::StreamOrDevice s = {});
+std::vector<mx::array> lora_low_rank_grad(const mx::array& cotangent, const mx::array& h,
+                                          const mx::array& lora_b, float scale,
+                                          mx::StreamOrDevice s = {});
 
 // Returns dA (K, r) in lora_a's dtype.
-mx::array lora_down_grad(
-    const mx::array& x,
-    const mx::array& ds,
-    const mx::array& lora_a,
-    const std::optional<mx::array>& key,
-    float dropout,
-    mx::StreamOrDevice s = {});
+mx::array lora_down_grad(const mx::array& x, const mx::array& ds, const mx::array& lora_a,
+                         const std::optional<mx::array>& key, float dropout,
+                         mx::StreamOrDevice s = {});
 
 // Returns dX (M, K) in the cotangent's dtype.
-mx::array lora_input_grad(
-    const mx::array& cotangent,
-    const mx::array& weight,
-    const mx::array& ds,
-    const mx::array& lora_a,
-    const std::optional<mx::array>& key,
-    float dropout,
-    mx::StreamOrDevice s = {});
+mx::array lora_input_grad(const mx::array& cotangent, const mx::array& weight, const mx::array& ds,
+                          const mx::array& lora_a, const std::optional<mx::array>& key,
+                          float dropout, mx::StreamOrDevice s = {});
 
 // The dropout multipliers the op applies to an x of this shape: 1/(1-p) where
 // kept, 0 where dropped.
-mx::array dropout_mask(
-    const mx::array& key,
-    const mx::Shape& shape,
-    float dropout,
-    mx::Dtype dtype = mx::float32,
-    mx::StreamOrDevice s = {});
+mx::array dropout_mask(const mx::array& key, const mx::Shape& shape, float dropout,
+                       mx::Dtype dtype = mx::float32, mx::StreamOrDevice s = {});
 
 // a @ b (or a @ b^T) through the extension's BLAS: the speed limit the fused op is
 // measured against.
-mx::array blas_matmul(
-    const mx::array& a,
-    const mx::array& b,
-    bool transpose_b,
-    mx::StreamOrDevice s = {});
+mx::array blas_matmul(const mx::array& a, const mx::array& b, bool transpose_b,
+                      mx::StreamOrDevice s = {});
 
 class LoRAForward : public mx::Primitive {
  public:
@@ -90,10 +65,9 @@ class LoRAForward : public mx::Primitive {
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   // Forward mode (mx.jvp) differentiates the traced graph primitive by primitive.
-  std::vector<mx::array> jvp(
-      const std::vector<mx::array>& primals,
-      const std::vector<mx::array>& tangents,
-      const std::vector<int>& argnums) override;
+  std::vector<mx::array> jvp(const std::vector<mx::array>& primals,
+                             const std::vector<mx::array>& tangents,
+                             const std::vector<int>& argnums) override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
   bool is_equivalent(const mx::Primitive& other) const override;
   const char* name() const override { return "LoRAForward"; }
@@ -160,7 +134,8 @@ class DropoutMask : public mx::UnaryPrimitive {
 
 class BlasMatmul : public mx::UnaryPrimitive {
  public:
-  BlasMatmul(mx::Stream stream, bool transpose_b) : mx::UnaryPrimitive(stream), transpose_b_(transpose_b) {}
+  BlasMatmul(mx::Stream stream, bool transpose_b)
+      : mx::UnaryPrimitive(stream), transpose_b_(transpose_b) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
@@ -171,4 +146,4 @@ class BlasMatmul : public mx::UnaryPrimitive {
   bool transpose_b_;
 };
 
-} // namespace mfl
+}  // namespace mfl

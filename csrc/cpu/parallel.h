@@ -36,9 +36,8 @@ void parallel_for(int64_t n, int64_t grain, Fn&& fn) {
   std::vector<std::future<void>> pending;
   pending.reserve(chunks - 1);
   for (int t = 1; t < chunks; ++t) {
-    pending.push_back(workers().enqueue([&fn, n, chunks, t] {
-      fn(n * t / chunks, n * (t + 1) / chunks, t);
-    }));
+    pending.push_back(
+        workers().enqueue([&fn, n, chunks, t] { fn(n * t / chunks, n * (t + 1) / chunks, t); }));
   }
   fn(int64_t(0), n / chunks, 0);
   for (auto& p : pending) {
@@ -46,4 +45,4 @@ void parallel_for(int64_t n, int64_t grain, Fn&& fn) {
   }
 }
 
-} // namespace mfl::cpu
+}  // namespace mfl::cpu

@@ -11,13 +11,13 @@
 #pragma GCC target("avx2,fma")
 namespace mfl::cpu::avx2 {
 #include "cpu/row_kernels_impl.h"
-} // namespace mfl::cpu::avx2
+}  // namespace mfl::cpu::avx2
 #pragma GCC pop_options
 #endif
 
 namespace mfl::cpu::baseline {
 #include "cpu/row_kernels_impl.h"
-} // namespace mfl::cpu::baseline
+}  // namespace mfl::cpu::baseline
 
 namespace mfl::cpu {
 
@@ -31,7 +31,7 @@ bool has_avx2_fma() {
 #else
 #define MFL_CALL(fn, ...) baseline::fn(__VA_ARGS__)
 #endif
-} // namespace
+}  // namespace
 
 Dropout make_dropout(float p, const unsigned int* key) {
   Dropout d;
@@ -57,4 +57,4 @@ void axpy_4(float* y, const float a[4], const float* const x[4], int64_t n, bool
   MFL_CALL(axpy_4, y, a, x, n, overwrite);
 }
 
-} // namespace mfl::cpu
+}  // namespace mfl::cpu

@@ -29,4 +29,4 @@ void dot_4x2(const float* const rows[4], const float* const cols[2], int64_t n, 
 // store of y per four multiply-adds. With overwrite, y's old value is ignored.
 void axpy_4(float* y, const float a[4], const float* const x[4], int64_t n, bool overwrite);
 
-} // namespace mfl::cpu
+}  // namespace mfl::cpu

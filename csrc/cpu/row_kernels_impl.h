@@ -18,13 +18,14 @@ inline void dropout_row(float* out, const float* x, int64_t n, uint64_t index0, 
   }
   for (int64_t k = 0; k < n; ++k) {
     uint64_t index = index0 + uint64_t(k);
-    unsigned int bits = mfl_dropout_bits(
-        key0, key1, static_cast<unsigned int>(index), static_cast<unsigned int>(index >> 32));
+    unsigned int bits = mfl_dropout_bits(key0, key1, static_cast<unsigned int>(index),
+                                         static_cast<unsigned int>(index >> 32));
     out[k] = x[k] * mfl_dropout_multiplier(bits, threshold, keep_scale);
   }
 }
 
-inline void dot_4x2(const float* const rows[4], const float* const cols[2], int64_t n, float out[4][2]) {
+inline void dot_4x2(const float* const rows[4], const float* const cols[2], int64_t n,
+                    float out[4][2]) {
   // acc[p][l]: eight independent lanes per (row, col) pair, which the compiler
   // keeps in vector registers (it may not reassociate one scalar float sum).
   float acc[8][8] = {};

@@ -38,11 +38,8 @@ MFL_FN unsigned int mfl_mix32(unsigned int h) {
 // Two rounds: the first decorrelates the index from key[0]; the second folds in
 // key[1] and the index's high word, so keys that differ in either word give
 // unrelated masks.
-MFL_FN unsigned int mfl_dropout_bits(
-    unsigned int key0,
-    unsigned int key1,
-    unsigned int index_lo,
-    unsigned int index_hi) {
+MFL_FN unsigned int mfl_dropout_bits(unsigned int key0, unsigned int key1, unsigned int index_lo,
+                                     unsigned int index_hi) {
   return mfl_mix32(mfl_mix32(index_lo ^ key0) ^ (key1 + index_hi * 0x9E3779B9U));
 }
 
@@ -53,16 +50,11 @@ MFL_FN unsigned int mfl_keep_threshold(float p) {
   return t >= 4294967295.0f ? 0xFFFFFFFFU : (unsigned int)t;
 }
 
-MFL_FN float mfl_keep_scale(float p) {
-  return 1.0f / (1.0f - p);
-}
+MFL_FN float mfl_keep_scale(float p) { return 1.0f / (1.0f - p); }
 
 // The multiplier dropout applies to one element: keep_scale if kept, else 0.
-MFL_FN float mfl_dropout_multiplier(
-    unsigned int bits,
-    unsigned int threshold,
-    float keep_scale) {
+MFL_FN float mfl_dropout_multiplier(unsigned int bits, unsigned int threshold, float keep_scale) {
   return bits < threshold ? keep_scale : 0.0f;
 }
 
-#endif // MLX_FUSED_LORA_KERNELS_LORA_DROPOUT_H
+#endif  // MLX_FUSED_LORA_KERNELS_LORA_DROPOUT_H

@@ -30,30 +30,56 @@ def parse_args(argv):
         prog="mlx-fused-lora bench",
         description="The fused LoRA op against plain MLX and the GEMM limit: table, JSON and PNG chart.",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="a few cases (512x1024x1024 r16, a tiny end-to-end model): under two minutes on 2 CPU cores")
-    parser.add_argument("--shapes", type=_shape_list, metavar="MxKxNxR[,...]",
-                        help="measure these shapes instead of the grid's (r defaults to 16 if left out); "
-                             "the end-to-end step then uses the quick grid's small model")
-    parser.add_argument("--dtypes", type=_dtype_list, metavar="DTYPE[,...]",
-                        help="float32, bfloat16, float16 (default: float32 on the CPU, bfloat16,float16 on a GPU)")
-    parser.add_argument("--dropouts", type=_dropout_list, default=bm.DROPOUTS, metavar="P[,...]",
-                        help="dropout rates (default: 0,0.1)")
-    parser.add_argument("--passes", type=_pass_list, default=bm.PASSES, metavar="PASS[,...]",
-                        help="forward, forward_backward (default: both)")
-    parser.add_argument("--peer-max-gflop", type=_non_negative, default=None, metavar="G",
-                        help="run the plain peers only on shapes whose base GEMM (2MKN) is at most G GFLOP; "
-                             f"0: everywhere (default: {bm.CPU_PEER_MAX_GFLOP} on the CPU, where the peers run "
-                             "MLX's reference BLAS, 0 on a GPU)")
-    parser.add_argument("--budget", type=_positive, default=2.0, metavar="SECONDS",
-                        help="timed seconds per case after its warm-up: a case gets the rounds that fit, at least "
-                             "1 (3 for fused and limit), at most --rounds (default 2)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few cases (512x1024x1024 r16, a tiny end-to-end model): under two minutes on 2 CPU cores",
+    )
+    parser.add_argument(
+        "--shapes",
+        type=_shape_list,
+        metavar="MxKxNxR[,...]",
+        help="measure these shapes instead of the grid's (r defaults to 16 if left out); "
+        "the end-to-end step then uses the quick grid's small model",
+    )
+    parser.add_argument(
+        "--dtypes",
+        type=_dtype_list,
+        metavar="DTYPE[,...]",
+        help="float32, bfloat16, float16 (default: float32 on the CPU, bfloat16,float16 on a GPU)",
+    )
+    parser.add_argument(
+        "--dropouts", type=_dropout_list, default=bm.DROPOUTS, metavar="P[,...]", help="dropout rates (default: 0,0.1)"
+    )
+    parser.add_argument(
+        "--passes",
+        type=_pass_list,
+        default=bm.PASSES,
+        metavar="PASS[,...]",
+        help="forward, forward_backward (default: both)",
+    )
+    parser.add_argument(
+        "--peer-max-gflop",
+        type=_non_negative,
+        default=None,
+        metavar="G",
+        help="run the plain peers only on shapes whose base GEMM (2MKN) is at most G GFLOP; "
+        f"0: everywhere (default: {bm.CPU_PEER_MAX_GFLOP} on the CPU, where the peers run "
+        "MLX's reference BLAS, 0 on a GPU)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=_positive,
+        default=2.0,
+        metavar="SECONDS",
+        help="timed seconds per case after its warm-up: a case gets the rounds that fit, at least "
+        "1 (3 for fused and limit), at most --rounds (default 2)",
+    )
     parser.add_argument("--rounds", type=_positive_int, default=10, help="most timed rounds per case (default 10)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step")
     parser.add_argument("--no-chart", action="store_true", help="write no PNG (needs no matplotlib)")
     parser.add_argument("--out", default=".", metavar="DIR", help="folder for the JSON and PNG (default: .)")
-    parser.add_argument("--name", metavar="NAME",
-                        help="file name stem (default: bench-<device>-<quick|full|custom>)")
+    parser.add_argument("--name", metavar="NAME", help="file name stem (default: bench-<device>-<quick|full|custom>)")
     return parser.parse_args(argv)
 
 
@@ -65,7 +91,7 @@ def _shape_list(text):
     try:
         return [bm.parse_shape(item) for item in _split(text)]
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error))
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def _dtype_list(text):
@@ -79,8 +105,8 @@ def _dtype_list(text):
 def _dropout_list(text):
     try:
         items = [float(item) for item in _split(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers in [0, 1), e.g. 0,0.1")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers in [0, 1), e.g. 0,0.1") from error
     if not items or not all(0 <= p < 1 for p in items):
         raise argparse.ArgumentTypeError(f"{text!r}: dropout rates must be in [0, 1)")
     return items
@@ -144,8 +170,7 @@ def machine_info():
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    info = dict(platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(),
-                device=str(mx.default_device()))
+    info = dict(platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(), device=str(mx.default_device()))
     try:
         info["device_info"] = {k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))}
     except Exception:  # older MLX or no device query: the device name is enough
@@ -177,8 +202,11 @@ def main(argv=None):
         try:
             import matplotlib  # noqa: F401  (fail now, not after the run)
         except ImportError:
-            print("mlx-fused-lora bench: the chart needs matplotlib: pip install 'mlx-fused-lora[bench]' "
-                  "(or pass --no-chart)", file=sys.stderr)
+            print(
+                "mlx-fused-lora bench: the chart needs matplotlib: pip install 'mlx-fused-lora[bench]' "
+                "(or pass --no-chart)",
+                file=sys.stderr,
+            )
             return 2
 
     device = mx.default_device()
@@ -195,8 +223,11 @@ def main(argv=None):
 
     started, load_start = datetime.datetime.now(datetime.timezone.utc), load_average()
     wall_start = time.perf_counter()
-    print(f"mlx-fused-lora bench: {len(groups)} comparisons ({grid_name} grid) on {device}, "
-          f"dtypes {','.join(dtypes)}, load average {_load_text(load_start)}", flush=True)
+    print(
+        f"mlx-fused-lora bench: {len(groups)} comparisons ({grid_name} grid) on {device}, "
+        f"dtypes {','.join(dtypes)}, load average {_load_text(load_start)}",
+        flush=True,
+    )
 
     calibration_start = bm.calibration_gemm_s(dtypes[0])
     progress = Progress(len(groups) + (e2e_config is not None))
@@ -224,13 +255,24 @@ def main(argv=None):
         started=started.isoformat(timespec="seconds"),
         wall_s=time.perf_counter() - wall_start,
         load_average=dict(start=load_start, end=load_end),
-        calibration=dict(what=f"best of 5: the 2048^3 {dtypes[0]} base GEMM through the limit path, seconds",
-                         start=calibration_start, end=calibration_end),
+        calibration=dict(
+            what=f"best of 5: the 2048^3 {dtypes[0]} base GEMM through the limit path, seconds",
+            start=calibration_start,
+            end=calibration_end,
+        ),
         machine=machine_info(),
         versions=versions(),
-        settings=dict(grid=grid_name, dtypes=list(dtypes), dropouts=list(args.dropouts),
-                      passes=list(args.passes), peer_max_gflop=peer_max, budget_s=args.budget,
-                      max_rounds=args.rounds, scale=bm.SCALE, plain_layer=_class_name(bm.plain_layer_class())),
+        settings=dict(
+            grid=grid_name,
+            dtypes=list(dtypes),
+            dropouts=list(args.dropouts),
+            passes=list(args.passes),
+            peer_max_gflop=peer_max,
+            budget_s=args.budget,
+            max_rounds=args.rounds,
+            scale=bm.SCALE,
+            plain_layer=_class_name(bm.plain_layer_class()),
+        ),
         kinds=dict(
             fused="FusedLoRALinear (the fused op)",
             plain="mlx-lm's LoRALinear (PlainLoRALinear when mlx-lm is not installed)",
@@ -240,28 +282,34 @@ def main(argv=None):
         ),
         cases=records,
         ratios=rows,
-        targets=dict(shape=list(bm.TARGET_SHAPE), bounds={f"{p} {w}": b for (p, w), b in bm.TARGETS.items()},
-                     misses=misses),
+        targets=dict(
+            shape=list(bm.TARGET_SHAPE), bounds={f"{p} {w}": b for (p, w), b in bm.TARGETS.items()}, misses=misses
+        ),
         end_to_end=end_to_end,
     )
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)
     if png_path:
         from .bench_chart import write_chart
+
         write_chart(report, png_path)
 
     print()
     for line in bm.format_ratio_table(rows):
         print(line)
-    print("times: best round, each comparison measured side by side; x/fused > 1 means fused is faster; "
-          "MiB: MLX's peak memory while the case ran, inputs included")
+    print(
+        "times: best round, each comparison measured side by side; x/fused > 1 means fused is faster; "
+        "MiB: MLX's peak memory while the case ran, inputs included"
+    )
     if end_to_end:
         print(_e2e_text(end_to_end))
     if any(bm.TARGET_SHAPE == (r["m"], r["k"], r["n"], r["r"], r["dtype"]) for r in rows):
         print("targets at 2048^3 r16 fp32: " + ("; ".join(misses) if misses else "all met"))
-    print(f"load average {_load_text(load_start)} at the start, {_load_text(load_end)} at the end; "
-          f"2048^3 GEMM {calibration_start * 1e3:.1f} ms at the start, {calibration_end * 1e3:.1f} ms at the end; "
-          f"{report['wall_s']:.0f} s in all")
+    print(
+        f"load average {_load_text(load_start)} at the start, {_load_text(load_end)} at the end; "
+        f"2048^3 GEMM {calibration_start * 1e3:.1f} ms at the start, {calibration_end * 1e3:.1f} ms at the end; "
+        f"{report['wall_s']:.0f} s in all"
+    )
     print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""))
     return 0
 
@@ -276,8 +324,10 @@ def _load_text(load):
 
 def _e2e_text(e2e):
     c, res = e2e["config"], e2e["results"]
-    return (f"end-to-end training step (TinyLlama dim {c['dim']}, {c['layers']} layers, {c['tokens']} tokens, "
-            f"every projection LoRA r={c['r']} p={c['dropout']}, compiled step, Adam): "
-            f"fused {res['fused']['tokens_per_s']:.0f} tok/s {res['fused']['peak_memory'] / 2**20:.0f} MiB, "
-            f"plain {res['plain']['tokens_per_s']:.0f} tok/s {res['plain']['peak_memory'] / 2**20:.0f} MiB "
-            f"({e2e['plain_layer']}): {e2e['speedup']:.2f}x faster, {e2e['memory_ratio']:.2f}x less memory")
+    return (
+        f"end-to-end training step (TinyLlama dim {c['dim']}, {c['layers']} layers, {c['tokens']} tokens, "
+        f"every projection LoRA r={c['r']} p={c['dropout']}, compiled step, Adam): "
+        f"fused {res['fused']['tokens_per_s']:.0f} tok/s {res['fused']['peak_memory'] / 2**20:.0f} MiB, "
+        f"plain {res['plain']['tokens_per_s']:.0f} tok/s {res['plain']['peak_memory'] / 2**20:.0f} MiB "
+        f"({e2e['plain_layer']}): {e2e['speedup']:.2f}x faster, {e2e['memory_ratio']:.2f}x less memory"
+    )

@@ -83,6 +83,7 @@ class Shape:
 @dataclass(frozen=True)
 class Group:
     """One side-by-side comparison: every kind in `kinds` on the same inputs."""
+
     shape: Shape
     dtype: str
     dropout: float
@@ -216,17 +217,20 @@ def _layer_passes(layer, inputs, compiled=False):
 def _limit_passes(inputs):
     x, w, ct = inputs["x"], inputs["weight"], inputs["cotangent"]
     if mx.default_device() == mx.cpu:
+
         def base():
             return _ext.blas_matmul(x, w, transpose_b=True)
 
         def input_grad():
             return _ext.blas_matmul(ct, w)
     else:
+
         def base():
             return x @ w.T
 
         def input_grad():
             return ct @ w
+
     return {
         "forward": lambda: mx.eval(base()),
         "forward_backward": lambda: mx.eval(base(), input_grad()),
@@ -239,7 +243,8 @@ def cases(inputs, dropout, scale=SCALE, kinds=KINDS):
         "fused": lambda: _layer_passes(layer_from_inputs(FusedLoRALinear, inputs, dropout, scale), inputs),
         "plain": lambda: _layer_passes(layer_from_inputs(plain_layer_class(), inputs, dropout, scale), inputs),
         "plain_compiled": lambda: _layer_passes(
-            layer_from_inputs(plain_layer_class(), inputs, dropout, scale), inputs, compiled=True),
+            layer_from_inputs(plain_layer_class(), inputs, dropout, scale), inputs, compiled=True
+        ),
         "plain_addmm": lambda: _layer_passes(layer_from_inputs(AddmmLoRALinear, inputs, dropout, scale), inputs),
         "limit": lambda: _limit_passes(inputs),
     }
@@ -288,21 +293,34 @@ def measure_interleaved(fns, budget_s=2.0, max_rounds=10, min_rounds=None):
                 times[name].append(seconds)
                 peaks[name].append(peak)
     return {
-        name: dict(time_s=min(times[name]), times_s=times[name], warmup_s=warm[name],
-                   peak_memory=min(peaks[name]), rounds=rounds[name])
+        name: dict(
+            time_s=min(times[name]),
+            times_s=times[name],
+            warmup_s=warm[name],
+            peak_memory=min(peaks[name]),
+            rounds=rounds[name],
+        )
         for name in fns
     }
 
 
 def measure_group(group, inputs, budget_s=2.0, max_rounds=10):
     """Records (one dict per kind) of one group, measured side by side."""
-    fns = {kind: passes[group.pass_name]
-           for kind, passes in cases(inputs, group.dropout, kinds=group.kinds).items()}
+    fns = {kind: passes[group.pass_name] for kind, passes in cases(inputs, group.dropout, kinds=group.kinds).items()}
     results = measure_interleaved(fns, budget_s, max_rounds)
     shape = group.shape
     return [
-        dict(m=shape.m, k=shape.k, n=shape.n, r=shape.r, dtype=group.dtype, dropout=group.dropout,
-             pass_name=group.pass_name, kind=kind, **result)
+        dict(
+            m=shape.m,
+            k=shape.k,
+            n=shape.n,
+            r=shape.r,
+            dtype=group.dtype,
+            dropout=group.dropout,
+            pass_name=group.pass_name,
+            kind=kind,
+            **result,
+        )
         for kind, result in results.items()
     ]
 
@@ -332,9 +350,17 @@ def best_time(fn, rounds=3):
 
 # ---- ratios: the same for both runners ----
 
+
 def _group_key(record):
-    return (record["m"], record["k"], record["n"], record["r"], record["dtype"],
-            record["pass_name"], float(record["dropout"]))
+    return (
+        record["m"],
+        record["k"],
+        record["n"],
+        record["r"],
+        record["dtype"],
+        record["pass_name"],
+        float(record["dropout"]),
+    )
 
 
 def ratio_rows(records):
@@ -348,9 +374,17 @@ def ratio_rows(records):
             continue
         m, k, n, r, dtype, pass_name, p = key
         fused = kinds["fused"]
-        row = dict(m=m, k=k, n=n, r=r, dtype=dtype, pass_name=pass_name, dropout=p,
-                   fused_over_limit=fused["time_s"] / kinds["limit"]["time_s"],
-                   memory_mib={kind: rec["peak_memory"] / 2**20 for kind, rec in kinds.items()})
+        row = dict(
+            m=m,
+            k=k,
+            n=n,
+            r=r,
+            dtype=dtype,
+            pass_name=pass_name,
+            dropout=p,
+            fused_over_limit=fused["time_s"] / kinds["limit"]["time_s"],
+            memory_mib={kind: rec["peak_memory"] / 2**20 for kind, rec in kinds.items()},
+        )
         for peer in PEERS:
             if peer in kinds:
                 row[f"{peer}_over_fused"] = kinds[peer]["time_s"] / fused["time_s"]
@@ -379,15 +413,18 @@ def target_misses(rows):
 
 def format_ratio_table(rows):
     """The ratio table as lines of text (times: best rounds; memory: MLX's peak, MiB)."""
+
     def ratio(row, name):
         return f"{row[name]:.2f}x" if name in row else "-"
 
     def mib(row, kind):
         return f"{row['memory_mib'][kind]:.1f}" if kind in row["memory_mib"] else "-"
 
-    header = (f"{'M x K x N  r':<20}{'dtype':<9}{'pass':<8}{'p':>4}{'fused/limit':>12}"
-              f"{'plain/fused':>12}{'compiled/f':>11}{'addmm/f':>9}"
-              f"{'MiB: fused':>11}{'plain':>7}{'compiled':>9}{'addmm':>7}{'limit':>7}")
+    header = (
+        f"{'M x K x N  r':<20}{'dtype':<9}{'pass':<8}{'p':>4}{'fused/limit':>12}"
+        f"{'plain/fused':>12}{'compiled/f':>11}{'addmm/f':>9}"
+        f"{'MiB: fused':>11}{'plain':>7}{'compiled':>9}{'addmm':>7}{'limit':>7}"
+    )
     lines = [header]
     for row in rows:
         label = f"{row['m']}x{row['k']}x{row['n']} {row['r']}"
@@ -397,11 +434,13 @@ def format_ratio_table(rows):
             f"{row['fused_over_limit']:>11.3f}x{ratio(row, 'plain_over_fused'):>12}"
             f"{ratio(row, 'plain_compiled_over_fused'):>11}{ratio(row, 'plain_addmm_over_fused'):>9}"
             f"{mib(row, 'fused'):>11}{mib(row, 'plain'):>7}{mib(row, 'plain_compiled'):>9}"
-            f"{mib(row, 'plain_addmm'):>7}{mib(row, 'limit'):>7}")
+            f"{mib(row, 'plain_addmm'):>7}{mib(row, 'limit'):>7}"
+        )
     return lines
 
 
 # ---- the end-to-end case: a training step of a small Llama-style model ----
+
 
 @dataclass(frozen=True)
 class TinyLlamaConfig:
@@ -487,8 +526,7 @@ class TinyLlama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-               ("mlp", ("gate_proj", "up_proj", "down_proj")))
+PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
 
 
 def lora_model(config, layer_cls, seed=0):
@@ -500,8 +538,11 @@ def lora_model(config, layer_cls, seed=0):
         for part_name, names in PROJECTIONS:
             part = getattr(block, part_name)
             for name in names:
-                setattr(part, name, layer_cls.from_base(
-                    getattr(part, name), r=config.r, dropout=config.dropout, scale=SCALE))
+                setattr(
+                    part,
+                    name,
+                    layer_cls.from_base(getattr(part, name), r=config.r, dropout=config.dropout, scale=SCALE),
+                )
     model.train()
     mx.eval(model.parameters())
     return model
@@ -530,6 +571,7 @@ def training_step(config, layer_cls, seed=0):
 
     def run():
         mx.eval(step(inputs, targets), state)
+
     return run
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -63,19 +62,17 @@ def _adapter_set_of(model: nn.Module) -> AdapterSet:
     alpha = getattr(settings, "alpha", None)
     dropouts = {lora_dropout_p(layer) for _, layer in layers}
     if len(dropouts) > 1:
-        warnings.warn(f"LoRA layers have different dropouts {sorted(dropouts)}; saving the largest")
+        warnings.warn(f"LoRA layers have different dropouts {sorted(dropouts)}; saving the largest", stacklevel=2)
     trained_biases = [
-        name for name, layer in layers
+        name
+        for name, layer in layers
         if "bias" in layer.linear and "bias" in dict(_flat(layer.linear.trainable_parameters()))
     ]
     if trained_biases:
-        warnings.warn(f"trainable biases ({trained_biases[0]}, ...) are not saved with the adapters")
-    modules = {
-        name: ModuleAdapter(layer.lora_a, layer.lora_b, float(layer.scale), alpha)
-        for name, layer in layers
-    }
+        warnings.warn(f"trainable biases ({trained_biases[0]}, ...) are not saved with the adapters", stacklevel=2)
+    modules = {name: ModuleAdapter(layer.lora_a, layer.lora_b, float(layer.scale), alpha) for name, layer in layers}
     num_layers = None
-    if hasattr(model, "layers") and isinstance(getattr(model, "layers"), list):
+    if hasattr(model, "layers") and isinstance(model.layers, list):
         idx = [int(p.split("layers.", 1)[1].split(".", 1)[0]) for p in modules if "layers." in p]
         if idx:
             num_layers = len(model.layers) - min(idx)
@@ -95,7 +92,7 @@ def _is_csm(model) -> bool:
     return isinstance(getattr(model, "config", None), CSMConfig)
 
 
-def save_adapters(model: nn.Module, path: Union[str, Path], format: str = "mlx-lm") -> Path:
+def save_adapters(model: nn.Module, path: str | Path, format: str = "mlx-lm") -> Path:
     """Write the model's LoRA layers to directory ``path`` in ``format``.
 
     ``format``: ``mlx-lm`` (default), ``peft`` or ``csm-cli``. Returns the weights file.
@@ -131,7 +128,7 @@ def _csm_native_paths(adapters: AdapterSet, model) -> AdapterSet:
     return AdapterSet(modules, adapters.dropout, adapters.use_rslora, adapters.num_layers, adapters.extra)
 
 
-def load_adapters(model: nn.Module, path: Union[str, Path]) -> nn.Module:
+def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
     """Load adapters (format detected from the file names) into ``model``, in place.
 
     Each adapted module is wrapped in `FusedLoRALinear` (or, if it already is a LoRA
@@ -166,8 +163,8 @@ def load_adapters(model: nn.Module, path: Union[str, Path]) -> nn.Module:
                 f"do not fit a linear of (in, out) = ({in_dims}, {out_dims}); expected "
                 f"({in_dims}, r) and (r, {out_dims})"
             )
-        layer = module if is_lora_layer(module) else LoRA.from_base(
-            base, r=m.r, dropout=adapters.dropout, scale=m.scale
+        layer = (
+            module if is_lora_layer(module) else LoRA.from_base(base, r=m.r, dropout=adapters.dropout, scale=m.scale)
         )
         layer.lora_a = m.lora_a
         layer.lora_b = m.lora_b
@@ -181,9 +178,7 @@ def load_adapters(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     return model
 
 
-def convert_adapter(
-    in_path: Union[str, Path], out_path: Union[str, Path], to: str, *, from_format: Optional[str] = None
-) -> Path:
+def convert_adapter(in_path: str | Path, out_path: str | Path, to: str, *, from_format: str | None = None) -> Path:
     """Convert an adapter directory between formats without a model; returns the weights file.
 
     ``to``: ``peft``, ``mlx-lm`` or ``csm-cli``. Tensors are transposed exactly; ``alpha``

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from . import convert_adapter, detect_adapter_format
 from .formats import FORMATS
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the converter; returns the exit status (0 ok, 2 bad arguments, 1 failure)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "convert-adapter":

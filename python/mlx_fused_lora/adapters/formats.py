@@ -33,7 +33,6 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 import mlx.core as mx
 
@@ -78,7 +77,7 @@ class ModuleAdapter:
     lora_a: mx.array  # (in, r)
     lora_b: mx.array  # (r, out)
     scale: float
-    alpha: Optional[float] = None  # as recorded by the source, when it recorded one
+    alpha: float | None = None  # as recorded by the source, when it recorded one
 
     @property
     def r(self) -> int:
@@ -95,7 +94,7 @@ class AdapterSet:
     modules: dict[str, ModuleAdapter]
     dropout: float = 0.0
     use_rslora: bool = False
-    num_layers: Optional[int] = None  # mlx-lm's: adapted blocks counted from the last
+    num_layers: int | None = None  # mlx-lm's: adapted blocks counted from the last
     extra: dict = field(default_factory=dict)  # passed through (e.g. model_type)
 
 
@@ -110,7 +109,7 @@ def _adapter_dir(path: Path) -> Path:
     raise FileNotFoundError(f"no adapter at {path}")
 
 
-def detect_adapter_format(path: Union[str, Path]) -> str:
+def detect_adapter_format(path: str | Path) -> str:
     """``mlx-lm``, ``peft`` or ``csm-cli``, from the file names in ``path`` (a dir or file)."""
     path = Path(path)
     if path.is_file():
@@ -118,19 +117,19 @@ def detect_adapter_format(path: Union[str, Path]) -> str:
             if path.name == weights:
                 return fmt
         raise ValueError(
-            f"{path.name} is not an adapter weights file; expected one of "
-            f"{[w for w, _ in _FILES.values()]}"
+            f"{path.name} is not an adapter weights file; expected one of {[w for w, _ in _FILES.values()]}"
         )
     d = _adapter_dir(path)
     found = [fmt for fmt, (weights, _) in _FILES.items() if (d / weights).exists()]
     if len(found) == 1:
         return found[0]
     if not found:
-        hint = " (adapter_model.bin is PyTorch pickle: convert it to safetensors)" if (
-            d / "adapter_model.bin").exists() else ""
-        raise FileNotFoundError(
-            f"no adapter in {d}: expected one of {[w for w, _ in _FILES.values()]}{hint}"
+        hint = (
+            " (adapter_model.bin is PyTorch pickle: convert it to safetensors)"
+            if (d / "adapter_model.bin").exists()
+            else ""
         )
+        raise FileNotFoundError(f"no adapter in {d}: expected one of {[w for w, _ in _FILES.values()]}{hint}")
     raise ValueError(f"{d} holds adapters in several formats {found}; pass the weights file")
 
 
@@ -182,11 +181,11 @@ def _read_mlx_like(d: Path, fmt: str) -> AdapterSet:
     for path, ab in _pairs(mx.load(str(d / weights_name)), _MLX_KEY, fmt).items():
         a, b = ab["a"], ab["b"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-            raise ValueError(
-                f"{path}: lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)} are not (in, r), (r, out)"
-            )
+            raise ValueError(f"{path}: lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)} are not (in, r), (r, out)")
         modules[path] = ModuleAdapter(
-            a, b, float(scale_pattern.get(path, params["scale"])),
+            a,
+            b,
+            float(scale_pattern.get(path, params["scale"])),
             alpha_pattern.get(path, default_alpha),
         )
     return AdapterSet(
@@ -210,22 +209,18 @@ def _read_peft(d: Path) -> AdapterSet:
             raise KeyError(f"{d / config_name}: {k!r} is missing")
     use_rslora = bool(config.get("use_rslora", False))
     tensors = {
-        (k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k): v
+        (k[len(_PEFT_PREFIX) :] if k.startswith(_PEFT_PREFIX) else k): v
         for k, v in mx.load(str(d / weights_name)).items()
     }
     modules = {}
     for path, ab in _pairs(tensors, _PEFT_KEY, "peft").items():
         A, B = ab["a"], ab["b"]  # (r, in), (out, r)
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise ValueError(
-                f"{path}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not (r, in), (out, r)"
-            )
+            raise ValueError(f"{path}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not (r, in), (out, r)")
         r = A.shape[0]
         expected_r = int(_pattern_value(config.get("rank_pattern"), path, config["r"]))
         if r != expected_r:
-            raise ValueError(
-                f"{path}.lora_A.weight has rank {r} but the config (r / rank_pattern) says {expected_r}"
-            )
+            raise ValueError(f"{path}.lora_A.weight has rank {r} but the config (r / rank_pattern) says {expected_r}")
         alpha = float(_pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"]))
         modules[path] = ModuleAdapter(A.T, B.T, lora_scale(r, alpha, use_rslora), alpha)
     return AdapterSet(
@@ -235,7 +230,7 @@ def _read_peft(d: Path) -> AdapterSet:
     )
 
 
-def read_adapters(path: Union[str, Path]) -> tuple[AdapterSet, str]:
+def read_adapters(path: str | Path) -> tuple[AdapterSet, str]:
     """Read an adapter directory (or its weights file); returns (adapters, format)."""
     path = Path(path)
     fmt = detect_adapter_format(path)
@@ -250,7 +245,7 @@ def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
 
-def _mlx_lm_keys(paths) -> tuple[list[str], Optional[int]]:
+def _mlx_lm_keys(paths) -> tuple[list[str], int | None]:
     """mlx-lm's ``keys`` (paths inside a block, or full paths) and a ``num_layers`` guess."""
     keys, indices = set(), []
     for p in paths:
@@ -277,7 +272,11 @@ def _mlx_lm_config(adapters: AdapterSet) -> dict:
         "fine_tune_type": "lora",
         "num_layers": adapters.num_layers if adapters.num_layers is not None else num_layers,
         "lora_parameters": {
-            "rank": rank, "scale": scale, "dropout": adapters.dropout, "keys": keys, "alpha": alpha,
+            "rank": rank,
+            "scale": scale,
+            "dropout": adapters.dropout,
+            "keys": keys,
+            "alpha": alpha,
         },
         "use_rslora": adapters.use_rslora,
     }
@@ -321,7 +320,7 @@ def _peft_config(adapters: AdapterSet) -> dict:
     }
 
 
-def write_adapters(adapters: AdapterSet, path: Union[str, Path], fmt: str) -> Path:
+def write_adapters(adapters: AdapterSet, path: str | Path, fmt: str) -> Path:
     """Write ``adapters`` into directory ``path`` in format ``fmt``; returns the weights file."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown adapter format {fmt!r}; expected one of {FORMATS}")

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 __all__ = ["RopeScaling", "LlamaFlavor", "CSMConfig", "FLAVORS", "LLAMA3_SCALING"]
 
@@ -55,17 +56,13 @@ class LlamaFlavor:
     max_seq_len: int = 2048
     norm_eps: float = 1e-5
     rope_base: float = 500_000.0
-    rope_scaling: Optional[RopeScaling] = LLAMA3_SCALING
+    rope_scaling: RopeScaling | None = LLAMA3_SCALING
 
     def __post_init__(self):
         if self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
-            )
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}"
-            )
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
         if (self.embed_dim // self.num_heads) % 2:
             raise ValueError(f"head_dim {self.embed_dim // self.num_heads} must be even for RoPE")
 
@@ -77,7 +74,7 @@ class LlamaFlavor:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LlamaFlavor":
+    def from_dict(cls, d: Mapping[str, Any]) -> LlamaFlavor:
         d = dict(d)
         scaling = d.get("rope_scaling")
         if isinstance(scaling, Mapping):
@@ -89,25 +86,29 @@ class LlamaFlavor:
 
 
 FLAVORS: dict[str, LlamaFlavor] = {
-    "llama-1B": LlamaFlavor(
-        num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048, intermediate_dim=8192
-    ),
-    "llama-100M": LlamaFlavor(
-        num_layers=4, num_heads=8, num_kv_heads=2, embed_dim=1024, intermediate_dim=8192
-    ),
+    "llama-1B": LlamaFlavor(num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048, intermediate_dim=8192),
+    "llama-100M": LlamaFlavor(num_layers=4, num_heads=8, num_kv_heads=2, embed_dim=1024, intermediate_dim=8192),
     # Test-sized stacks; the head dims (16 and 8) still cover every llama3 scaling branch.
     "tiny-backbone": LlamaFlavor(
-        num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, intermediate_dim=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=64,
+        intermediate_dim=128,
         max_seq_len=256,
     ),
     "tiny-decoder": LlamaFlavor(
-        num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=32,
+        intermediate_dim=64,
         max_seq_len=64,
     ),
 }
 
 
-FlavorLike = Union[str, LlamaFlavor]
+FlavorLike = str | LlamaFlavor
 
 
 def _resolve_flavor(flavor: FlavorLike, role: str) -> LlamaFlavor:
@@ -118,9 +119,7 @@ def _resolve_flavor(flavor: FlavorLike, role: str) -> LlamaFlavor:
     try:
         return FLAVORS[flavor]
     except KeyError:
-        raise ValueError(
-            f"unknown {role} flavour {flavor!r}; known: {sorted(FLAVORS)}"
-        ) from None
+        raise ValueError(f"unknown {role} flavour {flavor!r}; known: {sorted(FLAVORS)}") from None
 
 
 @dataclass
@@ -146,21 +145,17 @@ class CSMConfig:
             raise ValueError(f"audio_num_codebooks must be >= 2, got {self.audio_num_codebooks}")
         if self.audio_num_codebooks > self.decoder.max_seq_len - 1:
             raise ValueError(
-                f"decoder max_seq_len {self.decoder.max_seq_len} is too short for "
-                f"{self.audio_num_codebooks} codebooks"
+                f"decoder max_seq_len {self.decoder.max_seq_len} is too short for {self.audio_num_codebooks} codebooks"
             )
 
     @classmethod
-    def csm_1b(cls) -> "CSMConfig":
+    def csm_1b(cls) -> CSMConfig:
         return cls("llama-1B", "llama-100M", 128_256, 2051, 32)
 
     @classmethod
-    def tiny(
-        cls, text_vocab_size: int = 64, audio_vocab_size: int = 24, audio_num_codebooks: int = 8
-    ) -> "CSMConfig":
+    def tiny(cls, text_vocab_size: int = 64, audio_vocab_size: int = 24, audio_num_codebooks: int = 8) -> CSMConfig:
         """A few-hundred-thousand-parameter config for tests (same structure as CSM-1B)."""
-        return cls("tiny-backbone", "tiny-decoder", text_vocab_size, audio_vocab_size,
-                   audio_num_codebooks)
+        return cls("tiny-backbone", "tiny-decoder", text_vocab_size, audio_vocab_size, audio_num_codebooks)
 
     @property
     def frame_width(self) -> int:
@@ -183,11 +178,10 @@ class CSMConfig:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CSMConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> CSMConfig:
         """Read the original five-argument dict or a Hugging Face `CsmConfig` dict."""
         if "backbone_flavor" in d:
-            keys = ("backbone_flavor", "decoder_flavor", "text_vocab_size",
-                    "audio_vocab_size", "audio_num_codebooks")
+            keys = ("backbone_flavor", "decoder_flavor", "text_vocab_size", "audio_vocab_size", "audio_num_codebooks")
             missing = [k for k in keys if k not in d]
             if missing:
                 raise KeyError(f"config is missing {missing}")
@@ -200,7 +194,7 @@ class CSMConfig:
         )
 
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any]) -> "CSMConfig":
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> CSMConfig:
         """Build from Transformers' `CsmConfig` dict (backbone fields at top level)."""
         dec = d["depth_decoder_config"]
         return cls(

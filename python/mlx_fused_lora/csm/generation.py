@@ -11,7 +11,7 @@ all-zero frame; generation stops when every row has.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -37,7 +37,7 @@ def sample_top_k(logits: mx.array, top_k: int, temperature: float, key: mx.array
     return mx.random.categorical(logits, axis=-1, key=key).astype(mx.int32)
 
 
-def default_sampler(top_k: int, temperature: float, seed: Optional[int]) -> Sampler:
+def default_sampler(top_k: int, temperature: float, seed: int | None) -> Sampler:
     key = [mx.random.key(seed if seed is not None else int(mx.random.randint(0, 2**31 - 1, ())))]
 
     def sample(logits: mx.array, codebook: int) -> mx.array:
@@ -72,8 +72,8 @@ def generate(
     *,
     temperature: float = 0.9,
     top_k: int = 50,
-    seed: Optional[int] = None,
-    sampler: Optional[Sampler] = None,
+    seed: int | None = None,
+    sampler: Sampler | None = None,
 ) -> mx.array:
     """Generate up to ``max_frames`` audio frames after the prompt ``tokens``/``mask``.
 
@@ -89,10 +89,7 @@ def generate(
     T = tokens.shape[1]
     limit = model.config.backbone.max_seq_len
     if T + max_frames > limit:
-        raise ValueError(
-            f"prompt of {T} frames + max_frames {max_frames} exceeds the backbone's "
-            f"max_seq_len {limit}"
-        )
+        raise ValueError(f"prompt of {T} frames + max_frames {max_frames} exceeds the backbone's max_seq_len {limit}")
     if sampler is None:
         sampler = default_sampler(top_k, temperature, seed)
     was_training = model.training
@@ -110,9 +107,7 @@ def _generate(model: CSM, tokens, mask, max_frames: int, sampler: Sampler) -> mx
     h = model(tokens, mask, cache)[:, -1]
     finished = mx.zeros((B,), dtype=mx.bool_)
     frames = []
-    frame_mask = mx.concatenate(
-        [mx.ones((B, 1, K), dtype=mask.dtype), mx.zeros((B, 1, 1), dtype=mask.dtype)], axis=-1
-    )
+    frame_mask = mx.concatenate([mx.ones((B, 1, K), dtype=mask.dtype), mx.zeros((B, 1, 1), dtype=mask.dtype)], axis=-1)
     for _ in range(max_frames):
         codes = generate_frame(model, h, sampler)
         finished = finished | mx.all(codes == 0, axis=-1)

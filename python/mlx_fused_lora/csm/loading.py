@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Optional, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
@@ -112,7 +111,7 @@ _IGNORED = {
 # -- key renaming --
 
 
-def to_native(key: str, layout: str) -> Optional[str]:
+def to_native(key: str, layout: str) -> str | None:
     """This package's name for ``key`` of ``layout``; None if the key has no counterpart."""
     if layout == "mlx":
         m = _LAYER_RE.match(key)
@@ -165,16 +164,14 @@ def from_native(key: str, layout: str) -> str:
 def detect_layout(keys) -> str:
     """Tell the layout from the tensor names (see the module docstring)."""
     keys = list(keys)
-    if any(k.startswith(("backbone_model.", "depth_decoder.", "embed_text_tokens.", "lm_head."))
-           for k in keys):
+    if any(k.startswith(("backbone_model.", "depth_decoder.", "embed_text_tokens.", "lm_head.")) for k in keys):
         return "hf"
     if any(".attn." in k or k.endswith("norm.scale") for k in keys):
         return "torchtune"
     if any(".self_attn." in k or k.endswith("layernorm.weight") for k in keys):
         return "mlx"
     raise CheckpointError(
-        "cannot tell the checkpoint layout (torchtune, mlx or hf) from its keys; first keys: "
-        f"{sorted(keys)[:8]}"
+        f"cannot tell the checkpoint layout (torchtune, mlx or hf) from its keys; first keys: {sorted(keys)[:8]}"
     )
 
 
@@ -198,7 +195,7 @@ def permute_rows_from_hf(w, num_heads: int):
 _QK_RE = re.compile(r"^(backbone|decoder)\.layers\.\d+\.self_attn\.(q|k)_proj\.weight$")
 
 
-def qk_heads(native_key: str, config: CSMConfig) -> Optional[int]:
+def qk_heads(native_key: str, config: CSMConfig) -> int | None:
     """Heads that the rows of a q/k weight are split into; None for other keys."""
     m = _QK_RE.match(native_key)
     if not m:
@@ -232,7 +229,7 @@ def _read_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def _read_config(path: Path) -> Optional[CSMConfig]:
+def _read_config(path: Path) -> CSMConfig | None:
     cfg_path = (path if path.is_dir() else path.parent) / CONFIG_FILE
     if not cfg_path.exists():
         return None
@@ -255,11 +252,14 @@ def infer_config(native: dict[str, mx.array]) -> CSMConfig:
             mlp = native[f"{stack}.layers.0.mlp.gate_proj.weight"]
         except KeyError as e:
             raise CheckpointError(f"cannot infer the {stack} shape: missing {e.args[0]}") from None
-        for name, flavor in FLAVORS.items():
+        for _name, flavor in FLAVORS.items():
             head_dim = flavor.head_dim
-            if (flavor.num_layers == len(idx) and flavor.embed_dim == q.shape[1]
-                    and flavor.intermediate_dim == mlp.shape[0]
-                    and flavor.num_kv_heads * head_dim == kv.shape[0]):
+            if (
+                flavor.num_layers == len(idx)
+                and flavor.embed_dim == q.shape[1]
+                and flavor.intermediate_dim == mlp.shape[0]
+                and flavor.num_kv_heads * head_dim == kv.shape[0]
+            ):
                 return flavor
         raise CheckpointError(
             f"{stack}: {len(idx)} layers, width {q.shape[1]}, MLP {mlp.shape[0]}, kv width "
@@ -315,10 +315,10 @@ def _to_native_weights(weights: dict[str, mx.array], layout: str) -> tuple[dict,
 
 
 def load_csm(
-    path: Union[str, Path],
-    dtype: Optional[mx.Dtype] = None,
-    config: Optional[CSMConfig] = None,
-    layout: Optional[str] = None,
+    path: str | Path,
+    dtype: mx.Dtype | None = None,
+    config: CSMConfig | None = None,
+    layout: str | None = None,
 ) -> CSM:
     """Load a CSM from a safetensors file or a directory of them (plus ``config.json``).
 
@@ -371,7 +371,7 @@ def load_csm(
 # -- writing --
 
 
-def save_csm(model: CSM, path: Union[str, Path], layout: Optional[str] = None) -> Path:
+def save_csm(model: CSM, path: str | Path, layout: str | None = None) -> Path:
     """Write ``model`` as safetensors + ``config.json`` in ``layout``.
 
     ``layout`` defaults to ``model.checkpoint_layout``: the layout it was loaded from, or

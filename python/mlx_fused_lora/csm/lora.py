@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -62,9 +62,7 @@ def lora_layer_class():
 
 def is_lora_layer(module) -> bool:
     """Duck-typed: FusedLoRALinear and mlx-lm's LoRALinear both qualify."""
-    return isinstance(module, nn.Module) and all(
-        hasattr(module, a) for a in ("linear", "lora_a", "lora_b", "scale")
-    )
+    return isinstance(module, nn.Module) and all(hasattr(module, a) for a in ("linear", "lora_a", "lora_b", "scale"))
 
 
 def lora_dropout_p(layer) -> float:
@@ -116,7 +114,7 @@ class LoRAReport:
         )
 
 
-def _normalize_targets(target_modules: Union[str, Iterable[str]]) -> list[str]:
+def _normalize_targets(target_modules: str | Iterable[str]) -> list[str]:
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     out = []
@@ -124,8 +122,7 @@ def _normalize_targets(target_modules: Union[str, Iterable[str]]) -> list[str]:
         t = _ALIASES.get(t, t)
         if t not in LAYER_TARGETS and t not in HEAD_TARGETS:
             raise ValueError(
-                f"unknown LoRA target {t!r}; expected some of "
-                f"{sorted(LAYER_TARGETS) + list(HEAD_TARGETS)}"
+                f"unknown LoRA target {t!r}; expected some of {sorted(LAYER_TARGETS) + list(HEAD_TARGETS)}"
             )
         if t not in out:
             out.append(t)
@@ -160,8 +157,8 @@ def _layers_per_stack(model, target_layers) -> dict[str, list[int]]:
 
 def apply_lora(
     model: nn.Module,
-    target_modules: Union[str, Sequence[str]] = ("q_proj", "v_proj"),
-    target_layers: Union[None, Sequence[int], Mapping[str, Optional[Sequence[int]]]] = None,
+    target_modules: str | Sequence[str] = ("q_proj", "v_proj"),
+    target_layers: None | Sequence[int] | Mapping[str, Sequence[int] | None] = None,
     r: int = 8,
     alpha: float = 16.0,
     dropout: float = 0.0,
@@ -207,8 +204,13 @@ def apply_lora(
     if bias and not any("bias" in m.linear for _, m in replacements):
         warnings.warn("bias=True but none of the adapted layers has a bias", stacklevel=2)
     model.lora_settings = LoRASettings(
-        r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, bias=bias,
-        target_modules=targets, target_layers=target_layers,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        use_rslora=use_rslora,
+        bias=bias,
+        target_modules=targets,
+        target_layers=target_layers,
     )
     report = LoRAReport(
         trainable=sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
@@ -236,8 +238,12 @@ def _fold(layer, name: str) -> nn.Module:
     quantized = isinstance(base, nn.QuantizedLinear)
     if quantized:
         weight = mx.dequantize(
-            base.weight, base.scales, getattr(base, "biases", None), group_size=base.group_size,
-            bits=base.bits, mode=base.mode,
+            base.weight,
+            base.scales,
+            getattr(base, "biases", None),
+            group_size=base.group_size,
+            bits=base.bits,
+            mode=base.mode,
         )
         dtype = base.scales.dtype
     else:
@@ -245,9 +251,7 @@ def _fold(layer, name: str) -> nn.Module:
         dtype = weight.dtype
     # The fold is done once in float32 and cast back once: folding in bf16 would round
     # the (small) delta against the (large) weight twice.
-    delta = float(layer.scale) * (
-        layer.lora_b.T.astype(mx.float32) @ layer.lora_a.T.astype(mx.float32)
-    )
+    delta = float(layer.scale) * (layer.lora_b.T.astype(mx.float32) @ layer.lora_a.T.astype(mx.float32))
     merged = (weight.astype(mx.float32) + delta).astype(dtype)
     out_dims, in_dims = merged.shape
     has_bias = "bias" in base

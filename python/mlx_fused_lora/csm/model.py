@@ -30,7 +30,6 @@ or right padding leaves the other frames' hidden states unchanged).
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -50,9 +49,7 @@ __all__ = [
 ]
 
 
-def llama3_rope_frequencies(
-    head_dim: int, base: float, scaling: Optional[RopeScaling]
-) -> mx.array:
+def llama3_rope_frequencies(head_dim: int, base: float, scaling: RopeScaling | None) -> mx.array:
     """Inverse frequencies ``[head_dim // 2]`` (radians per position), llama3-scaled.
 
     ``inv_freq[i] = base ** (-2i / head_dim)``; with scaling, a component whose wavelength
@@ -84,7 +81,7 @@ def llama3_rope_frequencies(
 class RotaryEmbedding(nn.Module):
     """Interleaved RoPE over ``[B, H, T, head_dim]`` starting at position ``offset``."""
 
-    def __init__(self, head_dim: int, base: float, scaling: Optional[RopeScaling]):
+    def __init__(self, head_dim: int, base: float, scaling: RopeScaling | None):
         super().__init__()
         self.head_dim = head_dim
         # mx.fast.rope takes periods (1 / inv_freq); the leading underscore keeps it out
@@ -93,7 +90,12 @@ class RotaryEmbedding(nn.Module):
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         return mx.fast.rope(
-            x, self.head_dim, traditional=True, base=None, scale=1.0, offset=offset,
+            x,
+            self.head_dim,
+            traditional=True,
+            base=None,
+            scale=1.0,
+            offset=offset,
             freqs=self._periods,
         )
 
@@ -102,8 +104,8 @@ class KVCache:
     """Keys/values ``[B, H_kv, S, head_dim]`` of one attention layer, grown by concatenation."""
 
     def __init__(self):
-        self.keys: Optional[mx.array] = None
-        self.values: Optional[mx.array] = None
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
 
     @property
     def offset(self) -> int:
@@ -126,14 +128,14 @@ class StackCache:
 
     def __init__(self, num_layers: int):
         self.layers = [KVCache() for _ in range(num_layers)]
-        self.valid: Optional[mx.array] = None
+        self.valid: mx.array | None = None
 
     @property
     def offset(self) -> int:
         return self.layers[0].offset
 
 
-MaskLike = Union[None, str, mx.array]
+MaskLike = None | str | mx.array
 
 
 class Attention(nn.Module):
@@ -142,7 +144,7 @@ class Attention(nn.Module):
         self.num_heads = flavor.num_heads
         self.num_kv_heads = flavor.num_kv_heads
         self.head_dim = flavor.head_dim
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         dim = flavor.embed_dim
         self.q_proj = nn.Linear(dim, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
@@ -150,7 +152,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
         self.rope = RotaryEmbedding(self.head_dim, flavor.rope_base, flavor.rope_scaling)
 
-    def __call__(self, x: mx.array, mask: MaskLike = None, cache: Optional[KVCache] = None):
+    def __call__(self, x: mx.array, mask: MaskLike = None, cache: KVCache | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
@@ -183,7 +185,7 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(flavor.embed_dim, eps=flavor.norm_eps)
         self.mlp = MLP(flavor.embed_dim, flavor.intermediate_dim)
 
-    def __call__(self, x, mask: MaskLike = None, cache: Optional[KVCache] = None):
+    def __call__(self, x, mask: MaskLike = None, cache: KVCache | None = None):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -200,7 +202,7 @@ class LlamaStack(nn.Module):
     def make_cache(self) -> StackCache:
         return StackCache(len(self.layers))
 
-    def __call__(self, h: mx.array, mask: MaskLike = None, cache: Optional[StackCache] = None):
+    def __call__(self, h: mx.array, mask: MaskLike = None, cache: StackCache | None = None):
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, None if cache is None else cache.layers[i])
         return self.norm(h)
@@ -255,9 +257,7 @@ class CSM(nn.Module):
 
     # -- forward --
 
-    def __call__(
-        self, tokens: mx.array, mask: mx.array, cache: Optional[StackCache] = None
-    ) -> mx.array:
+    def __call__(self, tokens: mx.array, mask: mx.array, cache: StackCache | None = None) -> mx.array:
         """Backbone hidden states ``[B, T, D_backbone]`` of frames ``tokens``/``mask``.
 
         Causal over frames; all-zero-mask (padding) frames are not attended to. With a

@@ -15,7 +15,7 @@ from .fused_lora_linear import FusedLoRALinear
 
 def _mlx_lm_tuner():
     try:
-        from mlx_lm.tuner import lora, dora
+        from mlx_lm.tuner import dora, lora
     except ImportError as e:
         raise ImportError("this layer type needs mlx-lm's LoRA layers: pip install mlx-lm") from e
     return lora, dora
@@ -73,7 +73,7 @@ def linear_to_lora_layers(model: nn.Module, num_layers: int, config: dict, use_d
         raise KeyError(f"LoRA config is missing required key 'scale'{hint}")
     keys = config.get("keys") or _default_keys(model)
     # As in mlx-lm, num_layers <= 0 (the CLI's -1) means every block.
-    for block in model.layers[-max(num_layers, 0):]:
+    for block in model.layers[-max(num_layers, 0) :]:
         adapted = [(k, _to_lora(m, config, use_dora)) for k, m in block.named_modules() if k in keys]
         if adapted:
             block.update_modules(tree_unflatten(adapted))

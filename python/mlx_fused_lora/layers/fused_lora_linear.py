@@ -65,8 +65,12 @@ class FusedLoRALinear(nn.Module):
         weight = linear.weight
         if quantized:
             weight = mx.dequantize(
-                weight, linear.scales, linear.biases,
-                group_size=linear.group_size, bits=linear.bits, mode=linear.mode,
+                weight,
+                linear.scales,
+                linear.biases,
+                group_size=linear.group_size,
+                bits=linear.bits,
+                mode=linear.mode,
             )
         output_dims, input_dims = weight.shape
         has_bias = "bias" in linear
@@ -86,9 +90,7 @@ class FusedLoRALinear(nn.Module):
         if isinstance(linear, nn.QuantizedLinear):
             return self._quantized_base(x, p, key)
         bias = linear.bias if "bias" in linear else None
-        return fused_lora_linear(
-            x, linear.weight, bias, self.lora_a, self.lora_b, scale=self.scale, dropout=p, key=key
-        )
+        return fused_lora_linear(x, linear.weight, bias, self.lora_a, self.lora_b, scale=self.scale, dropout=p, key=key)
 
     def _quantized_base(self, x, p, key):
         # QLoRA: the base product stays MLX's quantized matmul; the LoRA term is plain

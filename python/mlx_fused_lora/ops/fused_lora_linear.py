@@ -62,9 +62,7 @@ def check_dropout(dropout, key, who="fused_lora_linear"):
             raise ValueError(f"{who}: `key` must be an mx.random.key array when dropout > 0, got None")
         if not isinstance(key, mx.array) or key.dtype != mx.uint32 or tuple(key.shape) != (2,):
             actual = (
-                f"{key.dtype} array of shape {tuple(key.shape)}"
-                if isinstance(key, mx.array)
-                else type(key).__name__
+                f"{key.dtype} array of shape {tuple(key.shape)}" if isinstance(key, mx.array) else type(key).__name__
             )
             raise ValueError(f"{who}: `key` must be a uint32 array of shape (2,) (mx.random.key), got {actual}")
     return p
@@ -168,7 +166,7 @@ def _cotangents(dx, dy, x, bias, d_lora_a, d_lora_b, key):
     return tuple(grads)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_op(scale, p, has_bias):
     """The op for one (scale, p, bias?) as an mx.custom_function over the C++ primitives.
 
@@ -194,7 +192,7 @@ def _cpu_op(scale, p, has_bias):
     return op
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gpu_op(backend, scale, p, has_bias):
     return gpu_op(gpu_kernels.Kernels(backend), scale, p, has_bias)
 
@@ -228,7 +226,7 @@ def gpu_op(kernels, scale, p, has_bias):
     return op
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_fallback(device):
     warnings.warn(
         f"mlx_fused_lora: fused kernels for {device} are not enabled (set "

@@ -66,7 +66,9 @@ mask[index] = mfl_dropout_multiplier(bits, mfl_keep_threshold(p), mfl_keep_scale
 
 # h[i, :] += sum over one chunk of x's row i of (m * x)[i, k] * A[k, :]; a thread per
 # (row, chunk of CHUNK columns), R partial sums in registers, one atomic add each.
-DROPOUT_DOWN_PROJ_BODY = MULTIPLIER + """
+DROPOUT_DOWN_PROJ_BODY = (
+    MULTIPLIER
+    + """
 const int64_t rows = x_shape[0];
 const int64_t cols = x_shape[1];
 const int64_t chunks = (cols + CHUNK - 1) / CHUNK;
@@ -91,10 +93,13 @@ for (int j = 0; j < R; ++j) {
   MFL_ATOMIC_ADD(h, i * R + j, acc[j]);
 }
 """
+)
 
 # dA[k, :] += sum over one chunk of rows of (m * x)[i, k] * dS[i, :]; a thread per
 # (column, chunk of CHUNK rows): neighbouring threads read neighbouring x.
-DROPOUT_DOWN_GRAD_BODY = MULTIPLIER + """
+DROPOUT_DOWN_GRAD_BODY = (
+    MULTIPLIER
+    + """
 const int64_t rows = x_shape[0];
 const int64_t cols = x_shape[1];
 const int64_t chunks = (rows + CHUNK - 1) / CHUNK;
@@ -119,9 +124,12 @@ for (int j = 0; j < R; ++j) {
   MFL_ATOMIC_ADD(da, k * R + j, acc[j]);
 }
 """
+)
 
 # e[i, k] = m[i, k] * (dS[i, :] . A[k, :]), a thread per element.
-MASKED_INPUT_GRAD_BODY = MULTIPLIER + """
+MASKED_INPUT_GRAD_BODY = (
+    MULTIPLIER
+    + """
 const int64_t rows = ds_shape[0];
 const int64_t cols = a_shape[0];
 if (mfl_thread >= uint64_t(rows * cols)) {
@@ -135,6 +143,7 @@ for (int j = 0; j < R; ++j) {
 }
 e[mfl_thread] = OutT(v * MFL_MULTIPLIER(mfl_thread));
 """
+)
 
 KERNELS = {
     # name: (input names, output names, body, atomic outputs)
@@ -148,7 +157,7 @@ KERNELS = {
 REDUCTION_CHUNK = 64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_header():
     """The shared per-element math, as the CPU extension compiles it."""
     return (resources.files("mlx_fused_lora") / "kernels" / "lora_dropout.h").read_text()
@@ -177,7 +186,7 @@ def gpu_backend():
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_kernel(backend, name):
     """The MLX kernel object, built once per backend and kernel."""
     inputs, outputs, header, body = kernel_parts(backend, name)
@@ -229,8 +238,11 @@ class Kernels:
         (h,) = build_kernel(self.backend, "dropout_down_proj")(
             inputs=[x, a, _key_or_zeros(key), mx.array(p, dtype=mx.float32)],
             template=[("R", r), ("CHUNK", REDUCTION_CHUNK)],
-            output_shapes=[(m, r)], output_dtypes=[mx.float32],
-            grid=grid, threadgroup=group, init_value=0.0,
+            output_shapes=[(m, r)],
+            output_dtypes=[mx.float32],
+            grid=grid,
+            threadgroup=group,
+            init_value=0.0,
         )
         return h
 
@@ -242,8 +254,11 @@ class Kernels:
         (da,) = build_kernel(self.backend, "dropout_down_grad")(
             inputs=[x, ds, _key_or_zeros(key), mx.array(p, dtype=mx.float32)],
             template=[("R", r), ("CHUNK", REDUCTION_CHUNK)],
-            output_shapes=[(k, r)], output_dtypes=[mx.float32],
-            grid=grid, threadgroup=group, init_value=0.0,
+            output_shapes=[(k, r)],
+            output_dtypes=[mx.float32],
+            grid=grid,
+            threadgroup=group,
+            init_value=0.0,
         )
         return da
 
@@ -254,7 +269,9 @@ class Kernels:
         (e,) = build_kernel(self.backend, "masked_input_grad")(
             inputs=[ds, a, _key_or_zeros(key), mx.array(p, dtype=mx.float32)],
             template=[("R", r), ("OutT", dtype)],
-            output_shapes=[(m, k)], output_dtypes=[dtype],
-            grid=grid, threadgroup=group,
+            output_shapes=[(m, k)],
+            output_dtypes=[dtype],
+            grid=grid,
+            threadgroup=group,
         )
         return e

@@ -21,7 +21,6 @@ import logging
 import struct
 import wave
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
@@ -48,7 +47,7 @@ MIMI_CONFIG_KEY = "mimi_config"  # safetensors metadata: a non-standard Mimi's M
 log = logging.getLogger(__name__)
 
 
-def read_wav(path: Union[str, Path]) -> tuple[np.ndarray, int]:
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
     """``(samples [n] float32 mono, sample_rate)``; raises ValueError on a non-PCM file."""
     with wave.open(str(path), "rb") as f:
         channels, width, rate, n = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
@@ -70,7 +69,7 @@ def read_wav(path: Union[str, Path]) -> tuple[np.ndarray, int]:
     return data.astype(np.float32), rate
 
 
-def write_wav(path: Union[str, Path], samples: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
+def write_wav(path: str | Path, samples: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
     """16-bit PCM mono WAV."""
     pcm = (np.clip(np.asarray(samples, np.float32).reshape(-1), -1.0, 1.0) * 32767.0).astype("<i2")
     with wave.open(str(path), "wb") as f:
@@ -95,7 +94,7 @@ def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.nd
     return out.astype(np.float32)
 
 
-def load_codes(path: Union[str, Path]) -> np.ndarray:
+def load_codes(path: str | Path) -> np.ndarray:
     """Mimi codes ``[codebooks, frames]`` as int32 from ``.npy`` or ``.safetensors``."""
     path = Path(path)
     if path.suffix == ".npy":
@@ -122,7 +121,7 @@ def load_codes(path: Union[str, Path]) -> np.ndarray:
     return codes.astype(np.int32)
 
 
-def read_safetensors_header(path: Union[str, Path]) -> dict:
+def read_safetensors_header(path: str | Path) -> dict:
     """The JSON header of a ``.safetensors`` file (tensor names, shapes, ``__metadata__``)
     without reading any tensor: a 385 MB Mimi checkpoint is inspected for free."""
     with open(path, "rb") as f:
@@ -133,7 +132,7 @@ def read_safetensors_header(path: Union[str, Path]) -> dict:
         return json.loads(f.read(size))
 
 
-def find_mimi_weights(path: Union[str, Path]) -> Path:
+def find_mimi_weights(path: str | Path) -> Path:
     """``path`` itself, or the Mimi weights in directory ``path``: its only ``.safetensors``
     file, else the one whose name has ``tokenizer`` or ``mimi`` in it (kyutai's
     ``moshiko`` repositories hold the Moshi LM's ``model.safetensors`` beside Mimi's
@@ -156,7 +155,9 @@ def find_mimi_weights(path: Union[str, Path]) -> Path:
 
 def count_codebooks(names) -> int:
     """Codebooks a Mimi checkpoint holds: ``rvq_first``'s one plus ``rvq_rest``'s layers."""
-    rest = {n.split("quantizer.rvq_rest.vq.layers.")[1].split(".")[0] for n in names if "quantizer.rvq_rest.vq.layers." in n}
+    rest = {
+        n.split("quantizer.rvq_rest.vq.layers.")[1].split(".")[0] for n in names if "quantizer.rvq_rest.vq.layers." in n
+    }
     return 1 + len(rest)
 
 
@@ -183,7 +184,7 @@ def mimi_config(header: dict, num_codebooks: int):
     return MimiConfig(**d)
 
 
-def save_mimi(model, path: Union[str, Path]) -> Path:
+def save_mimi(model, path: str | Path) -> Path:
     """Write an mlx-audio ``Mimi`` as one ``.safetensors`` file that `MimiCodec` reads back:
     its parameters under mlx-audio's names and its config in the ``mimi_config`` metadata."""
     import dataclasses
@@ -223,7 +224,7 @@ class MimiCodec:
     Needs the optional extra: ``pip install 'mlx-fused-lora[audio]'`` (mlx-audio).
     """
 
-    def __init__(self, weights: Union[str, Path], num_codebooks: int = 32):
+    def __init__(self, weights: str | Path, num_codebooks: int = 32):
         try:
             import mlx.core as mx
             from mlx_audio.codec.models.mimi.mimi import Mimi
@@ -243,7 +244,9 @@ class MimiCodec:
         config = mimi_config(header, available)
         if (config.sample_rate, config.frame_rate) != (SAMPLE_RATE, FRAME_RATE):
             # the data path resamples to SAMPLE_RATE and cuts word timings at FRAME_RATE
-            raise ValueError(f"{path}: Mimi at {config.sample_rate} Hz / {config.frame_rate} frames/s, need {SAMPLE_RATE} / {FRAME_RATE}")
+            raise ValueError(
+                f"{path}: Mimi at {config.sample_rate} Hz / {config.frame_rate} frames/s, need {SAMPLE_RATE} / {FRAME_RATE}"
+            )
         model = Mimi(config)
         if is_kyutai_layout(names):
             model.load_pytorch_weights(str(path), strict=True)

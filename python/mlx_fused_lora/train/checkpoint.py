@@ -18,8 +18,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
 
 import mlx.core as mx
 
@@ -69,7 +69,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Union[str, Path], text: str) -> Path:
+def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to a temporary file beside ``path``, fsync it, rename it over ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -82,7 +82,7 @@ def atomic_write_text(path: Union[str, Path], text: str) -> Path:
     return path
 
 
-def atomic_write_dir(target: Union[str, Path], write: Callable[[Path], object]) -> list[Path]:
+def atomic_write_dir(target: str | Path, write: Callable[[Path], object]) -> list[Path]:
     """Run ``write(tmp_dir)``, then move each file it made into ``target`` by rename.
 
     For output files with fixed names (adapters, merged weights): each file is replaced
@@ -107,7 +107,7 @@ def atomic_write_dir(target: Union[str, Path], write: Callable[[Path], object]) 
 
 
 def save_checkpoint(
-    root: Union[str, Path],
+    root: str | Path,
     step: int,
     adapters: dict[str, mx.array],
     optimizer_state: dict[str, mx.array],
@@ -156,7 +156,7 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def resolve_checkpoint(path: Union[str, Path]) -> Path:
+def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint directory ``path`` names: itself, or the latest under it.
 
     Accepts a ``step_*`` directory, a ``checkpoints`` directory, or a run's output
@@ -175,14 +175,13 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
     raise TrainingCheckpointError(f"no checkpoint at {path} (expected a step_* directory or a 'latest' file)")
 
 
-def load_checkpoint(path: Union[str, Path]) -> tuple[dict, dict, dict]:
+def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict]:
     """``(adapters, optimizer_state, trainer_state)`` of a verified checkpoint."""
     ckpt = resolve_checkpoint(path)
     manifest_path = ckpt / MANIFEST
     if not manifest_path.is_file():
         raise TrainingCheckpointError(
-            f"checkpoint {ckpt} has no {MANIFEST}: it is incomplete (its write was interrupted) "
-            "or not a checkpoint"
+            f"checkpoint {ckpt} has no {MANIFEST}: it is incomplete (its write was interrupted) or not a checkpoint"
         )
     try:
         manifest = json.loads(manifest_path.read_text())

@@ -26,52 +26,156 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model and data")
-    g.add_argument("--model-path", required=True, help="CSM checkpoint: a .safetensors file or a directory (torchtune, mlx or Hugging Face layout)")
-    g.add_argument("--output-dir", required=True, help="where checkpoints, metrics.jsonl, loss_curve.png and the fine-tuned model go")
-    g.add_argument("--audio-dir", required=True, help="<stem>.wav files, or pre-encoded Mimi codes <stem>.npy / <stem>.safetensors ([32, frames])")
-    g.add_argument("--transcript-dir", default=None, help="<stem>.txt transcripts (default: a 'transcripts' folder beside --audio-dir, else --audio-dir)")
-    g.add_argument("--alignment-dir", default=None, help="optional <stem>.json word timings used to cut segments (default: an 'alignments' folder beside --audio-dir)")
+    g.add_argument(
+        "--model-path",
+        required=True,
+        help="CSM checkpoint: a .safetensors file or a directory (torchtune, mlx or Hugging Face layout)",
+    )
+    g.add_argument(
+        "--output-dir",
+        required=True,
+        help="where checkpoints, metrics.jsonl, loss_curve.png and the fine-tuned model go",
+    )
+    g.add_argument(
+        "--audio-dir",
+        required=True,
+        help="<stem>.wav files, or pre-encoded Mimi codes <stem>.npy / <stem>.safetensors ([32, frames])",
+    )
+    g.add_argument(
+        "--transcript-dir",
+        default=None,
+        help="<stem>.txt transcripts (default: a 'transcripts' folder beside --audio-dir, else --audio-dir)",
+    )
+    g.add_argument(
+        "--alignment-dir",
+        default=None,
+        help="optional <stem>.json word timings used to cut segments (default: an 'alignments' folder beside --audio-dir)",
+    )
     g.add_argument("--speaker-id", type=int, default=0, help="speaker id written as [id] before each transcript")
-    g.add_argument("--max-seq-len", type=int, default=2048, help="frames per sample (text rows + audio frames); longer samples lose context turns, then audio")
-    g.add_argument("--context-turns", type=int, default=2, help="preceding segments of the same file given as context to each training segment")
-    g.add_argument("--tokenizer", default=None, help="Llama-3 tokenizer: tokenizer.json or tiktoken tokenizer.model (default: one beside --model-path); 'byte' for random demo models")
-    g.add_argument("--codec-path", default=None, help="local Mimi weights (.safetensors) for WAV input and WAV samples; needs the [audio] extra (mlx-audio)")
+    g.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=2048,
+        help="frames per sample (text rows + audio frames); longer samples lose context turns, then audio",
+    )
+    g.add_argument(
+        "--context-turns",
+        type=int,
+        default=2,
+        help="preceding segments of the same file given as context to each training segment",
+    )
+    g.add_argument(
+        "--tokenizer",
+        default=None,
+        help="Llama-3 tokenizer: tokenizer.json or tiktoken tokenizer.model (default: one beside --model-path); 'byte' for random demo models",
+    )
+    g.add_argument(
+        "--codec-path",
+        default=None,
+        help="local Mimi weights (.safetensors) for WAV input and WAV samples; needs the [audio] extra (mlx-audio)",
+    )
 
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scale = alpha / r)")
-    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (fused: a recomputed mask, no stored copy)")
-    g.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
-                   help="projections to adapt, in both stacks: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; heads: codebook0_head projection")
-    g.add_argument("--target-layers", nargs="+", type=int, default=None, help="layer indices to adapt (default: all layers of both stacks)")
-    g.add_argument("--lora-bias", action="store_true", help="also train the adapted layers' biases (CSM's projections have none)")
-    g.add_argument("--lora-layer", choices=["fused", "plain"], default="fused", help="fused: FusedLoRALinear; plain: mlx-lm's LoRALinear (for comparison)")
+    g.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=0.05,
+        help="dropout on the LoRA input (fused: a recomputed mask, no stored copy)",
+    )
+    g.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=["q_proj", "v_proj"],
+        help="projections to adapt, in both stacks: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; heads: codebook0_head projection",
+    )
+    g.add_argument(
+        "--target-layers",
+        nargs="+",
+        type=int,
+        default=None,
+        help="layer indices to adapt (default: all layers of both stacks)",
+    )
+    g.add_argument(
+        "--lora-bias", action="store_true", help="also train the adapted layers' biases (CSM's projections have none)"
+    )
+    g.add_argument(
+        "--lora-layer",
+        choices=["fused", "plain"],
+        default="fused",
+        help="fused: FusedLoRALinear; plain: mlx-lm's LoRALinear (for comparison)",
+    )
 
     g = p.add_argument_group("optimization")
     g.add_argument("--learning-rate", type=float, default=1e-4, help="peak AdamW learning rate")
-    g.add_argument("--semantic-weight", type=float, default=100.0, help="weight of the codebook-0 (semantic) cross-entropy")
-    g.add_argument("--acoustic-weight", type=float, default=1.0, help="weight of the mean cross-entropy of codebooks 1..31 (acoustic)")
+    g.add_argument(
+        "--semantic-weight", type=float, default=100.0, help="weight of the codebook-0 (semantic) cross-entropy"
+    )
+    g.add_argument(
+        "--acoustic-weight",
+        type=float,
+        default=1.0,
+        help="weight of the mean cross-entropy of codebooks 1..31 (acoustic)",
+    )
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay")
     g.add_argument("--batch-size", type=int, default=2, help="samples per micro-batch (per process under mlx.launch)")
     g.add_argument("--epochs", type=int, default=5, help="passes over the training samples")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: the epochs decide)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this (0: no clipping)")
+    g.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: the epochs decide)"
+    )
+    g.add_argument(
+        "--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this (0: no clipping)"
+    )
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (default: 5%% of the run)")
-    g.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warmup (cosine and linear end at 10%% of the peak)")
+    g.add_argument(
+        "--lr-schedule",
+        choices=["cosine", "linear", "constant"],
+        default="cosine",
+        help="decay after warmup (cosine and linear end at 10%% of the peak)",
+    )
     g.add_argument("--grad-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--decoder-fraction", type=float, default=1 / 16, help="fraction of frames the audio decoder is trained on (compute amortization)")
-    g.add_argument("--grad-checkpoint", action="store_true", help="recompute transformer blocks in the backward pass (less memory, more time)")
-    g.add_argument("--seed", type=int, default=42, help="seed of the split, the data order, the adapters' init, dropout and frame choice")
+    g.add_argument(
+        "--decoder-fraction",
+        type=float,
+        default=1 / 16,
+        help="fraction of frames the audio decoder is trained on (compute amortization)",
+    )
+    g.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        help="recompute transformer blocks in the backward pass (less memory, more time)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="seed of the split, the data order, the adapters' init, dropout and frame choice",
+    )
 
     g = p.add_argument_group("validation, checkpoints, outputs")
     g.add_argument("--val-split", type=float, default=0.1, help="fraction of samples held out for validation")
     g.add_argument("--val-every", type=int, default=100, help="validate every N steps (0: only at the end)")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and always at the end)")
-    g.add_argument("--resume-from", default=None, help="a checkpoint directory (or an output dir / checkpoints dir: its latest) to continue from exactly")
-    g.add_argument("--save-mode", choices=["lora", "full", "both"], default="lora",
-                   help="lora: fine_tuned_model.safetensors + fine_tuned_model_metadata.json; full: merged model.safetensors + config.json; both")
-    g.add_argument("--generate-samples", action="store_true", help="write sample.wav (or sample.npy codes without --codec-path) after training")
-    g.add_argument("--sample-prompt", default="This is a test of the fine-tuned voice.", help="text of the generated sample")
+    g.add_argument(
+        "--resume-from",
+        default=None,
+        help="a checkpoint directory (or an output dir / checkpoints dir: its latest) to continue from exactly",
+    )
+    g.add_argument(
+        "--save-mode",
+        choices=["lora", "full", "both"],
+        default="lora",
+        help="lora: fine_tuned_model.safetensors + fine_tuned_model_metadata.json; full: merged model.safetensors + config.json; both",
+    )
+    g.add_argument(
+        "--generate-samples",
+        action="store_true",
+        help="write sample.wav (or sample.npy codes without --codec-path) after training",
+    )
+    g.add_argument(
+        "--sample-prompt", default="This is a test of the fine-tuned voice.", help="text of the generated sample"
+    )
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
     g.add_argument("--debug", action="store_true", help="DEBUG logging and full tracebacks")
     g.add_argument("--no-progress", action="store_true", help="no progress line")
@@ -82,32 +186,58 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
     )
     from .checkpoint import TrainingCheckpointError
     from .trainer import CSMLoRATrainer, NonFiniteLossError
 
     try:
         trainer = CSMLoRATrainer(
-            args.model_path, args.output_dir, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-            tokenizer=args.tokenizer, codec_path=args.codec_path, progress=not args.no_progress,
-            lora_dropout=args.lora_dropout, target_modules=args.target_modules,
-            target_layers=args.target_layers, lora_bias=args.lora_bias, lora_layer=args.lora_layer,
-            learning_rate=args.learning_rate, semantic_weight=args.semantic_weight,
-            acoustic_weight=args.acoustic_weight, weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps,
-            lr_schedule=args.lr_schedule, grad_accumulation_steps=args.grad_accumulation_steps,
-            decoder_fraction=args.decoder_fraction, seed=args.seed, max_seq_len=args.max_seq_len,
+            args.model_path,
+            args.output_dir,
+            lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            tokenizer=args.tokenizer,
+            codec_path=args.codec_path,
+            progress=not args.no_progress,
+            lora_dropout=args.lora_dropout,
+            target_modules=args.target_modules,
+            target_layers=args.target_layers,
+            lora_bias=args.lora_bias,
+            lora_layer=args.lora_layer,
+            learning_rate=args.learning_rate,
+            semantic_weight=args.semantic_weight,
+            acoustic_weight=args.acoustic_weight,
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm,
+            warmup_steps=args.warmup_steps,
+            lr_schedule=args.lr_schedule,
+            grad_accumulation_steps=args.grad_accumulation_steps,
+            decoder_fraction=args.decoder_fraction,
+            seed=args.seed,
+            max_seq_len=args.max_seq_len,
             grad_checkpoint=args.grad_checkpoint,
         )
-        trainer.prepare_data(args.audio_dir, args.transcript_dir, args.alignment_dir,
-                             speaker_id=args.speaker_id, context_turns=args.context_turns,
-                             val_split=args.val_split)
+        trainer.prepare_data(
+            args.audio_dir,
+            args.transcript_dir,
+            args.alignment_dir,
+            speaker_id=args.speaker_id,
+            context_turns=args.context_turns,
+            val_split=args.val_split,
+        )
         result = trainer.train(
-            epochs=args.epochs, batch_size=args.batch_size, val_every=args.val_every,
-            save_every=args.save_every, resume_from=args.resume_from, save_mode=args.save_mode,
-            max_steps=args.max_steps, generate_samples=args.generate_samples,
-            sample_prompt=args.sample_prompt, speaker_id=args.speaker_id,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            val_every=args.val_every,
+            save_every=args.save_every,
+            resume_from=args.resume_from,
+            save_mode=args.save_mode,
+            max_steps=args.max_steps,
+            generate_samples=args.generate_samples,
+            sample_prompt=args.sample_prompt,
+            speaker_id=args.speaker_id,
         )
     except (TrainingCheckpointError, NonFiniteLossError, FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
         if args.debug:
@@ -116,8 +246,10 @@ def main(argv=None) -> int:
         return 1
     if trainer.world.is_main:
         val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-        print(f"{'interrupted' if result.interrupted else 'done'}: {result.steps} steps, loss {result.final_loss:.4f}{val}, "
-              f"{result.steps_per_s:.2f} steps/s, peak {result.peak_memory_mb:.1f} MiB")
+        print(
+            f"{'interrupted' if result.interrupted else 'done'}: {result.steps} steps, loss {result.final_loss:.4f}{val}, "
+            f"{result.steps_per_s:.2f} steps/s, peak {result.peak_memory_mb:.1f} MiB"
+        )
         for p in result.outputs:
             print(f"wrote {p}")
     return 130 if result.interrupted else 0

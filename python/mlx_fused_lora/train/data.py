@@ -29,9 +29,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -109,19 +109,19 @@ class DataSpec:
 class SourceFile:
     stem: str
     audio: Path
-    transcript: Optional[Path]
-    alignment: Optional[Path]
+    transcript: Path | None
+    alignment: Path | None
 
 
-def _default_dir(audio_dir: Path, name: str) -> Optional[Path]:
+def _default_dir(audio_dir: Path, name: str) -> Path | None:
     sibling = audio_dir.parent / name
     return sibling if sibling.is_dir() else None
 
 
 def find_files(
-    audio_dir: Union[str, Path],
-    transcript_dir: Union[None, str, Path] = None,
-    alignment_dir: Union[None, str, Path] = None,
+    audio_dir: str | Path,
+    transcript_dir: None | str | Path = None,
+    alignment_dir: None | str | Path = None,
 ) -> list[SourceFile]:
     """Audio/code files of ``audio_dir`` (sorted by name) with their transcript/alignment.
 
@@ -181,7 +181,7 @@ def _segments_from_words(words, codes, spec: DataSpec, speaker: int) -> tuple[li
     return segments, empty
 
 
-def load_segments(src: SourceFile, spec: DataSpec, codec=None, report: Optional[DataReport] = None) -> list[Segment]:
+def load_segments(src: SourceFile, spec: DataSpec, codec=None, report: DataReport | None = None) -> list[Segment]:
     """The turns of one file; problems are counted in ``report`` and give ``[]``."""
     report = report if report is not None else DataReport()
     if src.transcript is None:
@@ -245,7 +245,7 @@ def frame_turn(segment: Segment, tokenizer, spec: DataSpec) -> tuple[np.ndarray,
     return tokens, mask, is_audio
 
 
-def build_sample(turns: Sequence[Segment], tokenizer, spec: DataSpec, source: str = "") -> tuple[Optional[Sample], bool]:
+def build_sample(turns: Sequence[Segment], tokenizer, spec: DataSpec, source: str = "") -> tuple[Sample | None, bool]:
     """Sample of ``turns`` (context..., target); returns (sample or None, truncated)."""
     framed = [frame_turn(t, tokenizer, spec) for t in turns]
     truncated = False
@@ -265,11 +265,11 @@ def build_sample(turns: Sequence[Segment], tokenizer, spec: DataSpec, source: st
 
 
 def build_dataset(
-    audio_dir: Union[str, Path],
+    audio_dir: str | Path,
     tokenizer,
     spec: DataSpec,
-    transcript_dir: Union[None, str, Path] = None,
-    alignment_dir: Union[None, str, Path] = None,
+    transcript_dir: None | str | Path = None,
+    alignment_dir: None | str | Path = None,
     codec=None,
 ) -> tuple[list[Sample], DataReport]:
     """Every sample of a dataset directory, with the report of what was skipped."""

@@ -15,7 +15,6 @@ picks land on non-target rows, which are masked out of the mean.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,7 +38,7 @@ def csm_loss(
     semantic_weight: float,
     acoustic_weight: float,
     decoder_fraction: float,
-    key: Optional[mx.array] = None,
+    key: mx.array | None = None,
 ):
     """``(loss, (semantic, acoustic))`` of a batch.
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 
@@ -27,8 +27,12 @@ def encode_png(rgb: np.ndarray) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _draw(train: Series, val: Series, width: int, height: int) -> np.ndarray:
@@ -50,7 +54,7 @@ def _draw(train: Series, val: Series, width: int, height: int) -> np.ndarray:
 
     for series, color in ((train, (31, 119, 180)), (val, (255, 127, 14))):
         pts = [to_px(x, y) for x, y in series if np.isfinite(y)]
-        for (ax, ay), (bx, by) in zip(pts, pts[1:] or pts):
+        for (ax, ay), (bx, by) in zip(pts, pts[1:] or pts, strict=False):
             n = int(max(abs(bx - ax), abs(by - ay))) + 2
             for t in np.linspace(0.0, 1.0, n):
                 x, y = int(round(ax + t * (bx - ax))), int(round(ay + t * (by - ay)))
@@ -58,7 +62,7 @@ def _draw(train: Series, val: Series, width: int, height: int) -> np.ndarray:
     return img
 
 
-def write_loss_png(path: Union[str, Path], train: Series, val: Series = (), width: int = 640, height: int = 400) -> Path:
+def write_loss_png(path: str | Path, train: Series, val: Series = (), width: int = 640, height: int = 400) -> Path:
     """Plot ``(step, loss)`` series to ``path``; returns the path."""
     path = Path(path)
     try:
@@ -71,9 +75,9 @@ def write_loss_png(path: Union[str, Path], train: Series, val: Series = (), widt
         return path
     fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
     if train:
-        ax.plot(*zip(*train), label="train")
+        ax.plot(*zip(*train, strict=False), label="train")
     if val:
-        ax.plot(*zip(*val), label="validation", marker="o")
+        ax.plot(*zip(*val, strict=False), label="validation", marker="o")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
@@ -20,12 +19,14 @@ from .audio import FRAME_RATE
 
 __all__ = ["write_synthetic_dataset", "write_random_csm"]
 
-_WORDS = ("hello there general voice model speech tiny random frames learn codes fast "
-          "sound audio sample tone pitch river stone cloud green quiet bright").split()
+_WORDS = (
+    "hello there general voice model speech tiny random frames learn codes fast "
+    "sound audio sample tone pitch river stone cloud green quiet bright"
+).split()
 
 
 def write_synthetic_dataset(
-    root: Union[str, Path],
+    root: str | Path,
     num_files: int = 8,
     num_codebooks: int = 32,
     audio_vocab_size: int = 2051,
@@ -65,7 +66,7 @@ def write_synthetic_dataset(
     return root / "audio"
 
 
-def write_random_csm(path: Union[str, Path], config=None, seed: int = 0) -> Path:
+def write_random_csm(path: str | Path, config=None, seed: int = 0) -> Path:
     """Save a CSM with random weights (`save_csm`'s layout) to directory ``path``."""
     import mlx.core as mx
 

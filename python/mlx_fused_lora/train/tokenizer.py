@@ -18,7 +18,7 @@ one of them, and the error says which to install.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Union
+from typing import Protocol
 
 __all__ = ["TextTokenizer", "ByteTokenizer", "load_text_tokenizer", "LLAMA3_PATTERN"]
 
@@ -58,9 +58,7 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise ImportError(
-                f"reading {path} needs the 'tokenizers' package: pip install tokenizers"
-            ) from None
+            raise ImportError(f"reading {path} needs the 'tokenizers' package: pip install tokenizers") from None
         self._tok = Tokenizer.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -104,9 +102,7 @@ class TiktokenTokenizer:
         return [self.bos_id, *self._enc.encode(text, disallowed_special=()), self.eos_id]
 
 
-def load_text_tokenizer(
-    spec: Union[None, str, Path], model_path: Union[None, str, Path] = None
-) -> TextTokenizer:
+def load_text_tokenizer(spec: None | str | Path, model_path: None | str | Path = None) -> TextTokenizer:
     """The tokenizer named by ``spec`` (a file, a directory, or ``"byte"``).
 
     With ``spec`` None, a ``tokenizer.json`` or ``tokenizer.model`` beside the model

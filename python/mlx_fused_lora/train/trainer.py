@@ -25,10 +25,10 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -40,7 +40,17 @@ from ..csm import CSM, apply_lora, load_csm, save_csm
 from ..csm.lora import freeze_all_but_lora, lora_dropout_p, lora_layers
 from ..layers import plain_layer_class
 from .checkpoint import TrainingCheckpointError, atomic_write_dir, load_checkpoint, save_checkpoint
-from .data import DataReport, DataSpec, Sample, batch_order, build_dataset, collate, frame_turn, Segment, split_train_val
+from .data import (
+    DataReport,
+    DataSpec,
+    Sample,
+    Segment,
+    batch_order,
+    build_dataset,
+    collate,
+    frame_turn,
+    split_train_val,
+)
 from .distributed import World, init_world
 from .loss import csm_loss
 from .plot import write_loss_png
@@ -71,14 +81,14 @@ class TrainSettings:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     target_modules: Sequence[str] = ("q_proj", "v_proj")
-    target_layers: Optional[Sequence[int]] = None
+    target_layers: Sequence[int] | None = None
     lora_bias: bool = False
     learning_rate: float = 1e-4
     semantic_weight: float = 100.0
     acoustic_weight: float = 1.0
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    warmup_steps: Optional[int] = None  # None: 5% of the run's steps
+    warmup_steps: int | None = None  # None: 5% of the run's steps
     lr_schedule: str = "cosine"
     grad_accumulation_steps: int = 1
     decoder_fraction: float = 1 / 16
@@ -107,7 +117,7 @@ class TrainSettings:
 class TrainResult:
     steps: int = 0
     final_loss: float = float("nan")
-    val_loss: Optional[float] = None
+    val_loss: float | None = None
     steps_per_s: float = 0.0
     step_time_s: float = 0.0  # mean wall time of a step, compile steps excluded
     tokens_per_s: float = 0.0
@@ -162,7 +172,9 @@ def grad_checkpoint_blocks(model: CSM) -> None:
 
                 return mx.checkpoint(inner)(self.trainable_parameters(), x)
 
-            block.__class__ = type(f"Checkpointed{base.__name__}", (base,), {"__call__": __call__, "_checkpointed": True})
+            block.__class__ = type(
+                f"Checkpointed{base.__name__}", (base,), {"__call__": __call__, "_checkpointed": True}
+            )
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -204,14 +216,14 @@ class CSMLoRATrainer:
 
     def __init__(
         self,
-        model_path: Union[str, Path],
-        output_dir: Union[str, Path],
+        model_path: str | Path,
+        output_dir: str | Path,
         lora_r: int = 8,
         lora_alpha: float = 16.0,
         *,
-        tokenizer: Union[None, str, Path] = None,
-        codec_path: Union[None, str, Path] = None,
-        world: Optional[World] = None,
+        tokenizer: None | str | Path = None,
+        codec_path: None | str | Path = None,
+        world: World | None = None,
         progress: bool = True,
         **settings,
     ):
@@ -226,14 +238,19 @@ class CSMLoRATrainer:
         self._codec = None
         self.train_samples: list[Sample] = []
         self.val_samples: list[Sample] = []
-        self.data_report: Optional[DataReport] = None
+        self.data_report: DataReport | None = None
 
         s = self.settings
         self.model = load_csm(self.model_path)
         mx.random.seed(s.seed)  # the adapters' initialisation is part of the run's identity
         self.lora_report = apply_lora(
-            self.model, s.target_modules, s.target_layers, r=s.lora_r, alpha=s.lora_alpha,
-            dropout=s.lora_dropout, bias=s.lora_bias,
+            self.model,
+            s.target_modules,
+            s.target_layers,
+            r=s.lora_r,
+            alpha=s.lora_alpha,
+            dropout=s.lora_dropout,
+            bias=s.lora_bias,
         )
         if s.lora_layer == "plain":
             use_plain_lora_layers(self.model, train_bias=s.lora_bias)
@@ -264,24 +281,31 @@ class CSMLoRATrainer:
     def data_spec(self, speaker_id: int = 0, context_turns: int = 2) -> DataSpec:
         cfg = self.model.config
         return DataSpec(
-            num_codebooks=cfg.audio_num_codebooks, audio_vocab_size=cfg.audio_vocab_size,
-            text_vocab_size=cfg.text_vocab_size, max_seq_len=self.settings.max_seq_len,
-            context_turns=context_turns, speaker_id=speaker_id,
+            num_codebooks=cfg.audio_num_codebooks,
+            audio_vocab_size=cfg.audio_vocab_size,
+            text_vocab_size=cfg.text_vocab_size,
+            max_seq_len=self.settings.max_seq_len,
+            context_turns=context_turns,
+            speaker_id=speaker_id,
         )
 
     def prepare_data(
         self,
-        audio_dir: Union[str, Path],
-        transcript_dir: Union[None, str, Path] = None,
-        alignment_dir: Union[None, str, Path] = None,
+        audio_dir: str | Path,
+        transcript_dir: None | str | Path = None,
+        alignment_dir: None | str | Path = None,
         speaker_id: int = 0,
         context_turns: int = 2,
         val_split: float = 0.1,
     ) -> DataReport:
         """Build the samples and the seeded train/validation split; returns the data report."""
         samples, report = build_dataset(
-            audio_dir, self.tokenizer, self.data_spec(speaker_id, context_turns),
-            transcript_dir, alignment_dir, codec=self.codec,
+            audio_dir,
+            self.tokenizer,
+            self.data_spec(speaker_id, context_turns),
+            transcript_dir,
+            alignment_dir,
+            codec=self.codec,
         )
         if not samples:
             raise ValueError(f"no usable training samples in {audio_dir}: {report}")
@@ -293,14 +317,14 @@ class CSMLoRATrainer:
 
     # -- adapters --
 
-    def save_lora_weights(self, path: Union[str, Path], format: str = "csm-cli") -> Path:
+    def save_lora_weights(self, path: str | Path, format: str = "csm-cli") -> Path:
         """Write the adapters to directory ``path`` (the original tool's file names by default)."""
         from ..adapters import save_adapters
 
         moved = atomic_write_dir(path, lambda tmp: save_adapters(self.model, tmp, format=format))
         return next(p for p in moved if p.suffix == ".safetensors")
 
-    def load_lora_weights(self, path: Union[str, Path]) -> None:
+    def load_lora_weights(self, path: str | Path) -> None:
         """Load adapters (csm-cli, mlx-lm or PEFT format, or a training checkpoint) into the model."""
         path = Path(path)
         if (path / "manifest.json").exists() or (path / "checkpoints").is_dir() or path.name.startswith("step_"):
@@ -312,7 +336,7 @@ class CSMLoRATrainer:
             load_adapters(self.model, path)
         mx.eval(self.model.parameters())
 
-    def save_merged_model(self, path: Union[str, Path]) -> Path:
+    def save_merged_model(self, path: str | Path) -> Path:
         """The base model with the adapters folded in, as `save_csm` writes it (the model keeps its LoRA layers)."""
         layers = lora_layers(self.model)
         fused = [(name, layer.fuse()) for name, layer in layers]
@@ -338,22 +362,34 @@ class CSMLoRATrainer:
     # -- samples --
 
     def generate_sample(
-        self, text: str, speaker_id: int = 0, output_path: Union[str, Path] = "sample.wav",
-        max_frames: int = 125, temperature: float = 0.9, top_k: int = 50,
+        self,
+        text: str,
+        speaker_id: int = 0,
+        output_path: str | Path = "sample.wav",
+        max_frames: int = 125,
+        temperature: float = 0.9,
+        top_k: int = 50,
     ) -> Path:
         """Generate speech for ``text``: a WAV through Mimi when a codec is set, else the
         codes ``[codebooks, frames]`` as ``.npy`` beside ``output_path``. Returns the file."""
         from ..csm import generate
 
         spec = self.data_spec(speaker_id)
-        tokens, mask, _ = frame_turn(Segment(text, speaker_id, np.zeros((spec.num_codebooks, 0), np.int32)), self.tokenizer, spec)
+        tokens, mask, _ = frame_turn(
+            Segment(text, speaker_id, np.zeros((spec.num_codebooks, 0), np.int32)), self.tokenizer, spec
+        )
         # frame_turn appends an end-of-audio frame; a prompt ends with its text rows
         n_text = int(mask[:, -1].sum())
         tokens, mask = tokens[:n_text], mask[:n_text]
         limit = self.model.config.backbone.max_seq_len - n_text
         codes = generate(
-            self.model, mx.array(tokens)[None], mx.array(mask)[None], min(max_frames, limit),
-            temperature=temperature, top_k=top_k, seed=self.settings.seed,
+            self.model,
+            mx.array(tokens)[None],
+            mx.array(mask)[None],
+            min(max_frames, limit),
+            temperature=temperature,
+            top_k=top_k,
+            seed=self.settings.seed,
         )
         codes = np.array(codes[0]).T  # [codebooks, frames]
         output_path = Path(output_path)
@@ -372,8 +408,14 @@ class CSMLoRATrainer:
     def _loss(self, model, tokens, mask, target, key=None):
         s = self.settings
         return csm_loss(
-            model, tokens, mask, target, semantic_weight=s.semantic_weight,
-            acoustic_weight=s.acoustic_weight, decoder_fraction=s.decoder_fraction, key=key,
+            model,
+            tokens,
+            mask,
+            target,
+            semantic_weight=s.semantic_weight,
+            acoustic_weight=s.acoustic_weight,
+            decoder_fraction=s.decoder_fraction,
+            key=key,
         )
 
     def _build_step(self, optimizer):
@@ -456,11 +498,18 @@ class CSMLoRATrainer:
 
         optimizer.state = tree_map_with_path(restored, optimizer.state)
         mx.eval(self.model.parameters(), optimizer.state)
-        for name, now in (("num_train_samples", len(self.train_samples)), ("batch_size", batch_size),
-                          ("world_size", self.world.size)):
+        for name, now in (
+            ("num_train_samples", len(self.train_samples)),
+            ("batch_size", batch_size),
+            ("world_size", self.world.size),
+        ):
             if state.get(name) != now:
-                log.warning("resuming with %s = %s, the checkpoint had %s: the data order differs from "
-                            "the interrupted run", name, now, state.get(name))
+                log.warning(
+                    "resuming with %s = %s, the checkpoint had %s: the data order differs from the interrupted run",
+                    name,
+                    now,
+                    state.get(name),
+                )
         old = state.get("settings", {})
         changed = {k: (old.get(k), v) for k, v in asdict(self.settings).items() if old.get(k) != v and k in old}
         changed = {k: v for k, v in changed.items() if not (isinstance(v[0], list) and list(v[0]) == list(v[1] or []))}
@@ -475,9 +524,9 @@ class CSMLoRATrainer:
         batch_size: int = 2,
         val_every: int = 100,
         save_every: int = 500,
-        resume_from: Union[None, str, Path] = None,
+        resume_from: None | str | Path = None,
         save_mode: str = "lora",
-        max_steps: Optional[int] = None,
+        max_steps: int | None = None,
         generate_samples: bool = False,
         sample_prompt: str = DEFAULT_SAMPLE_PROMPT,
         speaker_id: int = 0,
@@ -552,17 +601,24 @@ class CSMLoRATrainer:
                 done = step + 1
                 lr = float(schedule(mx.array(step)))
                 entry = {
-                    "step": done, "loss": loss,
+                    "step": done,
+                    "loss": loss,
                     "semantic": world.mean(mx.mean(mx.stack([l[1] for l in losses]))).item(),
                     "acoustic": world.mean(mx.mean(mx.stack([l[2] for l in losses]))).item(),
-                    "learning_rate": lr, "grad_norm": norm.item(), "step_time_s": dt,
-                    "tokens_per_s": rows_n / dt, "peak_memory_mb": mx.get_peak_memory() / 2**20,
+                    "learning_rate": lr,
+                    "grad_norm": norm.item(),
+                    "step_time_s": dt,
+                    "tokens_per_s": rows_n / dt,
+                    "peak_memory_mb": mx.get_peak_memory() / 2**20,
                 }
                 metrics.write(entry)
                 result.losses.append((done, loss))
                 result.steps, result.final_loss = done, loss
-                progress.update(done, f"loss {loss:.4f} lr {lr:.2e} {entry['tokens_per_s']:.0f} tok/s "
-                                      f"peak {entry['peak_memory_mb']:.0f} MiB")
+                progress.update(
+                    done,
+                    f"loss {loss:.4f} lr {lr:.2e} {entry['tokens_per_s']:.0f} tok/s "
+                    f"peak {entry['peak_memory_mb']:.0f} MiB",
+                )
                 if val_every and done % val_every == 0 and self.val_samples:
                     val_loss = self.evaluate(batch_size)
                     metrics.write({"step": done, "val_loss": val_loss})
@@ -585,7 +641,9 @@ class CSMLoRATrainer:
             if world.is_main:
                 result.outputs = self.save_outputs(save_mode)
                 if generate_samples:
-                    result.outputs.append(self.generate_sample(sample_prompt, speaker_id, self.output_dir / "sample.wav"))
+                    result.outputs.append(
+                        self.generate_sample(sample_prompt, speaker_id, self.output_dir / "sample.wav")
+                    )
         result.val_loss = val_loss
         result.peak_memory_mb = mx.get_peak_memory() / 2**20
         if timed_steps:
