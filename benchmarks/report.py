@@ -101,7 +101,7 @@ def main():
     misses = bm.target_misses(report["ratios"])
     print("\ntargets at 2048³ r16 fp32:", "; ".join(misses) if misses else "all met (or shape not in this run)")
     if args.png:
-        from mlx_fused_lora.bench_chart import write_chart
+        from mlx_fused_lora.bench.chart import write_chart
 
         write_chart(report, args.png)
 

@@ -12,8 +12,8 @@ COMMANDS = {
         "fine-tune a tiny random CSM with fused and with plain LoRA layers: speed, memory, loss",
     ),
     "finetune": ("mlx_fused_lora.train.cli", "LoRA fine-tuning of CSM on audio + transcripts (checkpoints, resume)"),
-    "layer-demo": ("mlx_fused_lora.layer_demo", "the fused LoRA layer against the plain one: speed and memory"),
-    "bench": ("mlx_fused_lora.bench", "the benchmark suite: fused vs plain MLX vs the limit, table, JSON and PNG"),
+    "layer-demo": ("mlx_fused_lora.bench.layer_demo", "the fused LoRA layer against the plain one: speed and memory"),
+    "bench": ("mlx_fused_lora.bench.cli", "the benchmark suite: fused vs plain MLX vs the limit, table, JSON and PNG"),
     "convert-adapter": ("mlx_fused_lora.adapters.cli", "convert LoRA adapters between mlx-lm and PEFT formats"),
 }
 

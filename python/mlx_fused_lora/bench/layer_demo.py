@@ -10,8 +10,8 @@ import argparse
 import mlx.core as mx
 import numpy as np
 
-from .benchmarking import best_time, cases, layer_from_inputs, make_inputs, peak_memory
-from .layers import FusedLoRALinear, plain_layer_class
+from ..benchmarking import best_time, cases, layer_from_inputs, make_inputs, peak_memory
+from ..layers import FusedLoRALinear, plain_layer_class
 
 
 def main(argv=None):

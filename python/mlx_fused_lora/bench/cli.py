@@ -22,7 +22,7 @@ from importlib import metadata
 
 import mlx.core as mx
 
-from . import benchmarking as bm
+from .. import benchmarking as bm
 
 
 def parse_args(argv):
@@ -290,7 +290,7 @@ def main(argv=None):
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)
     if png_path:
-        from .bench_chart import write_chart
+        from .chart import write_chart
 
         write_chart(report, png_path)
 
