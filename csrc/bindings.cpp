@@ -16,16 +16,16 @@ NB_MODULE(_ext, m) {
   m.doc() = "CPU primitives of the fused LoRA linear op (see csrc/cpu/fused_lora.h).";
   m.attr("mlx_version") = MFL_BUILT_AGAINST_MLX;
 
-  m.def("lora_forward", &mfl::lora_forward, "x"_a, "weight"_a, "bias"_a.none(), "lora_a"_a,
-        "lora_b"_a, "key"_a.none(), nb::kw_only(), "scale"_a, "dropout"_a, "stream"_a = nb::none(),
+  m.def("lora_forward", &mfl::lora_forward, "x"_a, "weight"_a, "bias"_a, "lora_a"_a, "lora_b"_a,
+        "key"_a, nb::kw_only(), "scale"_a, "dropout"_a, "stream"_a = nb::none(),
         "Returns (y, h): y = x @ W^T + bias + scale * h @ B, h = (mask * x) @ A.");
   m.def("lora_low_rank_grad", &mfl::lora_low_rank_grad, "cotangent"_a, "h"_a, "lora_b"_a,
         nb::kw_only(), "scale"_a, "stream"_a = nb::none(),
         "Returns (dS, dB): dS = scale * dY @ B^T, dB = scale * h^T @ dY.");
-  m.def("lora_down_grad", &mfl::lora_down_grad, "x"_a, "ds"_a, "lora_a"_a, "key"_a.none(),
-        nb::kw_only(), "dropout"_a, "stream"_a = nb::none(), "Returns dA = (mask * x)^T @ dS.");
+  m.def("lora_down_grad", &mfl::lora_down_grad, "x"_a, "ds"_a, "lora_a"_a, "key"_a, nb::kw_only(),
+        "dropout"_a, "stream"_a = nb::none(), "Returns dA = (mask * x)^T @ dS.");
   m.def("lora_input_grad", &mfl::lora_input_grad, "cotangent"_a, "weight"_a, "ds"_a, "lora_a"_a,
-        "key"_a.none(), nb::kw_only(), "dropout"_a, "stream"_a = nb::none(),
+        "key"_a, nb::kw_only(), "dropout"_a, "stream"_a = nb::none(),
         "Returns dX = dY @ W + mask * (dS @ A^T).");
   m.def(
       "dropout_mask",

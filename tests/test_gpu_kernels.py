@@ -260,8 +260,8 @@ class PlainKernels:
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_gpu_op_glue_matches_reference(dtype, p):
     """The GPU op's formulas (forward, every gradient), with the kernels' contract."""
-    from mlx_fused_lora.ops import reference
-    from mlx_fused_lora.ops.fused_lora_linear import gpu_op
+    from mlx_fused_lora.ops import layout, reference
+    from mlx_fused_lora.ops.backends.gpu import gpu_op
 
     mx.random.seed(0)
     x = mx.random.normal((19, 40)).astype(dtype)
@@ -269,12 +269,12 @@ def test_gpu_op_glue_matches_reference(dtype, p):
     b = mx.random.normal((24,)).astype(dtype)
     a, bb = mx.random.normal((40, 4)) / 6, mx.random.normal((4, 24)) / 2
     key = mx.random.key(5)
-    op = gpu_op(PlainKernels(), 1.5, p, True)
+    op = gpu_op(PlainKernels(), 1.5, p)
     mask = dropout_mask(key, x.shape, p) if p > 0 else None
     ct = mx.random.normal((19, 24))
 
     def fused(x, b, a, bb):
-        args = [x, w, b, a, bb] + ([key] if p > 0 else [])
+        args = layout.op_inputs(x, w, b, a, bb, key, p)
         return (op(*args)[0].astype(mx.float32) * ct).sum()
 
     def ref(x, b, a, bb):

@@ -348,13 +348,22 @@ mx::array row_contiguous(const mx::array& a, const mx::Stream& s) {
   return mx::contiguous(a, /*allow_col_major=*/false, s);
 }
 
-void check_key(const std::optional<mx::array>& key, float dropout) {
+void check_key(const mx::array& key, float dropout) {
   require(dropout >= 0.0f && dropout < 1.0f, "dropout must be in [0, 1)");
-  if (dropout > 0.0f) {
-    require(key.has_value(), "dropout > 0 needs a key");
-    require(key->dtype() == mx::uint32 && key->ndim() == 1 && key->shape(0) == 2,
-            "key must be a uint32 array of shape (2,), got shape " + shape_str(*key));
-  }
+  require(key.dtype() == mx::uint32 && key.ndim() == 1 && key.shape(0) == 2,
+          "key must be a uint32 array of shape (2,), got shape " + shape_str(key));
+}
+
+// The one place that decides which optional inputs are present. The primitives
+// always receive fixed slots (python/mlx_fused_lora/ops/layout.py): a 0-size bias
+// slot means no bias, and the key slot (always passed) is read only when p > 0.
+struct Present {
+  const mx::array* bias;
+  const mx::array* key;
+};
+Present present(const mx::array* bias_slot, const mx::array& key_slot, float dropout) {
+  return {bias_slot && bias_slot->size() > 0 ? bias_slot : nullptr,
+          dropout > 0.0f ? &key_slot : nullptr};
 }
 
 }  // namespace
@@ -364,9 +373,9 @@ void check_key(const std::optional<mx::array>& key, float dropout) {
 ///////////////////////////////////////////////////////////////////////////////
 
 std::vector<mx::array> lora_forward(const mx::array& x, const mx::array& weight,
-                                    const std::optional<mx::array>& bias, const mx::array& lora_a,
-                                    const mx::array& lora_b, const std::optional<mx::array>& key,
-                                    float scale, float dropout, mx::StreamOrDevice s) {
+                                    const mx::array& bias, const mx::array& lora_a,
+                                    const mx::array& lora_b, const mx::array& key, float scale,
+                                    float dropout, mx::StreamOrDevice s) {
   require(x.ndim() == 2 && weight.ndim() == 2 && lora_a.ndim() == 2 && lora_b.ndim() == 2,
           "lora_forward takes 2-D x, weight, lora_a and lora_b");
   require(weight.shape(1) == x.shape(1),
@@ -378,25 +387,17 @@ std::vector<mx::array> lora_forward(const mx::array& x, const mx::array& weight,
   require(is_float(x.dtype()) && x.dtype() == weight.dtype(),
           "x and weight must share a float dtype");
   require(is_float(lora_a.dtype()) && is_float(lora_b.dtype()), "adapters must be float");
-  if (bias) {
-    require(bias->ndim() == 1 && bias->shape(0) == weight.shape(0) && bias->dtype() == x.dtype(),
-            "bias must be (N,) in x's dtype, got " + shape_str(*bias));
-  }
+  require(bias.ndim() == 1 && (bias.size() == 0 || bias.shape(0) == weight.shape(0)) &&
+              bias.dtype() == x.dtype(),
+          "bias must be (N,) or (0,) (no bias) in x's dtype, got " + shape_str(bias));
   check_key(key, dropout);
   auto stream = mx::to_stream(s);
-  std::vector<mx::array> inputs = {row_contiguous(x, stream), row_contiguous(weight, stream)};
-  if (bias) {
-    inputs.push_back(row_contiguous(*bias, stream));
-  }
-  inputs.push_back(row_contiguous(lora_a, stream));
-  inputs.push_back(row_contiguous(lora_b, stream));
-  if (dropout > 0.0f) {
-    inputs.push_back(row_contiguous(*key, stream));
-  }
+  std::vector<mx::array> inputs = {row_contiguous(x, stream),      row_contiguous(weight, stream),
+                                   row_contiguous(bias, stream),   row_contiguous(lora_a, stream),
+                                   row_contiguous(lora_b, stream), row_contiguous(key, stream)};
   const int m = x.shape(0), n = weight.shape(0), r = lora_a.shape(1);
-  return mx::array::make_arrays(
-      {{m, n}, {m, r}}, {x.dtype(), mx::float32},
-      std::make_shared<LoRAForward>(stream, scale, dropout, bias.has_value()), inputs);
+  return mx::array::make_arrays({{m, n}, {m, r}}, {x.dtype(), mx::float32},
+                                std::make_shared<LoRAForward>(stream, scale, dropout), inputs);
 }
 
 std::vector<mx::array> lora_low_rank_grad(const mx::array& cotangent, const mx::array& h,
@@ -417,7 +418,7 @@ std::vector<mx::array> lora_low_rank_grad(const mx::array& cotangent, const mx::
 }
 
 mx::array lora_down_grad(const mx::array& x, const mx::array& ds, const mx::array& lora_a,
-                         const std::optional<mx::array>& key, float dropout, mx::StreamOrDevice s) {
+                         const mx::array& key, float dropout, mx::StreamOrDevice s) {
   require(x.ndim() == 2 && ds.ndim() == 2 && lora_a.ndim() == 2, "expected 2-D arrays");
   require(
       ds.shape(0) == x.shape(0) && lora_a.shape(0) == x.shape(1) && lora_a.shape(1) == ds.shape(1),
@@ -426,17 +427,15 @@ mx::array lora_down_grad(const mx::array& x, const mx::array& ds, const mx::arra
           "ds must be float32, x and lora_a float");
   check_key(key, dropout);
   auto stream = mx::to_stream(s);
-  std::vector<mx::array> inputs = {row_contiguous(x, stream), row_contiguous(ds, stream)};
-  if (dropout > 0.0f) {
-    inputs.push_back(row_contiguous(*key, stream));
-  }
+  std::vector<mx::array> inputs = {row_contiguous(x, stream), row_contiguous(ds, stream),
+                                   row_contiguous(key, stream)};
   return mx::array(lora_a.shape(), lora_a.dtype(), std::make_shared<LoRADownGrad>(stream, dropout),
                    inputs);
 }
 
 mx::array lora_input_grad(const mx::array& cotangent, const mx::array& weight, const mx::array& ds,
-                          const mx::array& lora_a, const std::optional<mx::array>& key,
-                          float dropout, mx::StreamOrDevice s) {
+                          const mx::array& lora_a, const mx::array& key, float dropout,
+                          mx::StreamOrDevice s) {
   require(cotangent.ndim() == 2 && weight.ndim() == 2 && ds.ndim() == 2 && lora_a.ndim() == 2,
           "expected 2-D arrays");
   require(weight.shape(0) == cotangent.shape(1) && ds.shape(0) == cotangent.shape(0) &&
@@ -450,10 +449,7 @@ mx::array lora_input_grad(const mx::array& cotangent, const mx::array& weight, c
   auto stream = mx::to_stream(s);
   std::vector<mx::array> inputs = {row_contiguous(cotangent, stream),
                                    row_contiguous(weight, stream), row_contiguous(ds, stream),
-                                   row_contiguous(lora_a, stream)};
-  if (dropout > 0.0f) {
-    inputs.push_back(row_contiguous(*key, stream));
-  }
+                                   row_contiguous(lora_a, stream), row_contiguous(key, stream)};
   const int m = cotangent.shape(0), k = weight.shape(1);
   return mx::array({m, k}, cotangent.dtype(), std::make_shared<LoRAInputGrad>(stream, dropout),
                    inputs);
@@ -489,13 +485,12 @@ void LoRAForward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     out.set_data(mx::allocator::malloc(out.nbytes()));
   }
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.dispatch([inputs, outputs, has_bias = has_bias_, scale = scale_, p = dropout_]() mutable {
-    // inputs: x, weight, [bias], lora_a, lora_b, [key]
-    const size_t ai = has_bias ? 3 : 2;
+  encoder.dispatch([inputs, outputs, scale = scale_, p = dropout_]() mutable {
+    // inputs: x, weight, bias, lora_a, lora_b, key
+    const Present in = present(&inputs[2], inputs[5], p);
     dispatch_float(inputs[0].dtype(), [&](auto tag) {
-      forward_impl<decltype(tag)>(inputs[0], inputs[1], has_bias ? &inputs[2] : nullptr, inputs[ai],
-                                  inputs[ai + 1], p > 0.0f ? &inputs[ai + 2] : nullptr, scale, p,
-                                  outputs[0], outputs[1]);
+      forward_impl<decltype(tag)>(inputs[0], inputs[1], in.bias, inputs[3], inputs[4], in.key,
+                                  scale, p, outputs[0], outputs[1]);
     });
   });
 }
@@ -519,7 +514,8 @@ void LoRADownGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out
   auto& encoder = mx::cpu::get_command_encoder(stream());
   encoder.dispatch([inputs, out, p = dropout_]() mutable {
     dispatch_float(inputs[0].dtype(), [&](auto tag) {
-      down_grad_impl<decltype(tag)>(inputs[0], inputs[1], p > 0.0f ? &inputs[2] : nullptr, p, out);
+      down_grad_impl<decltype(tag)>(inputs[0], inputs[1], present(nullptr, inputs[2], p).key, p,
+                                    out);
     });
   });
 }
@@ -530,7 +526,7 @@ void LoRAInputGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& ou
   encoder.dispatch([inputs, out, p = dropout_]() mutable {
     dispatch_float(inputs[0].dtype(), [&](auto tag) {
       input_grad_impl<decltype(tag)>(inputs[0], inputs[1], inputs[2], inputs[3],
-                                     p > 0.0f ? &inputs[4] : nullptr, p, out);
+                                     present(nullptr, inputs[4], p).key, p, out);
     });
   });
 }
@@ -598,16 +594,15 @@ std::vector<mx::array> LoRAForward::jvp(const std::vector<mx::array>& primals,
                                         const std::vector<mx::array>& tangents,
                                         const std::vector<int>& argnums) {
   const mx::Stream s = stream();
-  const size_t ai = has_bias_ ? 3 : 2;
+  // primals: x, weight, bias, lora_a, lora_b, key (fixed slots)
   const mx::array& x = primals[0];
   const mx::array& w = primals[1];
-  const mx::array a = mx::astype(primals[ai], mx::float32, s);
-  const mx::array b = mx::astype(primals[ai + 1], mx::float32, s);
-  const std::optional<mx::array> key =
-      dropout_ > 0.0f ? std::optional(primals[ai + 2]) : std::nullopt;
+  const mx::array a = mx::astype(primals[3], mx::float32, s);
+  const mx::array b = mx::astype(primals[4], mx::float32, s);
+  const mx::array& key = primals[5];
   mx::array x_masked = mx::astype(x, mx::float32, s);
-  if (key) {
-    x_masked = mx::multiply(x_masked, dropout_mask(*key, x.shape(), dropout_, mx::float32, s), s);
+  if (dropout_ > 0.0f) {
+    x_masked = mx::multiply(x_masked, dropout_mask(key, x.shape(), dropout_, mx::float32, s), s);
   }
   mx::array dy = mx::zeros({x.shape(0), w.shape(0)}, mx::float32, s);
   mx::array dh = mx::zeros({x.shape(0), a.shape(1)}, mx::float32, s);
@@ -615,8 +610,8 @@ std::vector<mx::array> LoRAForward::jvp(const std::vector<mx::array>& primals,
     const int arg = argnums[i];
     const mx::array t = tangents[i];
     if (arg == 0) {
-      auto along_x =
-          lora_forward(t, w, std::nullopt, primals[ai], primals[ai + 1], key, scale_, dropout_, s);
+      const mx::array no_bias = mx::zeros({0}, x.dtype(), s);
+      auto along_x = lora_forward(t, w, no_bias, primals[3], primals[4], key, scale_, dropout_, s);
       dy = mx::add(dy, mx::astype(along_x[0], mx::float32, s), s);
       dh = mx::add(dh, along_x[1], s);
     } else if (arg == 1) {
@@ -624,13 +619,13 @@ std::vector<mx::array> LoRAForward::jvp(const std::vector<mx::array>& primals,
                    mx::matmul(mx::astype(x, mx::float32, s),
                               mx::transpose(mx::astype(t, mx::float32, s), s), s),
                    s);
-    } else if (has_bias_ && arg == 2) {
+    } else if (arg == 2 && t.size() > 0) {
       dy = mx::add(dy, mx::astype(t, mx::float32, s), s);
-    } else if (arg == static_cast<int>(ai)) {
+    } else if (arg == 3) {
       mx::array dh_a = mx::matmul(x_masked, mx::astype(t, mx::float32, s), s);
       dh = mx::add(dh, dh_a, s);
       dy = mx::add(dy, mx::multiply(mx::array(scale_), mx::matmul(dh_a, b, s), s), s);
-    } else if (arg == static_cast<int>(ai + 1)) {
+    } else if (arg == 4) {
       mx::array h = mx::matmul(x_masked, a, s);
       dy = mx::add(
           dy, mx::multiply(mx::array(scale_), mx::matmul(h, mx::astype(t, mx::float32, s), s), s),
@@ -641,8 +636,7 @@ std::vector<mx::array> LoRAForward::jvp(const std::vector<mx::array>& primals,
 }
 
 std::vector<mx::Shape> LoRAForward::output_shapes(const std::vector<mx::array>& inputs) {
-  const size_t ai = has_bias_ ? 3 : 2;
-  return {{inputs[0].shape(0), inputs[1].shape(0)}, {inputs[0].shape(0), inputs[ai].shape(1)}};
+  return {{inputs[0].shape(0), inputs[1].shape(0)}, {inputs[0].shape(0), inputs[3].shape(1)}};
 }
 std::vector<mx::Shape> LoRALowRankGrad::output_shapes(const std::vector<mx::array>& inputs) {
   return {inputs[1].shape(), inputs[2].shape()};
@@ -662,7 +656,7 @@ std::vector<mx::Shape> BlasMatmul::output_shapes(const std::vector<mx::array>& i
 
 bool LoRAForward::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const LoRAForward&>(other);
-  return scale_ == o.scale_ && dropout_ == o.dropout_ && has_bias_ == o.has_bias_;
+  return scale_ == o.scale_ && dropout_ == o.dropout_;
 }
 bool LoRALowRankGrad::is_equivalent(const mx::Primitive& other) const {
   return scale_ == static_cast<const LoRALowRankGrad&>(other).scale_;

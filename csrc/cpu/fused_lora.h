@@ -29,9 +29,9 @@ namespace mfl {
 
 // Returns {y (M, N) in x's dtype, h (M, r) float32}.
 std::vector<mx::array> lora_forward(const mx::array& x, const mx::array& weight,
-                                    const std::optional<mx::array>& bias, const mx::array& lora_a,
-                                    const mx::array& lora_b, const std::optional<mx::array>& key,
-                                    float scale, float dropout, mx::StreamOrDevice s = {});
+                                    const mx::array& bias, const mx::array& lora_a,
+                                    const mx::array& lora_b, const mx::array& key, float scale,
+                                    float dropout, mx::StreamOrDevice s = {});
 
 // Returns {dS (M, r) float32, dB (r, N) in lora_b's dtype}.
 std::vector<mx::array> lora_low_rank_grad(const mx::array& cotangent, const mx::array& h,
@@ -40,13 +40,12 @@ std::vector<mx::array> lora_low_rank_grad(const mx::array& cotangent, const mx::
 
 // Returns dA (K, r) in lora_a's dtype.
 mx::array lora_down_grad(const mx::array& x, const mx::array& ds, const mx::array& lora_a,
-                         const std::optional<mx::array>& key, float dropout,
-                         mx::StreamOrDevice s = {});
+                         const mx::array& key, float dropout, mx::StreamOrDevice s = {});
 
 // Returns dX (M, K) in the cotangent's dtype.
 mx::array lora_input_grad(const mx::array& cotangent, const mx::array& weight, const mx::array& ds,
-                          const mx::array& lora_a, const std::optional<mx::array>& key,
-                          float dropout, mx::StreamOrDevice s = {});
+                          const mx::array& lora_a, const mx::array& key, float dropout,
+                          mx::StreamOrDevice s = {});
 
 // The dropout multipliers the op applies to an x of this shape: 1/(1-p) where
 // kept, 0 where dropped.
@@ -60,8 +59,8 @@ mx::array blas_matmul(const mx::array& a, const mx::array& b, bool transpose_b,
 
 class LoRAForward : public mx::Primitive {
  public:
-  LoRAForward(mx::Stream stream, float scale, float dropout, bool has_bias)
-      : mx::Primitive(stream), scale_(scale), dropout_(dropout), has_bias_(has_bias) {}
+  LoRAForward(mx::Stream stream, float scale, float dropout)
+      : mx::Primitive(stream), scale_(scale), dropout_(dropout) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   // Forward mode (mx.jvp) differentiates the traced graph primitive by primitive.
@@ -75,7 +74,6 @@ class LoRAForward : public mx::Primitive {
  private:
   float scale_;
   float dropout_;
-  bool has_bias_;
 };
 
 class LoRALowRankGrad : public mx::Primitive {

@@ -1,0 +1,35 @@
+"""Chooses the op's backend from the default device, in this one place.
+
+A backend offers ``lora_linear(inputs, scale, p)`` over the fixed slots of
+``layout.Inputs`` (returning y of shape (M, N)) and ``dropout_mask(key, shape, p,
+dtype)``. The CPU runs the C++ extension (``cpu``); a GPU runs the GPU kernels
+(``gpu``) when MLX_FUSED_LORA_GPU_KERNELS=1 (opt-in until measured on GPU
+hardware), else the plain-MLX reference with the same mask (``reference``, one
+warning).
+"""
+
+import functools
+from types import SimpleNamespace
+
+import mlx.core as mx
+
+from .. import gpu_kernels
+from . import cpu, gpu, reference
+
+
+@functools.cache
+def _for_gpu(kernels):
+    if kernels is not None:
+        return gpu.backend(kernels)
+    hint = f" (set {gpu_kernels.ENABLE_VARIABLE}=1 to try them)"
+    return SimpleNamespace(
+        lora_linear=functools.partial(reference.lora_linear, hint=hint),
+        dropout_mask=reference.dropout_mask,
+    )
+
+
+def current():
+    """The backend for MLX's default device (and, on a GPU, the kernels setting)."""
+    if mx.default_device() == mx.cpu:
+        return cpu
+    return _for_gpu(gpu_kernels.gpu_backend())
