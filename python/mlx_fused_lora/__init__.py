@@ -1,13 +1,31 @@
-"""mlx-fused-lora: a fused, differentiable LoRA linear op for MLX and the layers on it."""
+"""mlx-fused-lora: a fused, differentiable LoRA linear op for MLX and the layers on it.
 
+The public names load lazily (PEP 562): ``import mlx_fused_lora`` does not import
+``mlx.core``, so a script or the CLI can still switch MLX's CPU matmuls to OpenBLAS
+(:mod:`mlx_fused_lora.fast_blas`, which must run before ``mlx.core`` loads) after
+importing the package. ``MLX_FUSED_LORA_FAST_BLAS=1`` switches it on here, at import.
+The first public name used imports the extension, which fails fast on an MLX/nanobind
+mismatch.
+"""
+
+from importlib import import_module
 from importlib.metadata import version
 
-from ._extension import _ext  # noqa: F401  (fails fast on an MLX/nanobind mismatch)
-from .layers import FusedLoRALinear, linear_to_lora_layers
-from .lm_lora import patch_mlx_lm
-from .ops import dropout_mask, fused_lora_linear
+from . import fast_blas
+
+fast_blas.enable_from_environment()
 
 __version__ = version("mlx-fused-lora")  # the one place it is written is pyproject.toml
+
+# public name -> the submodule that defines it
+_LAZY = {
+    "fused_lora_linear": ".ops",
+    "dropout_mask": ".ops",
+    "FusedLoRALinear": ".layers",
+    "linear_to_lora_layers": ".layers",
+    "patch_mlx_lm": ".lm_lora",
+    "_ext": "._extension",
+}
 
 __all__ = [
     "fused_lora_linear",
@@ -16,3 +34,15 @@ __all__ = [
     "linear_to_lora_layers",
     "patch_mlx_lm",
 ]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

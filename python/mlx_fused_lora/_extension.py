@@ -5,16 +5,13 @@ an opaque ``TypeError: incompatible function arguments``; here it fails at once 
 says what to install.
 """
 
-import os
-
 import mlx.core as mx  # first: the extension's array type lives in MLX's nanobind domain
 
-# The op alternates between the BLAS's threads (the big GEMMs) and its own workers
-# (the masked rank-r passes). OpenBLAS's threads busy-wait after each GEMM by
-# default, taking the cores those workers need: measured here, that doubled the
-# rank-r passes' time. Let them sleep at once; read when the BLAS loads, which is
-# when the extension is imported below. A value the user set is kept.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+from .fast_blas import prepare_openblas_environment
+
+# OpenBLAS reads its settings when it loads: here, with the extension below, unless
+# fast_blas loaded it earlier (it prepares the same environment first).
+prepare_openblas_environment()
 
 _FIX = "pip install --force-reinstall --no-cache-dir mlx-fused-lora with mlx=={v} installed ('mlx[cpu]=={v}' on Linux)"
 

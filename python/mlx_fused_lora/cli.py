@@ -6,6 +6,8 @@ Each command is a module with ``main(argv) -> int``, imported only when run.
 import importlib
 import sys
 
+from . import fast_blas
+
 COMMANDS = {
     "demo": (
         "mlx_fused_lora.train.demo",
@@ -22,11 +24,17 @@ def usage():
     lines = ["usage: mlx-fused-lora <command> [options]", "", "commands:"]
     lines += [f"  {name:<18}{help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "mlx-fused-lora <command> --help describes a command's options."]
+    lines += [
+        f"On Linux MLX's CPU matmuls run on OpenBLAS (mlx_fused_lora.fast_blas); {fast_blas.CLI_FLAG}",
+        f"(anywhere on the line) or {fast_blas.ENV_VAR}=0 keeps MLX's bundled reference BLAS.",
+    ]
     return "\n".join(lines)
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Before any command imports mlx.core: MLX binds its BLAS when it loads.
+    argv = fast_blas.enable_for_cli(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0

@@ -8,7 +8,12 @@ adapters are interchangeable with plain mlx-lm's).
 
 import sys
 
-from .layers import FusedLoRALinear
+if __name__ == "__main__":  # `python -m`: MLX's matmuls on OpenBLAS, before .layers loads mlx.core
+    from .fast_blas import enable_for_cli
+
+    sys.argv[1:] = enable_for_cli(sys.argv[1:])
+
+from .layers import FusedLoRALinear  # noqa: E402
 
 
 def patch_mlx_lm():
