@@ -1,0 +1,118 @@
+"""FusedDoRALinear: a drop-in for mlx-lm's ``DoRALinear`` on the fused op.
+
+Same constructor, ``from_base``, ``set_linear``, ``fuse``, parameter names and shapes as
+``mlx_lm.tuner.dora.DoRALinear`` (``linear``, ``lora_a (in, r)``, ``lora_b (r, out)``,
+``m (out,)`` float32, initialised to the base's row norms; ``scale`` the full
+multiplier), and the same forward and gradients:
+
+    y = m / stop_gradient(||W + scale * (lora_a @ lora_b).T||_rows) * (x W^T + scale * dropout(x) A B) + bias
+
+What differs is how it is computed:
+
+- ``x W^T + scale * dropout(x) A B`` is one fused op (`ops.fused_lora_linear`, or the
+  quantized op for an ``nn.QuantizedLinear`` base): no dropout mask or dropped copy of x
+  is stored, and the frozen weight's gradient is never formed.
+- The row norms of the adapted weight come from `ops.dora_norms` without forming the
+  N x K adapted weight (mlx-lm builds it on every call): ``||w_n||^2`` of the frozen
+  base is computed once, when the base is set, and kept as the non-parameter
+  ``_base_sq_norms`` (not saved with the adapters, not trained). Replacing the base's
+  weights afterwards needs ``set_linear`` again, as mlx-lm's ``m`` does.
+- ``dropout`` is the float p, and in training mode a fresh dropout key is drawn from
+  ``mx.random`` on every call (as `FusedLoRALinear`); x keeps its dtype.
+"""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..ops import dropout_mask, fused_lora_linear
+from ..ops.dora_norms import adapted_row_norms, base_row_sq_norms, base_times_lora_a
+from .base import base_dims
+from .fold import fold_lora
+from .fused_lora_linear import draw_dropout_key
+
+__all__ = ["FusedDoRALinear"]
+
+
+def _quantization(linear):
+    """The quantized base's arrays and settings as `ops.dora_norms` takes them ({} if dense)."""
+    if not isinstance(linear, nn.QuantizedLinear):
+        return {}
+    return dict(
+        scales=linear.scales,
+        biases=linear.get("biases"),
+        group_size=linear.group_size,
+        bits=linear.bits,
+        mode=linear.mode,
+    )
+
+
+def _lora_product(linear, x, lora_a, lora_b, *, scale, dropout, key):
+    """``x W^T + scale * dropout(x) @ lora_a @ lora_b`` without the base's bias."""
+    if not isinstance(linear, nn.QuantizedLinear):
+        return fused_lora_linear(x, linear.weight, None, lora_a, lora_b, scale=scale, dropout=dropout, key=key)
+    base = mx.quantized_matmul(x, linear.weight, transpose=True, **_quantization(linear))
+    dropped = x if dropout == 0 else x * dropout_mask(key, x.shape, dropout, dtype=x.dtype)
+    z = (dropped @ lora_a.astype(x.dtype)) @ lora_b.astype(x.dtype)
+    return base + (scale * z).astype(x.dtype)
+
+
+class FusedDoRALinear(nn.Module):
+    @classmethod
+    def from_base(cls, linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+        """A DoRA layer around ``linear`` (``nn.Linear`` or ``nn.QuantizedLinear``, kept as is)."""
+        input_dims, output_dims = base_dims(linear)
+        layer = cls(input_dims, output_dims, r=r, dropout=dropout, scale=scale)
+        layer.set_linear(linear)
+        return layer
+
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        r: int = 8,
+        dropout: float = 0.0,
+        scale: float = 20.0,
+        bias: bool = False,
+    ):
+        super().__init__()
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"FusedDoRALinear: `dropout` must be in [0, 1), got {dropout}")
+        if int(r) < 1:
+            raise ValueError(f"FusedDoRALinear: `r` must be >= 1, got {r}")
+        self.dropout = float(dropout)
+        self.scale = scale
+        bound = 1 / math.sqrt(input_dims)
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r))
+        self.lora_b = mx.zeros(shape=(r, output_dims))
+        self.set_linear(nn.Linear(input_dims, output_dims, bias=bias))
+
+    def set_linear(self, linear: nn.Module):
+        """Set the base layer; recompute its row norms and reset ``m`` to them (as mlx-lm)."""
+        self.linear = linear
+        # Lazy: a base replaced right away (from_base) never has its norms evaluated.
+        self._base_sq_norms = base_row_sq_norms(linear.weight, **_quantization(linear))
+        self.m = mx.sqrt(self._base_sq_norms)
+
+    def adapted_norms(self):
+        """``||W + scale * (lora_a @ lora_b).T||`` per output row, float32, no gradient."""
+        lora_a = mx.stop_gradient(self.lora_a)
+        lora_b = mx.stop_gradient(self.lora_b)
+        base_a_t = base_times_lora_a(self.linear.weight, lora_a, **_quantization(self.linear))
+        return mx.stop_gradient(adapted_row_norms(self._base_sq_norms, base_a_t, lora_a, lora_b, self.scale))
+
+    def __call__(self, x):
+        p = self.dropout if self.training else 0.0
+        key = draw_dropout_key() if p > 0 else None
+        out = _lora_product(self.linear, x, self.lora_a, self.lora_b, scale=self.scale, dropout=p, key=key)
+        out = (self.m / self.adapted_norms()).astype(x.dtype) * out
+        if "bias" in self.linear:
+            out = out + self.linear.bias
+        return out
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        """The base with the adapter folded in and each row rescaled to ``m`` (mlx-lm's DoRA fuse)."""
+        return fold_lora(
+            self.linear, self.lora_a, self.lora_b, self.scale, magnitude=self.m, dequantize=dequantize, stacklevel=3
+        )

@@ -1,0 +1,85 @@
+"""DoRA's row norms of the adapted weight ``W + c * (A B)^T`` without forming it (N x K).
+
+DoRA divides each output ``n`` by ``||W[n] + c * A @ B[:, n]||``. Expanding the square:
+
+    ||w_n||^2  +  2c * (W A)[n] . B[:, n]  +  c^2 * B[:, n]^T (A^T A) B[:, n]
+
+The first term is fixed for a frozen W: `base_row_sq_norms` computes it once. The cross
+term needs ``W A`` (N x r, one pass over W: a quantized W goes through MLX's
+``quantized_matmul``, never dequantized) and the rank-r term the r x r Gram matrix
+``A^T A``: O(N K r) work and O(N r) memory, where forming the adapted weight costs
+O(N K) memory on every call (mlx-lm's ``DoRALinear``).
+
+Everything is float32. A dense weight stored in a narrower dtype is multiplied in its
+own dtype (A cast down), so no float32 copy of W is made; the cross term then carries
+that dtype's rounding, which is the precision the frozen weight has anyway.
+"""
+
+import mlx.core as mx
+
+__all__ = ["base_row_sq_norms", "base_times_lora_a", "adapted_row_norms"]
+
+_F32 = mx.float32
+
+
+def _quantization(scales, biases, group_size, bits, mode):
+    return dict(scales=scales, biases=biases, group_size=group_size, bits=bits, mode=mode)
+
+
+def base_row_sq_norms(weight, scales=None, biases=None, *, group_size=None, bits=None, mode="affine", block_rows=256):
+    """``||w_n||^2`` (float32, shape (N,)) of a dense ``(N, K)`` weight, or of a quantized
+    one given its ``scales``/``biases``/``group_size``/``bits``/``mode`` as
+    ``nn.QuantizedLinear`` holds them.
+
+    Rows are taken ``block_rows`` at a time, so the float32 (dequantized) temporary is
+    ``block_rows x K``, not ``N x K``. The result is lazy like any MLX op.
+    """
+    n = weight.shape[0]
+    parts = []
+    for start in range(0, n, block_rows):
+        rows = slice(start, min(start + block_rows, n))
+        if scales is None:
+            block = weight[rows]
+        else:
+            # float32 scales: the exact quantized values, as quantized_matmul sees them
+            # with float32 inputs (dequantizing in bf16 would round them).
+            block = mx.dequantize(
+                weight[rows],
+                scales[rows].astype(_F32),
+                None if biases is None else biases[rows].astype(_F32),
+                group_size=group_size,
+                bits=bits,
+                mode=mode,
+            )
+        block = block.astype(_F32)
+        parts.append(mx.sum(block * block, axis=1))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
+
+def base_times_lora_a(weight, lora_a, scales=None, biases=None, *, group_size=None, bits=None, mode="affine"):
+    """``(W @ lora_a).T`` as a float32 ``(r, N)`` array, for a dense or quantized W."""
+    a_t = lora_a.T
+    if scales is None:
+        return (a_t.astype(weight.dtype) @ weight.T).astype(_F32)
+    out = mx.quantized_matmul(
+        a_t.astype(_F32), weight, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
+    )
+    return out.astype(_F32)
+
+
+def adapted_row_norms(base_sq_norms, base_a_t, lora_a, lora_b, scale):
+    """``||W[n] + scale * lora_a @ lora_b[:, n]||`` for every n, float32 (N,).
+
+    ``base_sq_norms``: `base_row_sq_norms` of W; ``base_a_t``: `base_times_lora_a`
+    (r, N); ``lora_a`` (K, r), ``lora_b`` (r, N). No gradient is defined through it on
+    purpose: DoRA treats this norm as a constant (callers wrap it in stop_gradient).
+    """
+    a = lora_a.astype(_F32)
+    b = lora_b.astype(_F32)
+    gram = a.T @ a  # (r, r)
+    cross = mx.sum(base_a_t * b, axis=0)
+    rank_term = mx.sum(b * (gram @ b), axis=0)
+    c = float(scale)
+    sq = base_sq_norms + (2.0 * c) * cross + (c * c) * rank_term
+    # Rounding can leave a tiny negative where the adapted row is ~0.
+    return mx.sqrt(mx.maximum(sq, 0.0))
