@@ -73,10 +73,10 @@ def enable():
     do), or the forwarder library missing or unable to load OpenBLAS (warns once).
     """
     global _library
-    if _library is not None:
-        return True
     if not sys.platform.startswith("linux"):
         return False  # macOS: MLX already uses Accelerate
+    if _library is not None:
+        return True
     if "mlx.core" in sys.modules:
         _warn_once(
             "mlx_fused_lora.fast_blas.enable() did nothing: mlx.core was imported first and "
