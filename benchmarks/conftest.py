@@ -1,6 +1,6 @@
 """The --quick option, and the ratio table and targets printed after a benchmark run."""
 
-from mlx_fused_lora import benchmarking as bm
+from mlx_fused_lora.bench import grid, report
 
 
 def pytest_addoption(parser):
@@ -22,7 +22,7 @@ def _info(bench):
 
 
 def records_from(benchmarks):
-    """pytest-benchmark results -> the records benchmarking.ratio_rows reads."""
+    """pytest-benchmark results -> the records bench.report.ratio_rows reads."""
     records = []
     for bench in benchmarks:
         info = _info(bench)
@@ -35,18 +35,18 @@ def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    rows = bm.ratio_rows(records_from(session.benchmarks))
+    rows = report.ratio_rows(records_from(session.benchmarks))
     write = terminalreporter.write_line
     if rows:
         terminalreporter.section("fused LoRA: ratios (best rounds of this run; x/fused > 1: fused is faster)")
-        for line in bm.format_ratio_table(rows):
+        for line in report.format_ratio_table(rows):
             write(line)
-        if any((r["m"], r["k"], r["n"], r["r"], r["dtype"]) == bm.TARGET_SHAPE for r in rows):
-            misses = bm.target_misses(rows)
+        if any((r["m"], r["k"], r["n"], r["r"], r["dtype"]) == grid.TARGET_SHAPE for r in rows):
+            misses = report.target_misses(rows)
             for miss in misses:
                 write(f"TARGET MISSED: {miss}")
             if not misses:
-                write("all targets met: " + ", ".join(f"{p} {w} <= {b}" for (p, w), b in bm.TARGETS.items()))
+                write("all targets met: " + ", ".join(f"{p} {w} <= {b}" for (p, w), b in grid.TARGETS.items()))
     e2e = {_info(b)["e2e_kind"]: b for b in session.benchmarks if "e2e_kind" in _info(b)}
     if {"fused", "plain"} <= e2e.keys():
         tokens = {k: _info(b)["tokens"] / _stat(b, "min") for k, b in e2e.items()}

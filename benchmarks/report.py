@@ -9,7 +9,7 @@ committed results: no number is typed by hand.
 import argparse
 import json
 
-from mlx_fused_lora import benchmarking as bm
+from mlx_fused_lora.bench.report import target_misses
 
 
 def _x(value, digits=2):
@@ -98,7 +98,7 @@ def main():
         peer_table(report["ratios"], args.peer_dropout) + [""] + limit_table(report["ratios"]) + [""] + e2e_line(report)
     ):
         print(line)
-    misses = bm.target_misses(report["ratios"])
+    misses = target_misses(report["ratios"])
     print("\ntargets at 2048³ r16 fp32:", "; ".join(misses) if misses else "all met (or shape not in this run)")
     if args.png:
         from mlx_fused_lora.bench.chart import write_chart

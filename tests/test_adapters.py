@@ -14,8 +14,7 @@ from mlx_fused_lora.adapters import (
 )
 from mlx_fused_lora.adapters.cli import main as convert_main
 from mlx_fused_lora.csm import CSM, CSMConfig, apply_lora
-from mlx_fused_lora.csm.lora import lora_layers
-from mlx_fused_lora.layers import FusedLoRALinear
+from mlx_fused_lora.layers import FusedLoRALinear, lora_layers
 
 FILES = {
     "mlx-lm": ("adapters.safetensors", "adapter_config.json"),

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_fused_lora.csm import CSM, CSMConfig, apply_lora, merge_lora
-from mlx_fused_lora.csm.lora import lora_dropout_p, lora_layers
-from mlx_fused_lora.layers import FusedLoRALinear
+from mlx_fused_lora.layers import FusedLoRALinear, lora_dropout_p, lora_layers
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

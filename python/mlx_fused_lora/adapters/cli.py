@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from . import convert_adapter, detect_adapter_format
-from .formats import FORMATS
+from .registry import format_names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("input", help="adapter directory (or its weights file)")
     parser.add_argument("output", help="directory to write the converted adapter into")
-    parser.add_argument("--to", required=True, choices=FORMATS, help="output format")
+    parser.add_argument("--to", required=True, choices=format_names(), help="output format")
     return parser
 
 

@@ -1,6 +1,6 @@
 """``mlx-fused-lora bench``: the benchmark suite, as a table, a JSON file and a PNG chart.
 
-Runs the cases of ``benchmarking.py`` (the same ones ``pytest benchmarks/
+Runs the cases of ``cases.py`` (the same ones ``pytest benchmarks/
 --benchmark-only`` runs) on whatever device MLX runs on: the fused op against the
 plain-MLX peers and against the limit, for each shape, dtype, dropout p and pass,
 then a training step of a small Llama-style model, fused vs mlx-lm's layers.
@@ -14,15 +14,19 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import time
-from importlib import metadata
 
 import mlx.core as mx
+from tqdm import tqdm
 
-from .. import benchmarking as bm
+from ..layers import plain_layer_class
+from . import e2e, timing
+from . import grid as grids
+from .cases import make_inputs
+from .machine import load_average, machine_info, versions
+from .report import format_ratio_table, ratio_rows, target_misses
 
 
 def parse_args(argv):
@@ -49,12 +53,16 @@ def parse_args(argv):
         help="float32, bfloat16, float16 (default: float32 on the CPU, bfloat16,float16 on a GPU)",
     )
     parser.add_argument(
-        "--dropouts", type=_dropout_list, default=bm.DROPOUTS, metavar="P[,...]", help="dropout rates (default: 0,0.1)"
+        "--dropouts",
+        type=_dropout_list,
+        default=grids.DROPOUTS,
+        metavar="P[,...]",
+        help="dropout rates (default: 0,0.1)",
     )
     parser.add_argument(
         "--passes",
         type=_pass_list,
-        default=bm.PASSES,
+        default=grids.PASSES,
         metavar="PASS[,...]",
         help="forward, forward_backward (default: both)",
     )
@@ -64,7 +72,7 @@ def parse_args(argv):
         default=None,
         metavar="G",
         help="run the plain peers only on shapes whose base GEMM (2MKN) is at most G GFLOP; "
-        f"0: everywhere (default: {bm.CPU_PEER_MAX_GFLOP} on the CPU, where the peers run "
+        f"0: everywhere (default: {grids.CPU_PEER_MAX_GFLOP} on the CPU, where the peers run "
         "MLX's reference BLAS, 0 on a GPU)",
     )
     parser.add_argument(
@@ -89,7 +97,7 @@ def _split(text):
 
 def _shape_list(text):
     try:
-        return [bm.parse_shape(item) for item in _split(text)]
+        return [grids.parse_shape(item) for item in _split(text)]
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from error
 
@@ -114,7 +122,7 @@ def _dropout_list(text):
 
 def _pass_list(text):
     items = _split(text)
-    if not items or any(item not in bm.PASSES for item in items):
+    if not items or any(item not in grids.PASSES for item in items):
         raise argparse.ArgumentTypeError(f"{text!r}: passes are forward, forward_backward")
     return items
 
@@ -140,61 +148,6 @@ def _positive_int(text):
     return value
 
 
-class Progress:
-    """A one-line progress bar on stderr (a line per step when stderr is not a terminal)."""
-
-    def __init__(self, total, stream=sys.stderr, width=30):
-        self.total, self.done, self.stream, self.width = total, 0, stream, width
-        self.start = time.perf_counter()
-        self.live = stream.isatty()
-
-    def step(self, label):
-        self.done += 1
-        filled = self.width * self.done // max(self.total, 1)
-        bar = "#" * filled + "-" * (self.width - filled)
-        line = f"[{bar}] {self.done}/{self.total} {time.perf_counter() - self.start:6.0f}s  {label}"
-        if self.live:
-            self.stream.write("\r" + line[:120].ljust(120))
-            if self.done == self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def machine_info():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    info = dict(platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(), device=str(mx.default_device()))
-    try:
-        info["device_info"] = {k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))}
-    except Exception:  # older MLX or no device query: the device name is enough
-        pass
-    return info
-
-
-def versions():
-    found = {"python": platform.python_version()}
-    for package in ("mlx", "mlx-fused-lora", "mlx-lm", "numpy", "scipy-openblas32", "matplotlib"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
-
-
-def load_average():
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return None
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -211,11 +164,11 @@ def main(argv=None):
 
     device = mx.default_device()
     grid_name = "custom" if args.shapes else "quick" if args.quick else "full"
-    shapes = args.shapes or (bm.quick_shapes() if args.quick else bm.full_shapes())
-    dtypes = args.dtypes or bm.device_dtypes(device)
-    peer_max = bm.default_peer_max_gflop(device) if args.peer_max_gflop is None else args.peer_max_gflop
-    groups = bm.grid(shapes, dtypes, args.dropouts, args.passes, peer_max)
-    e2e_config = None if args.no_e2e else bm.E2E_QUICK if args.quick or args.shapes else bm.E2E_FULL
+    shapes = args.shapes or (grids.quick_shapes() if args.quick else grids.full_shapes())
+    dtypes = args.dtypes or grids.device_dtypes(device)
+    peer_max = grids.default_peer_max_gflop(device) if args.peer_max_gflop is None else args.peer_max_gflop
+    groups = grids.grid(shapes, dtypes, args.dropouts, args.passes, peer_max)
+    e2e_config = None if args.no_e2e else e2e.E2E_QUICK if args.quick or args.shapes else e2e.E2E_FULL
     name = args.name or f"bench-{device.type.name}-{grid_name}"
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, name + ".json")
@@ -229,25 +182,29 @@ def main(argv=None):
         flush=True,
     )
 
-    calibration_start = bm.calibration_gemm_s(dtypes[0])
-    progress = Progress(len(groups) + (e2e_config is not None))
+    calibration_start = timing.calibration_gemm_s(dtypes[0])
+    # tqdm writes to stderr: the table and the JSON path stay alone on stdout.
+    progress = tqdm(total=len(groups) + (e2e_config is not None), unit="case", dynamic_ncols=True)
     records, inputs, inputs_key = [], None, None
     for group in groups:
+        progress.set_description(f"{group.shape.label} {group.dtype} p={group.dropout} {group.pass_name}")
         key = (group.shape, group.dtype)
         if key != inputs_key:
             inputs, inputs_key = None, key  # free the last shape's arrays first
-            inputs = bm.make_inputs(group.shape.m, group.shape.k, group.shape.n, group.shape.r, group.dtype)
-        records += bm.measure_group(group, inputs, args.budget, args.rounds)
-        progress.step(f"{group.shape.label} {group.dtype} p={group.dropout} {group.pass_name}")
+            inputs = make_inputs(group.shape.m, group.shape.k, group.shape.n, group.shape.r, group.dtype)
+        records += timing.measure_group(group, inputs, args.budget, args.rounds)
+        progress.update()
     inputs = None
     end_to_end = None
     if e2e_config is not None:
-        end_to_end = bm.measure_end_to_end(e2e_config, budget_s=2 * args.budget, max_rounds=args.rounds)
-        progress.step("end-to-end training step")
+        progress.set_description("end-to-end training step")
+        end_to_end = e2e.measure_end_to_end(e2e_config, budget_s=2 * args.budget, max_rounds=args.rounds)
+        progress.update()
+    progress.close()
 
-    calibration_end = bm.calibration_gemm_s(dtypes[0])
-    rows = bm.ratio_rows(records)
-    misses = bm.target_misses(rows)
+    calibration_end = timing.calibration_gemm_s(dtypes[0])
+    rows = ratio_rows(records)
+    misses = target_misses(rows)
     load_end = load_average()
     report = dict(
         schema="mlx-fused-lora-bench/1",
@@ -270,8 +227,8 @@ def main(argv=None):
             peer_max_gflop=peer_max,
             budget_s=args.budget,
             max_rounds=args.rounds,
-            scale=bm.SCALE,
-            plain_layer=_class_name(bm.plain_layer_class()),
+            scale=grids.SCALE,
+            plain_layer=_class_name(plain_layer_class()),
         ),
         kinds=dict(
             fused="FusedLoRALinear (the fused op)",
@@ -283,7 +240,7 @@ def main(argv=None):
         cases=records,
         ratios=rows,
         targets=dict(
-            shape=list(bm.TARGET_SHAPE), bounds={f"{p} {w}": b for (p, w), b in bm.TARGETS.items()}, misses=misses
+            shape=list(grids.TARGET_SHAPE), bounds={f"{p} {w}": b for (p, w), b in grids.TARGETS.items()}, misses=misses
         ),
         end_to_end=end_to_end,
     )
@@ -295,7 +252,7 @@ def main(argv=None):
         write_chart(report, png_path)
 
     print()
-    for line in bm.format_ratio_table(rows):
+    for line in format_ratio_table(rows):
         print(line)
     print(
         "times: best round, each comparison measured side by side; x/fused > 1 means fused is faster; "
@@ -303,7 +260,7 @@ def main(argv=None):
     )
     if end_to_end:
         print(_e2e_text(end_to_end))
-    if any(bm.TARGET_SHAPE == (r["m"], r["k"], r["n"], r["r"], r["dtype"]) for r in rows):
+    if any(grids.TARGET_SHAPE == (r["m"], r["k"], r["n"], r["r"], r["dtype"]) for r in rows):
         print("targets at 2048^3 r16 fp32: " + ("; ".join(misses) if misses else "all met"))
     print(
         f"load average {_load_text(load_start)} at the start, {_load_text(load_end)} at the end; "

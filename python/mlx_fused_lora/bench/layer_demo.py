@@ -10,8 +10,9 @@ import argparse
 import mlx.core as mx
 import numpy as np
 
-from ..benchmarking import best_time, cases, layer_from_inputs, make_inputs, peak_memory
 from ..layers import FusedLoRALinear, plain_layer_class
+from .cases import cases, layer_from_inputs, make_inputs
+from .timing import best_time, peak_memory
 
 
 def main(argv=None):

@@ -4,13 +4,20 @@
 - `load_csm`, `save_csm`: checkpoints in the torchtune, mlx and Hugging Face layouts.
 - `generate`, `generate_frame`: frame-by-frame generation with a backbone KV cache.
 - `apply_lora`, `merge_lora`: put `FusedLoRALinear` into the projections / fold it back.
+- `adapter_names`: the rename hook that lets `mlx_fused_lora.adapters` load adapters
+  saved under Hugging Face / torchtune CSM names.
 """
 
+from ..adapters import register_model_hooks
+from .adapter_names import CSM_ADAPTER_HOOKS
 from .config import FLAVORS, CSMConfig, LlamaFlavor, RopeScaling
 from .generation import generate, generate_frame, sample_top_k
 from .loading import CheckpointError, detect_layout, load_csm, save_csm
 from .lora import LoRAReport, LoRASettings, apply_lora, merge_lora
 from .model import CSM
+
+# load_adapters / save_adapters learn CSM's foreign module names from this hook.
+register_model_hooks(CSM, CSM_ADAPTER_HOOKS)
 
 __all__ = [
     "CSM",

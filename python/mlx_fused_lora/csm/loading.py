@@ -43,8 +43,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..layers.tree import lora_layers
 from .config import FLAVORS, CSMConfig, LlamaFlavor
-from .lora import lora_layers
 from .model import CSM
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Put `FusedLoRALinear` into a CSM's projections, and fold adapters back into plain layers.
+"""CSM's LoRA targets: put `FusedLoRALinear` into its projections, and merge them back.
 
 Target vocabulary (`apply_lora`'s ``target_modules``): ``q_proj k_proj v_proj o_proj
 gate_proj up_proj down_proj`` name per-layer projections and apply to *both* stacks
@@ -16,24 +16,32 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_fused_lora.adapters.formats import lora_scale
+from ..layers import FusedLoRALinear
+from ..layers.tree import (
+    freeze_all_but_lora,
+    fuse_lora_layers,
+    is_lora_layer,
+    lora_dropout_p,
+    lora_layers,
+    lora_scale,
+)
 
 __all__ = [
     "LAYER_TARGETS",
     "HEAD_TARGETS",
     "LoRASettings",
     "LoRAReport",
+    "apply_lora",
+    "merge_lora",
+    # re-exported from mlx_fused_lora.layers.tree (where they live), for existing callers
     "lora_scale",
-    "lora_layer_class",
     "is_lora_layer",
     "lora_dropout_p",
     "lora_layers",
-    "apply_lora",
-    "merge_lora",
+    "freeze_all_but_lora",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,33 +59,6 @@ LAYER_TARGETS = {
 HEAD_TARGETS = ("codebook0_head", "projection")
 _ALIASES = {"output_proj": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 STACKS = ("backbone", "decoder")
-
-
-def lora_layer_class():
-    """The LoRA layer this package uses (imported late: the layer lives in `layers`)."""
-    from mlx_fused_lora.layers import FusedLoRALinear
-
-    return FusedLoRALinear
-
-
-def is_lora_layer(module) -> bool:
-    """Duck-typed: FusedLoRALinear and mlx-lm's LoRALinear both qualify."""
-    return isinstance(module, nn.Module) and all(hasattr(module, a) for a in ("linear", "lora_a", "lora_b", "scale"))
-
-
-def lora_dropout_p(layer) -> float:
-    """Dropout probability of a LoRA layer (a float, or mlx-lm's `nn.Dropout`)."""
-    d = getattr(layer, "dropout", 0.0)
-    if isinstance(d, (int, float)):
-        return float(d)
-    if isinstance(d, nn.Dropout):
-        return round(1.0 - d._p_1, 12)
-    return 0.0
-
-
-def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, layer) of every LoRA layer in ``model``, in parameter order."""
-    return [(name, m) for name, m in model.named_modules() if is_lora_layer(m)]
 
 
 @dataclass
@@ -179,7 +160,6 @@ def apply_lora(
     targets = _normalize_targets(target_modules)
     layers = _layers_per_stack(model, target_layers)
     scale = lora_scale(r, alpha, use_rslora)
-    LoRA = lora_layer_class()
 
     paths = []
     for t in targets:
@@ -198,7 +178,7 @@ def apply_lora(
             raise ValueError(f"{p} already has a LoRA adapter")
         if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
             raise ValueError(f"{p} is a {type(base).__name__}, not a linear layer")
-        replacements.append((p, LoRA.from_base(base, r=r, dropout=dropout, scale=scale)))
+        replacements.append((p, FusedLoRALinear.from_base(base, r=r, dropout=dropout, scale=scale)))
     model.update_modules(tree_unflatten(replacements))
     freeze_all_but_lora(model, train_bias=bias)
     if bias and not any("bias" in m.linear for _, m in replacements):
@@ -221,75 +201,20 @@ def apply_lora(
     return report
 
 
-def freeze_all_but_lora(model: nn.Module, train_bias: bool = False) -> None:
-    """Freeze every parameter except the LoRA layers' ``lora_a``/``lora_b`` (and biases)."""
-    model.freeze()
-    for _, layer in lora_layers(model):
-        layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
-        if train_bias and "bias" in layer.linear:
-            layer.linear.unfreeze(keys=["bias"], recurse=False)
-
-
 # -- merging --
-
-
-def _fold(layer, name: str) -> nn.Module:
-    base = layer.linear
-    quantized = isinstance(base, nn.QuantizedLinear)
-    if quantized:
-        weight = mx.dequantize(
-            base.weight,
-            base.scales,
-            getattr(base, "biases", None),
-            group_size=base.group_size,
-            bits=base.bits,
-            mode=base.mode,
-        )
-        dtype = base.scales.dtype
-    else:
-        weight = base.weight
-        dtype = weight.dtype
-    # The fold is done once in float32 and cast back once: folding in bf16 would round
-    # the (small) delta against the (large) weight twice.
-    delta = float(layer.scale) * (layer.lora_b.T.astype(mx.float32) @ layer.lora_a.T.astype(mx.float32))
-    merged = (weight.astype(mx.float32) + delta).astype(dtype)
-    out_dims, in_dims = merged.shape
-    has_bias = "bias" in base
-    plain = nn.Linear(in_dims, out_dims, bias=has_bias)
-    plain.weight = merged
-    if has_bias:
-        plain.bias = base.bias
-    if not quantized:
-        return plain
-    requantized = nn.QuantizedLinear.from_linear(plain, base.group_size, base.bits, mode=base.mode)
-    if base.mode != "affine":
-        return requantized  # the step check below reads affine scales
-    # One quantization step per group is `scales`; a delta much smaller than the step is
-    # mostly rounded away by re-quantizing.
-    step = mx.repeat(base.scales.astype(mx.float32).abs(), base.group_size, axis=1)
-    delta_rms = mx.sqrt(mx.mean(delta * delta)).item()
-    step_mean = mx.mean(step).item()
-    if delta_rms < step_mean:
-        warnings.warn(
-            f"merge_lora: {name}: the LoRA delta (rms {delta_rms:.3g}) is below the "
-            f"{base.bits}-bit quantization step (mean {step_mean:.3g}); re-quantizing the "
-            "merged weight loses most of the adapter. Merge with a dequantized base instead.",
-            stacklevel=3,
-        )
-    return requantized
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA layer into a plain layer, in place; returns ``model``.
 
-    ``W' = W + scale * (lora_b.T @ lora_a.T)`` computed in float32 and cast back to the
-    base weight's dtype once. A quantized base is dequantized, merged and re-quantized
-    with its own group size/bits/mode, with a warning when the delta is below the
-    quantization step. Frozen-ness is left as is; ``model.lora_settings`` is removed.
+    The layers' own fold (`mlx_fused_lora.layers.fuse_lora_layers`, the same as each
+    layer's ``fuse``): ``W' = W + scale * (lora_b.T @ lora_a.T)`` computed in float32 and
+    cast back to the base weight's dtype once; a quantized base is dequantized, merged
+    and re-quantized with its own group size/bits/mode, with a warning naming the module
+    when the delta is below the quantization step. Frozen-ness is left as is;
+    ``model.lora_settings`` is removed.
     """
-    merged = [(name, _fold(layer, name)) for name, layer in lora_layers(model)]
-    if merged:
-        model.update_modules(tree_unflatten(merged))
+    fuse_lora_layers(model)
     if hasattr(model, "lora_settings"):
         del model.lora_settings
     return model

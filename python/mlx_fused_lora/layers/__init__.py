@@ -1,7 +1,33 @@
-"""Drop-in LoRA layers on the fused op."""
+"""Drop-in LoRA layers on the fused op, and the helpers that walk a model's LoRA layers."""
 
+from .base import LoRALinearBase, base_dims
 from .convert import linear_to_lora_layers
+from .fold import fold_lora
 from .fused_lora_linear import FusedLoRALinear
 from .plain_lora_linear import PlainLoRALinear, plain_layer_class
+from .tree import (
+    alpha_for,
+    freeze_all_but_lora,
+    fuse_lora_layers,
+    is_lora_layer,
+    lora_dropout_p,
+    lora_layers,
+    lora_scale,
+)
 
-__all__ = ["FusedLoRALinear", "PlainLoRALinear", "linear_to_lora_layers", "plain_layer_class"]
+__all__ = [
+    "FusedLoRALinear",
+    "PlainLoRALinear",
+    "LoRALinearBase",
+    "linear_to_lora_layers",
+    "plain_layer_class",
+    "base_dims",
+    "fold_lora",
+    "fuse_lora_layers",
+    "is_lora_layer",
+    "lora_layers",
+    "lora_dropout_p",
+    "freeze_all_but_lora",
+    "lora_scale",
+    "alpha_for",
+]

@@ -3,7 +3,8 @@
 Same constructor, ``from_base``, ``fuse``, parameter names, shapes and
 initialisation as ``mlx_lm.tuner.lora.LoRALinear`` (``linear``, ``lora_a (in, r)``
 uniform in +-1/sqrt(in), ``lora_b (r, out)`` zeros, ``scale`` the full multiplier),
-so adapters saved by mlx-lm load unchanged. Differences, on purpose:
+so adapters saved by mlx-lm load unchanged (``from_base`` and ``fuse`` come from
+`LoRALinearBase`, shared with the plain layer). Differences, on purpose:
 
 - ``dropout`` is the float p, not an ``nn.Dropout`` module (it has no parameters
   either way, so checkpoints are unaffected).
@@ -18,8 +19,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..ops import fused_lora_linear
-from ..ops.fused_lora_linear import dropout_mask
+from ..ops import dropout_mask, fused_lora_linear
+from .base import LoRALinearBase
 
 
 def draw_dropout_key():
@@ -27,16 +28,7 @@ def draw_dropout_key():
     return mx.random.randint(0, 2**31 - 1, shape=(2,), dtype=mx.int32).astype(mx.uint32)
 
 
-class FusedLoRALinear(nn.Module):
-    @classmethod
-    def from_base(cls, linear, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
-        output_dims, input_dims = linear.weight.shape
-        if isinstance(linear, nn.QuantizedLinear):
-            input_dims = input_dims * 32 // linear.bits
-        lora = cls(input_dims, output_dims, r=r, dropout=dropout, scale=scale)
-        lora.linear = linear
-        return lora
-
+class FusedLoRALinear(LoRALinearBase):
     def __init__(
         self,
         input_dims: int,
@@ -57,31 +49,6 @@ class FusedLoRALinear(nn.Module):
         bound = 1 / math.sqrt(input_dims)
         self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r))
         self.lora_b = mx.zeros(shape=(r, output_dims))
-
-    def fuse(self, dequantize: bool = False):
-        """The base layer with ``scale * lora_b.T @ lora_a.T`` folded into its weight."""
-        linear = self.linear
-        quantized = isinstance(linear, nn.QuantizedLinear)
-        weight = linear.weight
-        if quantized:
-            weight = mx.dequantize(
-                weight,
-                linear.scales,
-                linear.biases,
-                group_size=linear.group_size,
-                bits=linear.bits,
-                mode=linear.mode,
-            )
-        output_dims, input_dims = weight.shape
-        has_bias = "bias" in linear
-        fused = nn.Linear(input_dims, output_dims, bias=has_bias)
-        delta = (self.scale * self.lora_b.astype(mx.float32).T) @ self.lora_a.astype(mx.float32).T
-        fused.weight = (weight.astype(mx.float32) + delta).astype(weight.dtype)
-        if has_bias:
-            fused.bias = linear.bias
-        if quantized and not dequantize:
-            fused = nn.QuantizedLinear.from_linear(fused, linear.group_size, linear.bits, mode=linear.mode)
-        return fused
 
     def __call__(self, x):
         p = self.dropout if self.training else 0.0

@@ -3,13 +3,16 @@
 The baseline the fused layer is measured against (the demo, the benchmarks) on
 machines without mlx-lm: an ``nn.Dropout`` that materializes a dropped copy of x,
 the LoRA path in the adapters' dtype (so float32 adapters promote bf16 x), and the
-base and LoRA terms added as separate arrays.
+base and LoRA terms added as separate arrays. ``from_base`` and ``fuse`` are
+`LoRALinearBase`'s, the fused layer's own.
 """
 
 import math
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .base import LoRALinearBase
 
 
 def plain_layer_class():
@@ -21,14 +24,7 @@ def plain_layer_class():
     return LoRALinear
 
 
-class PlainLoRALinear(nn.Module):
-    @staticmethod
-    def from_base(linear, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
-        output_dims, input_dims = linear.weight.shape
-        layer = PlainLoRALinear(input_dims, output_dims, r=r, dropout=dropout, scale=scale)
-        layer.linear = linear
-        return layer
-
+class PlainLoRALinear(LoRALinearBase):
     def __init__(self, input_dims, output_dims, r=8, dropout=0.0, scale=20.0, bias=False):
         super().__init__()
         self.linear = nn.Linear(input_dims, output_dims, bias=bias)

@@ -1,0 +1,168 @@
+"""Adapters to and from a model: save its LoRA layers, load adapters into it all-or-nothing.
+
+Works for any MLX model whose adapted modules are LoRA layers (`FusedLoRALinear`,
+`PlainLoRALinear` or mlx-lm's `LoRALinear`): module paths are the model's own
+(``model.layers.0.self_attn.q_proj`` for an mlx-lm model). A model family whose adapters
+circulate under other names (CSM's Hugging Face and torchtune names) registers
+`ModelAdapterHooks` for its class: a ``rename`` from those names to its own, applied on
+load, and ``extra`` config fields written on save. This module knows layers, not models.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..layers import FusedLoRALinear
+from ..layers.base import base_dims
+from ..layers.tree import freeze_all_but_lora, is_lora_layer, lora_dropout_p, lora_layers
+from .adapter_set import AdapterSet, ModuleAdapter
+from .registry import get_format, read_adapters, write_adapters
+
+__all__ = [
+    "ModelAdapterHooks",
+    "register_model_hooks",
+    "save_adapters",
+    "load_adapters",
+    "convert_adapter",
+]
+
+Rename = Callable[[AdapterSet, nn.Module], AdapterSet]
+
+
+@dataclass(frozen=True)
+class ModelAdapterHooks:
+    """What a model family adds: ``rename`` (foreign module paths -> the model's, on load;
+    it may also transform tensors, e.g. permute rows) and ``extra`` config fields (on save)."""
+
+    rename: Rename | None = None
+    extra: dict = field(default_factory=dict)
+
+
+_HOOKS: list[tuple[type, ModelAdapterHooks]] = []
+
+
+def register_model_hooks(model_class: type, hooks: ModelAdapterHooks) -> None:
+    """Use ``hooks`` for models that are instances of ``model_class`` (re-registering replaces)."""
+    _HOOKS[:] = [(c, h) for c, h in _HOOKS if c is not model_class]
+    _HOOKS.append((model_class, hooks))
+
+
+def _hooks_for(model: nn.Module) -> ModelAdapterHooks:
+    for cls, hooks in reversed(_HOOKS):
+        if isinstance(model, cls):
+            return hooks
+    return ModelAdapterHooks()
+
+
+def _adapter_set_of(model: nn.Module) -> AdapterSet:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save")
+    settings = getattr(model, "lora_settings", None)
+    use_rslora = bool(getattr(settings, "use_rslora", False))
+    alpha = getattr(settings, "alpha", None)
+    dropouts = {lora_dropout_p(layer) for _, layer in layers}
+    if len(dropouts) > 1:
+        warnings.warn(f"LoRA layers have different dropouts {sorted(dropouts)}; saving the largest", stacklevel=3)
+    trained_biases = [
+        name
+        for name, layer in layers
+        if "bias" in layer.linear and "bias" in dict(tree_flatten(layer.linear.trainable_parameters()))
+    ]
+    if trained_biases:
+        warnings.warn(f"trainable biases ({trained_biases[0]}, ...) are not saved with the adapters", stacklevel=3)
+    modules = {name: ModuleAdapter(layer.lora_a, layer.lora_b, float(layer.scale), alpha) for name, layer in layers}
+    num_layers = None
+    if hasattr(model, "layers") and isinstance(model.layers, list):
+        idx = [int(p.split("layers.", 1)[1].split(".", 1)[0]) for p in modules if "layers." in p]
+        if idx:
+            num_layers = len(model.layers) - min(idx)
+    return AdapterSet(modules, max(dropouts), use_rslora, num_layers, dict(_hooks_for(model).extra))
+
+
+def save_adapters(model: nn.Module, path: str | Path, format: str = "mlx-lm") -> Path:
+    """Write the model's LoRA layers to directory ``path`` in ``format``.
+
+    ``format``: ``mlx-lm`` (default), ``peft`` or ``csm-cli``. Returns the weights file.
+    """
+    return write_adapters(_adapter_set_of(model), path, get_format(format).name)
+
+
+def _plan(model: nn.Module, adapters: AdapterSet) -> list[tuple[str, nn.Module, nn.Module, ModuleAdapter]]:
+    """(path, module, base, adapter) for every adapter, all checked; raises before any change."""
+    modules = dict(model.named_modules())
+    plan = []
+    for p, m in adapters.modules.items():
+        if p not in modules:
+            near = [k for k in modules if k.rsplit(".", 1)[-1] == p.rsplit(".", 1)[-1]][:3]
+            raise KeyError(f"adapter module {p!r} is not in the model (similar: {near})")
+        module = modules[p]
+        base = module.linear if is_lora_layer(module) else module
+        if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
+            raise ValueError(f"adapter module {p!r} is a {type(base).__name__}, not a linear layer")
+        in_dims, out_dims = base_dims(base)
+        if m.lora_a.shape[0] != in_dims or m.lora_b.shape[1] != out_dims:
+            raise ValueError(
+                f"adapter {p}: lora_a {tuple(m.lora_a.shape)} / lora_b {tuple(m.lora_b.shape)} "
+                f"do not fit a linear of (in, out) = ({in_dims}, {out_dims}); expected "
+                f"({in_dims}, r) and (r, {out_dims})"
+            )
+        plan.append((p, module, base, m))
+    return plan
+
+
+def load_adapters(model: nn.Module, path: str | Path, *, rename: Rename | None = None) -> nn.Module:
+    """Load adapters (format detected from the file names) into ``model``, in place.
+
+    All or nothing: the files are read and every tensor and config field checked (names,
+    shapes, dtypes, finiteness, field types), and every adapter is matched to its module,
+    before the model is touched; any problem raises and leaves the model as it was.
+    Each adapted module is wrapped in `FusedLoRALinear` (or, if it already is a LoRA
+    layer, has its ``lora_a``/``lora_b``/``scale`` replaced). The base is frozen and the
+    adapters left trainable. ``rename`` maps the file's module paths to the model's
+    (default: the hook registered for the model's class, if any). Raises KeyError naming
+    an adapter module the model lacks, ValueError naming a module or tensor that does
+    not fit.
+    """
+    adapters, _ = read_adapters(path)
+    rename = rename or _hooks_for(model).rename
+    if rename is not None:
+        adapters = rename(adapters, model)
+    plan = _plan(model, adapters)
+    # Build every new layer before assigning anything: constructing one cannot fail halfway.
+    layers = [
+        module if is_lora_layer(module) else FusedLoRALinear.from_base(base, r=m.r, dropout=adapters.dropout)
+        for _, module, base, m in plan
+    ]
+    replacements = []
+    for (p, module, _, m), layer in zip(plan, layers, strict=True):
+        layer.lora_a = m.lora_a
+        layer.lora_b = m.lora_b
+        layer.scale = m.scale
+        if layer is not module:
+            replacements.append((p, layer))
+    if replacements:
+        model.update_modules(tree_unflatten(replacements))
+    freeze_all_but_lora(model)
+    mx.eval(model.parameters())
+    return model
+
+
+def convert_adapter(in_path: str | Path, out_path: str | Path, to: str, *, from_format: str | None = None) -> Path:
+    """Convert an adapter directory between formats without a model; returns the weights file.
+
+    ``to``: ``peft``, ``mlx-lm`` or ``csm-cli``. Tensors are transposed exactly; ``alpha``
+    is carried through (mlx-lm gets it as an extra field) so PEFT -> mlx-lm -> PEFT
+    reproduces the same tensors and per-module scales.
+    """
+    adapters, detected = read_adapters(in_path)
+    if from_format is not None and get_format(from_format).name != detected:
+        raise ValueError(f"{in_path} holds a {detected} adapter, not {from_format}")
+    return write_adapters(adapters, out_path, get_format(to).name)

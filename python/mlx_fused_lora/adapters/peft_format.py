@@ -1,0 +1,187 @@
+"""The PEFT (Hugging Face) LoRA adapter format, with ``rank_pattern`` keys matched safely.
+
+``adapter_model.safetensors`` with ``base_model.model.{path}.lora_A.weight (r, in)`` and
+``...lora_B.weight (out, r)`` (the transposes of ours); ``adapter_config.json`` with
+``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
+``target_modules``, ``rank_pattern``, ``alpha_pattern``. Per module
+``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), with ``r`` and ``alpha``
+taken from the patterns where one matches.
+
+Pattern keys come from untrusted files, so they are never run as regular expressions
+(PEFT compiles them, and ``(.*)*x`` then backtracks for minutes). They are matched as
+PEFT's rule reads for module paths: a key matches a path equal to it or ending in
+``.{key}`` — so ``q_proj``, ``layers.0.self_attn.q_proj`` and a full path all work.
+Also accepted, as PEFT users write them: ``\\.`` for a dot, a leading ``^`` (the key
+must match the whole path), a trailing ``$`` (no-op) and ``\\d+`` / ``[0-9]+`` as a
+whole component (any layer index). Anything else is refused with an error naming the
+key. Where several keys match, the longest (most components) wins.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..layers.tree import lora_scale
+from .adapter_set import AdapterSet, ModuleAdapter, lora_pairs, most_common
+from .checks import AdapterError, check_lora_tensor, config_field
+from .registry import AdapterFormat, load_tensors, read_json, register_format
+
+__all__ = ["PEFT", "ModulePattern", "parse_pattern"]
+
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
+MAX_PATTERN_CHARS = 512
+_DIGITS = object()  # a component matching any run of decimal digits
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+class ModulePattern:
+    """A parsed pattern key: components (names or `_DIGITS`), anchored at the start or not."""
+
+    def __init__(self, components: tuple, anchored: bool):
+        self.components = components
+        self.anchored = anchored
+
+    def matches(self, path: str) -> bool:
+        parts = path.split(".")
+        n = len(self.components)
+        if len(parts) < n or (self.anchored and len(parts) != n):
+            return False
+        for want, got in zip(self.components, parts[len(parts) - n :], strict=True):
+            if want is _DIGITS:
+                if not got or any(c not in "0123456789" for c in got):
+                    return False
+            elif want != got:
+                return False
+        return True
+
+
+def parse_pattern(key, field: str, where: str) -> ModulePattern:
+    """``key`` of ``rank_pattern``/``alpha_pattern`` as a `ModulePattern` (linear-time, no regex)."""
+    if not isinstance(key, str) or not key:
+        raise AdapterError(f"{where}: {field} key {key!r} must be a non-empty module path")
+    if len(key) > MAX_PATTERN_CHARS:
+        raise AdapterError(
+            f"{where}: {field} key {key[:40]!r}... is {len(key)} characters; at most {MAX_PATTERN_CHARS}"
+        )
+    body = key
+    anchored = body.startswith("^")
+    body = body[1:] if anchored else body
+    body = body[:-1] if body.endswith("$") and not body.endswith("\\$") else body
+    components = []
+    for comp in body.replace("\\.", ".").split("."):
+        if comp in ("\\d+", "[0-9]+"):
+            components.append(_DIGITS)
+        elif comp and all(c in _NAME_CHARS for c in comp):
+            components.append(comp)
+        else:
+            raise AdapterError(
+                f"{where}: {field} key {key!r} is not a module path: expected dot-separated names "
+                "(letters, digits, _ and -), optionally with a leading ^, a trailing $ and \\d+ "
+                "for a layer index; other regular expressions are not supported"
+            )
+    return ModulePattern(tuple(components), anchored)
+
+
+def _patterns(config: dict, field: str, kind: str, where: str) -> list[tuple[ModulePattern, object]]:
+    values = config_field(config, field, "dict", where, {}, nullable=True) or {}
+    out = []
+    for key, value in values.items():
+        pattern = parse_pattern(key, field, where)
+        config_field(values, key, kind, f"{where}: {field}")
+        out.append((pattern, value))
+    return out
+
+
+def _pattern_value(patterns, path: str, default):
+    best, best_len = default, -1
+    for pattern, value in patterns:
+        if len(pattern.components) > best_len and pattern.matches(path):
+            best, best_len = value, len(pattern.components)
+    return best
+
+
+def _read(d: Path) -> AdapterSet:
+    where = str(d / PEFT.config_file)
+    config = read_json(d / PEFT.config_file)
+    peft_type = config_field(config, "peft_type", "str", where, "LORA")
+    if peft_type != "LORA":
+        raise AdapterError(f"{where}: peft_type {peft_type!r} is not LORA")
+    if config_field(config, "use_dora", "bool", where, False, nullable=True):
+        raise AdapterError(f"{where}: DoRA adapters are not supported")
+    default_r = config_field(config, "r", "int", where)
+    default_alpha = config_field(config, "lora_alpha", "number", where)
+    dropout = config_field(config, "lora_dropout", "number", where, 0.0)
+    if not 0.0 <= dropout < 1.0:
+        raise AdapterError(f"{where}: field 'lora_dropout' must be in [0, 1), got {dropout!r}")
+    use_rslora = config_field(config, "use_rslora", "bool", where, False)
+    rank_pattern = _patterns(config, "rank_pattern", "int", where)
+    alpha_pattern = _patterns(config, "alpha_pattern", "number", where)
+    weights = d / PEFT.weights_file
+    tensors = {(k[len(_PREFIX) :] if k.startswith(_PREFIX) else k): v for k, v in load_tensors(weights).items()}
+    modules = {}
+    for path, ab in lora_pairs(tensors, _KEY, "peft", str(weights)).items():
+        A, B = ab["a"], ab["b"]  # (r, in), (out, r)
+        check_lora_tensor(f"{path}.lora_A.weight", A, str(weights))
+        check_lora_tensor(f"{path}.lora_B.weight", B, str(weights))
+        if A.shape[0] != B.shape[1] or A.shape[0] < 1:
+            raise AdapterError(
+                f"{weights}: {path}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not (r, in), (out, r)"
+            )
+        r = A.shape[0]
+        expected_r = _pattern_value(rank_pattern, path, default_r)
+        if r != expected_r:
+            raise ValueError(f"{path}.lora_A.weight has rank {r} but the config (r / rank_pattern) says {expected_r}")
+        alpha = float(_pattern_value(alpha_pattern, path, default_alpha))
+        modules[path] = ModuleAdapter(A.T, B.T, lora_scale(r, alpha, use_rslora), alpha)
+    return AdapterSet(modules=modules, dropout=float(dropout), use_rslora=use_rslora)
+
+
+def _config(adapters: AdapterSet) -> dict:
+    mods = adapters.modules
+    alphas = {p: m.alpha_value(adapters.use_rslora) for p, m in mods.items()}
+    r = most_common(m.r for m in mods.values())
+    alpha = most_common(alphas.values())
+    return {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": adapters.dropout,
+        "use_rslora": adapters.use_rslora,
+        "target_modules": sorted({p.rsplit(".", 1)[-1] for p in mods}),
+        # full module paths: exact under PEFT's rule and under ours
+        "rank_pattern": {p: m.r for p, m in mods.items() if m.r != r},
+        "alpha_pattern": {p: a for p, a in alphas.items() if a != alpha},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+    }
+
+
+def _write(adapters: AdapterSet):
+    tensors = {}
+    for p, m in adapters.modules.items():
+        tensors[f"{_PREFIX}{p}.lora_A.weight"] = m.lora_a.T
+        tensors[f"{_PREFIX}{p}.lora_B.weight"] = m.lora_b.T
+    return tensors, _config(adapters), {"format": "pt"}
+
+
+PEFT = register_format(
+    AdapterFormat(
+        "peft",
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        read=_read,
+        write=_write,
+        aliases=("hf",),
+    )
+)

@@ -1,0 +1,38 @@
+"""What the LoRA linear layers share: the base's dims, ``from_base`` and ``fuse``.
+
+One copy for every layer class (fused, plain, and what subclasses them), so the layers
+cannot drift apart: a quantized base gives ``lora_a (in, r)`` with ``in`` unpacked from
+its uint32 words, and ``fuse`` is the one fold in `fold`.
+"""
+
+from __future__ import annotations
+
+import mlx.nn as nn
+
+from .fold import fold_lora
+
+__all__ = ["base_dims", "LoRALinearBase"]
+
+
+def base_dims(linear: nn.Module) -> tuple[int, int]:
+    """``(input_dims, output_dims)`` of a linear or quantized linear base layer."""
+    output_dims, input_dims = linear.weight.shape
+    if isinstance(linear, nn.QuantizedLinear):
+        input_dims = input_dims * 32 // linear.bits  # packed: 32 // bits values per uint32
+    return input_dims, output_dims
+
+
+class LoRALinearBase(nn.Module):
+    """Base class: subclasses set ``linear``, ``lora_a (in, r)``, ``lora_b (r, out)``, ``scale``."""
+
+    @classmethod
+    def from_base(cls, linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+        """A LoRA layer around ``linear`` (an ``nn.Linear`` or ``nn.QuantizedLinear``, kept as is)."""
+        input_dims, output_dims = base_dims(linear)
+        layer = cls(input_dims, output_dims, r=r, dropout=dropout, scale=scale)
+        layer.linear = linear
+        return layer
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        """The base layer with ``scale * lora_b.T @ lora_a.T`` folded into its weight."""
+        return fold_lora(self.linear, self.lora_a, self.lora_b, self.scale, dequantize=dequantize, stacklevel=3)
