@@ -11,7 +11,7 @@ permuted back to interleaved order. Registered for `CSM` with
 from __future__ import annotations
 
 from ..adapters import AdapterSet, ModelAdapterHooks, ModuleAdapter
-from .loading import permute_rows_from_hf, qk_heads, to_native
+from .layouts import permute_rows_from_hf, qk_heads, to_native
 
 __all__ = ["csm_native_paths", "CSM_ADAPTER_HOOKS"]
 
