@@ -72,7 +72,8 @@ def config_field(config: dict, name: str, kind: str, where: str, default=_MISSIN
 def check_lora_tensor(key: str, value: mx.array, where: str) -> None:
     """A LoRA tensor must be a 2-D float16/bfloat16/float32 array of finite values."""
     if value.dtype not in FLOAT_DTYPES:
-        raise AdapterError(f"{where}: tensor {key!r} has dtype {value.dtype}; expected float16, bfloat16 or float32")
+        dtype = str(value.dtype).rsplit(".", 1)[-1]  # int32, not mlx.core.int32
+        raise AdapterError(f"{where}: tensor {key!r} has dtype {dtype}; expected float16, bfloat16 or float32")
     if value.ndim != 2:
         raise AdapterError(f"{where}: tensor {key!r} has shape {tuple(value.shape)}; expected a matrix")
     if not mx.all(mx.isfinite(value)).item():

@@ -165,7 +165,7 @@ def _to_native_weights(weights: dict[str, mx.array], layout: str) -> tuple[dict,
 def _value_problems(native: dict[str, mx.array], layout: str) -> list[str]:
     """Tensors that are not floating point, or hold NaN/inf, named in ``layout``'s keys."""
     problems = [
-        f"dtype of {from_native(k, layout)} is {v.dtype}; expected a floating-point dtype"
+        f"dtype of {from_native(k, layout)} is {str(v.dtype).rsplit('.', 1)[-1]}; expected a floating-point dtype"
         for k, v in native.items()
         if not mx.issubdtype(v.dtype, mx.floating)
     ]
