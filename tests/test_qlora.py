@@ -1,0 +1,143 @@
+"""QLoRA: FusedLoRALinear over an nn.QuantizedLinear, against mlx-lm's LoRALinear and reference.py.
+
+mlx-lm's layer over the same quantized base is the reference; with dropout it gets our
+mask (`dropout_mask` under the key the fused layer draws) in place of its nn.Dropout.
+`reference.lora_linear` over the exactly dequantized weight (float32 scales) is the
+second oracle.
+"""
+
+import warnings
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+
+pytest.importorskip("mlx_lm")
+
+from mlx_fused_lora import FusedLoRALinear  # noqa: E402
+from mlx_fused_lora.layers.fused_lora_linear import draw_dropout_key  # noqa: E402
+from mlx_fused_lora.ops import dropout_mask, reference  # noqa: E402
+from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
+from test_dora import FixedMask, assert_close, dense, grads, make_base  # noqa: E402
+
+
+def paired(bits, bias=True, dropout=0.0, r=8, scale=2.0, dtype=mx.float32, input_dims=128, output_dims=96):
+    """mlx-lm's LoRALinear and ours over one quantized base, with the same non-trivial adapters."""
+    base = make_base(f"q{bits}", input_dims=input_dims, output_dims=output_dims, bias=bias, dtype=dtype)
+    ref = LoRALinear.from_base(base, r=r, dropout=dropout, scale=scale)
+    ours = FusedLoRALinear.from_base(base, r=r, dropout=dropout, scale=scale)
+    ref.lora_b = 0.1 * mx.random.normal(ref.lora_b.shape)
+    ours.update({"lora_a": ref.lora_a, "lora_b": ref.lora_b})
+    for layer in (ref, ours):
+        layer.freeze()
+        layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+    mx.eval(ref.parameters(), ours.parameters())
+    return ref, ours
+
+
+def mask_for(seed, shape, p):
+    """The mask the fused layer uses when the random state is at `seed` before its call."""
+    mx.random.seed(seed)
+    return dropout_mask(draw_dropout_key(), shape, p)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_outputs_and_grads_match_mlx_lm(bits, bias, dropout):
+    mx.random.seed(1)
+    ref, ours = paired(bits, bias=bias, dropout=dropout)
+    x = mx.random.normal((2, 7, 128))
+    seed = 21
+    if dropout > 0:
+        ref.dropout = FixedMask(mask_for(seed, x.shape, dropout))
+    y_ref, gx_ref, gp_ref = grads(ref, x, seed)
+    y, gx, gp = grads(ours, x, seed)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    assert_close(y, y_ref, 1e-5, 1e-5, "y")
+    assert_close(gx, gx_ref, 1e-5, 1e-5, "dx")
+    assert set(gp) == set(gp_ref) == {"lora_a", "lora_b"}
+    for name in gp:
+        assert gp[name].dtype == gp_ref[name].dtype
+        assert_close(gp[name], gp_ref[name], 1e-4, 1e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_outputs_and_grads_match_reference(bits, dropout):
+    mx.random.seed(2)
+    _, ours = paired(bits, dropout=dropout)
+    x = mx.random.normal((9, 128))
+    seed = 5
+    mask = mask_for(seed, x.shape, dropout) if dropout > 0 else None
+    w = dense(ours.linear)
+
+    def ref_loss(x, a, b):
+        y = reference.lora_linear(x, w, ours.linear.bias, a, b, ours.scale, mask)
+        return (y * mx.cos(mx.arange(y.size).reshape(y.shape))).sum(), y
+
+    (_, y_ref), g_ref = mx.value_and_grad(ref_loss, argnums=(0, 1, 2))(x, ours.lora_a, ours.lora_b)
+    y, gx, gp = grads(ours, x, seed)
+    assert_close(y, y_ref, 1e-5, 1e-5, "y vs reference")
+    for got, want, name in zip((gx, gp["lora_a"], gp["lora_b"]), g_ref, ("dx", "dlora_a", "dlora_b"), strict=True):
+        assert_close(got, want, 1e-4, 1e-5, f"{name} vs reference")
+
+
+def test_bf16_base_and_activations_match_mlx_lm():
+    mx.random.seed(3)
+    ref, ours = paired(4, dtype=mx.bfloat16)
+    x = mx.random.normal((6, 128)).astype(mx.bfloat16)
+    y_ref, gx_ref, gp_ref = grads(ref, x, 0)
+    y, gx, gp = grads(ours, x, 0)
+    assert y.dtype == mx.bfloat16 and gx.dtype == mx.bfloat16
+    assert_close(y, y_ref, 2e-2, 1e-2, "bf16 y")
+    assert_close(gx, gx_ref, 2e-2, 1e-2, "bf16 dx")
+    for name in gp:
+        assert_close(gp[name], gp_ref[name], 2e-2, 1e-2, f"bf16 d{name}")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_from_base_keeps_the_quantized_layer(bits):
+    mx.random.seed(4)
+    base = make_base(f"q{bits}", input_dims=256, output_dims=64)
+    ref = LoRALinear.from_base(base, r=4)
+    ours = FusedLoRALinear.from_base(base, r=4)
+    assert ours.linear is base
+    assert ours.lora_a.shape == (256, 4) and ours.lora_b.shape == (4, 64)
+    expected = {k: (v.shape, v.dtype) for k, v in tree_flatten(ref.parameters())}
+    assert {k: (v.shape, v.dtype) for k, v in tree_flatten(ours.parameters())} == expected
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fuse_round_trip(bits):
+    """fuse(dequantize=True) is the layer; fuse() re-quantizes with the base's settings."""
+    mx.random.seed(5)
+    _, ours = paired(bits, scale=20.0)
+    ours.eval()
+    x = mx.random.normal((5, 128))
+    y = ours(x)
+    exact = ours.fuse(dequantize=True)
+    assert type(exact) is nn.Linear
+    assert_close(exact(x), y, 1e-5, 1e-4, "fuse(dequantize=True)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # this delta is far above the step: no warning
+        requantized = ours.fuse()
+    assert isinstance(requantized, nn.QuantizedLinear)
+    assert (requantized.bits, requantized.group_size) == (bits, ours.linear.group_size)
+    # The re-quantized layer is exactly the quantization of the exact fold.
+    expected = nn.QuantizedLinear.from_linear(exact, ours.linear.group_size, bits)
+    assert mx.array_equal(requantized.weight, expected.weight).item()
+    assert mx.array_equal(requantized.scales, expected.scales).item()
+    assert mx.array_equal(requantized.biases, expected.biases).item()
+    assert mx.array_equal(requantized.bias, ours.linear.bias).item()
+
+
+def test_fuse_warns_when_the_delta_is_below_the_step():
+    mx.random.seed(6)
+    _, ours = paired(4, scale=1e-4)
+    with pytest.warns(UserWarning, match="quantization step"):
+        ours.fuse()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours.fuse(dequantize=True)  # nothing is rounded away: no warning
