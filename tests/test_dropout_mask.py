@@ -87,9 +87,9 @@ def test_hash_follows_its_spec_across_the_32_bit_boundary(index0):
 
     count = 100
     index = np.arange(index0, index0 + count, dtype=np.uint64)
-    assert np.array_equal(np.array(_ext.dropout_bits(7, 9, index0, count), np.uint32), spec_bits(7, 9, index))
+    assert np.array_equal(np.array(_ext.testing.dropout_bits(7, 9, index0, count), np.uint32), spec_bits(7, 9, index))
     # the vectorized row kernel (which splits rows at 2^32) keeps exactly these elements
     p = 0.3
     threshold = np.uint32(np.float32(1 - np.float32(p)) * np.float32(2**32))
-    kept = np.array(_ext.dropout_row(7, 9, p, index0, count)) != 0
+    kept = np.array(_ext.testing.dropout_row(7, 9, p, index0, count)) != 0
     assert np.array_equal(kept, spec_bits(7, 9, index) < threshold)

@@ -23,6 +23,18 @@ inline void sgemm(bool transpose_a, bool transpose_b, int m, int n, int k, float
   if (m == 0 || n == 0) {
     return;
   }
+  if (k == 0) {
+    // An empty sum: C = beta * C. Not handed to the BLAS, which rejects a leading
+    // dimension of 0.
+    if (beta != 1.0f) {
+      for (int i = 0; i < m; ++i) {
+        for (int j = 0; j < n; ++j) {
+          c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
+        }
+      }
+    }
+    return;
+  }
   MFL_CBLAS_SGEMM(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans,
                   transpose_b ? CblasTrans : CblasNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c,
                   ldc);

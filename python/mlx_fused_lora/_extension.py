@@ -31,7 +31,7 @@ if mx.__version__ != _ext.mlx_version:
     )
 
 try:  # builds a graph node, evaluates nothing: proves the bindings accept MLX arrays
-    _ext.blas_matmul(mx.zeros((1, 1)), mx.zeros((1, 1)), stream=mx.cpu)
+    _ext.dropout_mask(mx.zeros((2,), dtype=mx.uint32), [1], 0.0, mx.float32, stream=mx.cpu)
 except TypeError as e:  # pragma: no cover - depends on a broken install
     raise ImportError(
         f"mlx_fused_lora's extension does not accept this mlx's arrays ({e}); it was built "

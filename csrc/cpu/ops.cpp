@@ -1,0 +1,193 @@
+// Builders of the fused op's graph nodes (ops.h): validate, make the inputs
+// row-contiguous, add the primitive.
+#include "cpu/ops.h"
+
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+
+#include "cpu/primitives.h"
+#include "cpu/tiling.h"
+
+namespace mfl {
+
+namespace {
+
+using cpu::is_float;
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) {
+    throw std::invalid_argument("[mlx_fused_lora] " + msg);
+  }
+}
+
+std::string shape_str(const mx::array& a) {
+  std::ostringstream s;
+  s << "(";
+  for (int i = 0; i < a.ndim(); ++i) {
+    s << (i ? ", " : "") << a.shape(i);
+  }
+  s << (a.ndim() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+void require_2d(std::initializer_list<const mx::array*> arrays) {
+  for (const mx::array* a : arrays) {
+    require(a->ndim() == 2, "expected 2-D arrays, got shape " + shape_str(*a));
+  }
+}
+
+void check_dropout_and_key(const mx::array& key, float dropout) {
+  std::ostringstream p;
+  p << dropout;
+  require(dropout >= 0.0f && dropout < 1.0f, "dropout must be in [0, 1), got " + p.str());
+  require(key.dtype() == mx::uint32 && key.ndim() == 1 && key.shape(0) == 2,
+          "key must be a uint32 array of shape (2,), got shape " + shape_str(key));
+}
+
+void check_scale(float scale) { require(std::isfinite(scale), "scale must be finite in float32"); }
+
+// x (M, K), bias (N,) or (0,) in x's dtype, lora_a (K, r >= 1), lora_b (r, N).
+void check_lora_inputs(const mx::array& x, int n, const mx::array& bias, const mx::array& lora_a,
+                       const mx::array& lora_b) {
+  require_2d({&x, &lora_a, &lora_b});
+  require(is_float(x.dtype()), "x must be float32, float16 or bfloat16");
+  require(lora_a.shape(0) == x.shape(1) && lora_a.shape(1) >= 1,
+          "lora_a must be (K, r) with K = " + std::to_string(x.shape(1)) + " and r >= 1, got " +
+              shape_str(lora_a));
+  require(lora_b.shape(0) == lora_a.shape(1) && lora_b.shape(1) == n,
+          "lora_b must be (r, N), got " + shape_str(lora_b));
+  require(is_float(lora_a.dtype()) && is_float(lora_b.dtype()), "adapters must be float");
+  require(bias.ndim() == 1 && (bias.size() == 0 || bias.shape(0) == n) && bias.dtype() == x.dtype(),
+          "bias must be (N,) or (0,) (no bias) in x's dtype, got " + shape_str(bias));
+}
+
+mx::array row_contiguous(const mx::array& a, const mx::Stream& s) {
+  return mx::contiguous(a, /*allow_col_major=*/false, s);
+}
+
+std::vector<mx::array> row_contiguous(std::initializer_list<mx::array> arrays,
+                                      const mx::Stream& s) {
+  std::vector<mx::array> out;
+  for (const mx::array& a : arrays) {
+    out.push_back(row_contiguous(a, s));
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<mx::array> lora_forward(const mx::array& x, const mx::array& weight,
+                                    const mx::array& bias, const mx::array& lora_a,
+                                    const mx::array& lora_b, const mx::array& key, float scale,
+                                    float dropout, mx::StreamOrDevice s) {
+  require_2d({&weight});
+  check_lora_inputs(x, weight.shape(0), bias, lora_a, lora_b);
+  require(weight.shape(1) == x.shape(1),
+          "weight must be (N, K) with K = x.shape[-1] = " + std::to_string(x.shape(1)) + ", got " +
+              shape_str(weight));
+  require(x.dtype() == weight.dtype(), "x and weight must share a float dtype");
+  check_scale(scale);
+  check_dropout_and_key(key, dropout);
+  auto stream = mx::to_stream(s);
+  const int m = x.shape(0), n = weight.shape(0), r = lora_a.shape(1);
+  return mx::array::make_arrays({{m, n}, {m, r}}, {x.dtype(), mx::float32},
+                                std::make_shared<LoRAForward>(stream, scale, dropout),
+                                row_contiguous({x, weight, bias, lora_a, lora_b, key}, stream));
+}
+
+std::vector<mx::array> lora_forward_onto(const mx::array& x, const mx::array& base,
+                                         const mx::array& bias, const mx::array& lora_a,
+                                         const mx::array& lora_b, const mx::array& key, float scale,
+                                         float dropout, mx::StreamOrDevice s) {
+  require_2d({&base});
+  check_lora_inputs(x, base.shape(1), bias, lora_a, lora_b);
+  require(base.shape(0) == x.shape(0) && base.dtype() == x.dtype(),
+          "base must be (M, N) with M = x.shape[0] = " + std::to_string(x.shape(0)) +
+              " in x's dtype, got " + shape_str(base));
+  check_scale(scale);
+  check_dropout_and_key(key, dropout);
+  auto stream = mx::to_stream(s);
+  const int m = x.shape(0), n = base.shape(1), r = lora_a.shape(1);
+  return mx::array::make_arrays({{m, n}, {m, r}}, {x.dtype(), mx::float32},
+                                std::make_shared<LoRAForwardOnto>(stream, scale, dropout),
+                                row_contiguous({x, base, bias, lora_a, lora_b, key}, stream));
+}
+
+std::vector<mx::array> lora_low_rank_grad(const mx::array& cotangent, const mx::array& h,
+                                          const mx::array& lora_b, float scale,
+                                          mx::StreamOrDevice s) {
+  require_2d({&cotangent, &h, &lora_b});
+  require(h.shape(0) == cotangent.shape(0) && h.shape(1) == lora_b.shape(0) &&
+              lora_b.shape(1) == cotangent.shape(1),
+          "cotangent (M, N), h (M, r), lora_b (r, N) disagree");
+  require(h.dtype() == mx::float32 && is_float(cotangent.dtype()) && is_float(lora_b.dtype()),
+          "h must be float32, cotangent and lora_b float");
+  check_scale(scale);
+  auto stream = mx::to_stream(s);
+  const int m = h.shape(0), r = h.shape(1), n = lora_b.shape(1);
+  return mx::array::make_arrays({{m, r}, {r, n}}, {mx::float32, lora_b.dtype()},
+                                std::make_shared<LoRALowRankGrad>(stream, scale),
+                                row_contiguous({cotangent, h, lora_b}, stream));
+}
+
+mx::array lora_down_grad(const mx::array& x, const mx::array& ds, const mx::array& lora_a,
+                         const mx::array& key, float dropout, mx::StreamOrDevice s) {
+  require_2d({&x, &ds, &lora_a});
+  require(
+      ds.shape(0) == x.shape(0) && lora_a.shape(0) == x.shape(1) && lora_a.shape(1) == ds.shape(1),
+      "x (M, K), ds (M, r), lora_a (K, r) disagree");
+  require(ds.dtype() == mx::float32 && is_float(x.dtype()) && is_float(lora_a.dtype()),
+          "ds must be float32, x and lora_a float");
+  check_dropout_and_key(key, dropout);
+  auto stream = mx::to_stream(s);
+  return mx::array(lora_a.shape(), lora_a.dtype(), std::make_shared<LoRADownGrad>(stream, dropout),
+                   row_contiguous({x, ds, key}, stream));
+}
+
+mx::array lora_input_grad(const mx::array& cotangent, const mx::array& weight, const mx::array& ds,
+                          const mx::array& lora_a, const mx::array& key, float dropout,
+                          mx::StreamOrDevice s) {
+  require_2d({&cotangent, &weight, &ds, &lora_a});
+  require(weight.shape(0) == cotangent.shape(1) && ds.shape(0) == cotangent.shape(0) &&
+              lora_a.shape(0) == weight.shape(1) && lora_a.shape(1) == ds.shape(1),
+          "cotangent (M, N), weight (N, K), ds (M, r), lora_a (K, r) disagree");
+  require(is_float(cotangent.dtype()) && cotangent.dtype() == weight.dtype(),
+          "cotangent and weight must share a float dtype");
+  require(ds.dtype() == mx::float32 && is_float(lora_a.dtype()),
+          "ds must be float32, lora_a float");
+  check_dropout_and_key(key, dropout);
+  auto stream = mx::to_stream(s);
+  const int m = cotangent.shape(0), k = weight.shape(1);
+  return mx::array({m, k}, cotangent.dtype(), std::make_shared<LoRAInputGrad>(stream, dropout),
+                   row_contiguous({cotangent, weight, ds, lora_a, key}, stream));
+}
+
+mx::array lora_input_grad_onto(const mx::array& base, const mx::array& ds, const mx::array& lora_a,
+                               const mx::array& key, float dropout, mx::StreamOrDevice s) {
+  require_2d({&base, &ds, &lora_a});
+  require(ds.shape(0) == base.shape(0) && lora_a.shape(0) == base.shape(1) &&
+              lora_a.shape(1) == ds.shape(1),
+          "base (M, K), ds (M, r), lora_a (K, r) disagree");
+  require(is_float(base.dtype()), "base must be float32, float16 or bfloat16");
+  require(ds.dtype() == mx::float32 && is_float(lora_a.dtype()),
+          "ds must be float32, lora_a float");
+  check_dropout_and_key(key, dropout);
+  auto stream = mx::to_stream(s);
+  return mx::array(base.shape(), base.dtype(), std::make_shared<LoRAInputGradOnto>(stream, dropout),
+                   row_contiguous({base, ds, lora_a, key}, stream));
+}
+
+mx::array dropout_mask(const mx::array& key, const mx::Shape& shape, float dropout, mx::Dtype dtype,
+                       mx::StreamOrDevice s) {
+  check_dropout_and_key(key, dropout);
+  require(is_float(dtype), "dropout_mask dtype must be float32, float16 or bfloat16");
+  for (int d : shape) {
+    require(d >= 0, "dropout_mask shape must have dimensions >= 0");
+  }
+  auto stream = mx::to_stream(s);
+  return mx::array(shape, dtype, std::make_shared<DropoutMask>(stream, dropout, shape),
+                   {row_contiguous(key, stream)});
+}
+
+}  // namespace mfl
