@@ -20,6 +20,8 @@ from mlx_fused_lora.train.tokenizer import ByteTokenizer, load_text_tokenizer
 
 K, V = 8, 24
 SPEC = DataSpec(num_codebooks=K, audio_vocab_size=V, text_vocab_size=260, max_seq_len=256, context_turns=1)
+# the skipping tests opt in to dropping mismatched files (the default refuses them: test_train_run_rules)
+SKIP = DataSpec(K, V, 260, max_seq_len=256, context_turns=1, drop_mismatched=True)
 
 
 def test_frame_turn_layout():
@@ -58,7 +60,7 @@ def test_bad_data_is_skipped_and_counted(tmp_path):
     (tmp_path / "transcripts" / "few.txt").write_text("too few codebooks")
     np.save(audio / "empty.npy", np.ones((K, 0), np.int32))
     (tmp_path / "transcripts" / "empty.txt").write_text("no audio")
-    samples, report = build_dataset(audio, ByteTokenizer(), SPEC)
+    samples, report = build_dataset(audio, ByteTokenizer(), SKIP)
     assert report.files == 7
     assert dict(report.skipped) == {
         "missing transcript": 1,

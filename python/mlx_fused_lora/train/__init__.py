@@ -1,20 +1,28 @@
-"""LoRA fine-tuning of CSM: data path, loss, trainer, checkpoints, CLI and demo.
+"""LoRA fine-tuning of CSM: a generic training loop, the CSM task on it, checkpoints, CLI and demo.
 
-- `CSMLoRATrainer` (`trainer.py`): ``prepare_data``, ``train``, ``save_lora_weights``,
-  ``load_lora_weights``, ``generate_sample``.
+- `loop.py`: `train` for any MLX model (compiled step, accumulation, clipping,
+  data-parallel averaging, checkpoint/validation/metrics hooks, tqdm progress).
+- `CSMLoRATrainer` (`csm_task.py`): ``prepare_data``, ``train``, ``save_lora_weights``,
+  ``load_lora_weights``, ``generate_sample``; `settings.py`: its settings and step count;
+  `resume.py`: the output folder's rules and resume's checks; `model_setup.py`.
 - `data.py`: files -> segments -> ``[T, 33]`` frames; `loss.py`: the CSM loss;
-  `checkpoint.py`: atomic, verified checkpoints; `distributed.py`: data parallel.
-- ``mlx-fused-lora finetune`` (`cli.py`) and ``mlx-fused-lora demo`` (`demo.py`).
+  `checkpoint.py`: atomic, verified checkpoints; `metrics.py` + `plot.py`: metrics.jsonl
+  and the loss curve; `distributed.py`: data parallel.
+- ``mlx-fused-lora finetune`` (`cli.py`, `cli_args.py`) and ``mlx-fused-lora demo`` (`demo.py`).
 """
 
 from .checkpoint import TrainingCheckpointError, load_checkpoint, save_checkpoint
+from .csm_task import CSMLoRATrainer
 from .data import DataReport, DataSpec, build_dataset
+from .loop import LoopSettings, NonFiniteLossError, TrainResult, train
 from .loss import csm_loss
-from .trainer import CSMLoRATrainer, NonFiniteLossError, TrainResult, TrainSettings
+from .settings import TrainSettings
 
 __all__ = [
     "CSMLoRATrainer",
     "TrainSettings",
+    "LoopSettings",
+    "train",
     "TrainResult",
     "NonFiniteLossError",
     "TrainingCheckpointError",

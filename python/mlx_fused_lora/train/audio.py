@@ -31,6 +31,7 @@ __all__ = [
     "write_wav",
     "resample",
     "load_codes",
+    "CodeRangeError",
     "MimiCodec",
     "save_mimi",
     "read_safetensors_header",
@@ -94,8 +95,21 @@ def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.nd
     return out.astype(np.float32)
 
 
-def load_codes(path: str | Path) -> np.ndarray:
-    """Mimi codes ``[codebooks, frames]`` as int32 from ``.npy`` or ``.safetensors``."""
+class CodeRangeError(ValueError):
+    """Codes outside the range they must be in (checked before any cast)."""
+
+    def __init__(self, path, low: int, high: int, limit: int):
+        self.path, self.low, self.high, self.limit = Path(path), low, high, limit
+        super().__init__(f"{path}: codes span [{low}, {high}], outside [0, {limit})")
+
+
+def load_codes(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
+    """Mimi codes ``[codebooks, frames]`` as int32 from ``.npy`` or ``.safetensors``.
+
+    The range is checked on the stored integers, before the cast: every code must be in
+    ``[0, vocab_size)`` (``[0, 2**31)`` when no vocabulary is given), else
+    `CodeRangeError` (an int64 code of 2**32 + 5 is refused, never wrapped to 5).
+    """
     path = Path(path)
     if path.suffix == ".npy":
         codes = np.load(path, allow_pickle=False)
@@ -118,6 +132,11 @@ def load_codes(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path}: codes must be [codebooks, frames], got shape {codes.shape}")
     if not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"{path}: codes must be integers, got {codes.dtype}")
+    if codes.size:
+        low, high = int(codes.min()), int(codes.max())
+        limit = int(vocab_size) if vocab_size is not None else 2**31
+        if low < 0 or high >= limit:
+            raise CodeRangeError(path, low, high, limit)
     return codes.astype(np.int32)
 
 

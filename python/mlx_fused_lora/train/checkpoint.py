@@ -9,7 +9,11 @@ temporary directory, every file fsynced, and renamed into place; then ``checkpoi
 any moment leaves either the previous checkpoint or the new one, never a mix.
 
 `load_checkpoint` refuses a directory whose manifest is missing or whose files differ from
-it in size or hash (`TrainingCheckpointError`, naming the file).
+it in size or hash, or whose tensors are not all finite (`TrainingCheckpointError`, naming
+the file). `save_checkpoint` refuses to write non-finite tensors at all, and prunes only
+checkpoints older than the one it wrote: the newest is never deleted and ``latest`` never
+names a missing directory (a later-numbered checkpoint of another run is left alone).
+`clean_stale_temporaries` removes what a killed write left behind.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ __all__ = [
     "atomic_write_dir",
     "atomic_write_text",
     "sha256_file",
+    "non_finite_names",
+    "list_checkpoints",
+    "clean_stale_temporaries",
+    "NonFiniteCheckpointError",
 ]
 
 MANIFEST = "manifest.json"
@@ -41,6 +49,47 @@ FORMAT_VERSION = 1
 
 class TrainingCheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, truncated or corrupt."""
+
+
+class NonFiniteCheckpointError(TrainingCheckpointError):
+    """Tensors to be saved (or loaded) hold NaN or inf."""
+
+
+def non_finite_names(tensors: dict[str, mx.array]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an inf, sorted."""
+    bad = []
+    for name, v in sorted(tensors.items()):
+        if mx.issubdtype(v.dtype, mx.inexact) and not mx.isfinite(v).all().item():
+            bad.append(name)
+    return bad
+
+
+def _step_of(path: Path) -> int | None:
+    try:
+        return int(path.name[len("step_") :])
+    except ValueError:
+        return None
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """The ``step_*`` directories under ``root``, oldest step first."""
+    root = Path(root)
+    found = [p for p in root.glob("step_*") if p.is_dir() and _step_of(p) is not None]
+    return sorted(found, key=_step_of)
+
+
+def clean_stale_temporaries(root: str | Path) -> list[Path]:
+    """Remove ``.tmp-*`` / ``.old-*`` leftovers of killed writes under ``root``; returns them."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    stale = list(root.glob(".tmp-*")) + list(root.glob(".old-step_*"))
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
 
 
 def sha256_file(path: Path) -> str:
@@ -114,8 +163,28 @@ def save_checkpoint(
     trainer_state: dict,
     keep_last: int = 3,
 ) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically; returns its directory."""
+    """Write checkpoint ``step`` under ``root`` atomically; returns its directory.
+
+    Refuses (`NonFiniteCheckpointError`) when a tensor holds NaN or inf: a checkpoint is
+    always one a run can continue from. Keeps the newest ``keep_last`` checkpoints up to
+    ``step`` (0: all).
+    """
+    bad = non_finite_names(adapters) + non_finite_names(optimizer_state)
+    if bad:
+        raise NonFiniteCheckpointError(
+            f"not writing checkpoint step {step}: {len(bad)} tensors hold NaN or inf ({', '.join(bad[:3])})"
+        )
     root = Path(root)
+    try:
+        return _write_checkpoint(root, step, adapters, optimizer_state, trainer_state, keep_last)
+    except OSError as e:
+        where = e.filename or root
+        raise OSError(
+            e.errno, f"cannot write checkpoint step {step} in {root}: {e.strerror} ({where})", str(where)
+        ) from None
+
+
+def _write_checkpoint(root: Path, step: int, adapters, optimizer_state, trainer_state, keep_last) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
@@ -144,15 +213,20 @@ def save_checkpoint(
         os.replace(tmp, final)
     _fsync_dir(root)
     atomic_write_text(root / LATEST, final.name + "\n")
-    _prune(root, keep_last)
+    _prune(root, step, keep_last)
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, step: int, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints with a step up to ``step``.
+
+    Only older ones are candidates: the one just written survives, ``latest`` (which
+    names it) never dangles, and a higher-numbered checkpoint is not this run's to delete.
+    """
     if keep_last <= 0:
         return
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for p in steps[:-keep_last]:
+    older = [p for p in list_checkpoints(root) if _step_of(p) <= step]
+    for p in older[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -167,9 +241,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     for root in (path, path / "checkpoints"):
         latest = root / LATEST
-        if latest.is_file():
+        if latest.is_file() and (root / latest.read_text().strip()).is_dir():
             return root / latest.read_text().strip()
-        steps = sorted(p for p in root.glob("step_*") if (p / MANIFEST).exists())
+        steps = [p for p in list_checkpoints(root) if (p / MANIFEST).exists()]
         if steps:
             return steps[-1]
     raise TrainingCheckpointError(f"no checkpoint at {path} (expected a step_* directory or a 'latest' file)")
@@ -209,6 +283,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict]:
             )
     adapters = mx.load(str(ckpt / "adapters.safetensors"))
     optimizer_state = mx.load(str(ckpt / "optimizer.safetensors"))
+    bad = non_finite_names(adapters) + non_finite_names(optimizer_state)
+    if bad:
+        raise NonFiniteCheckpointError(
+            f"checkpoint {ckpt}: {len(bad)} tensors hold NaN or inf ({', '.join(bad[:3])}); refusing to resume from it"
+        )
     trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
     trainer_state["checkpoint_dir"] = str(ckpt)
     return adapters, optimizer_state, trainer_state

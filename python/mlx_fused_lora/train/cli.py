@@ -2,10 +2,13 @@
 
 The flags and defaults of the original CSM LoRA fine-tuning tool, plus warmup, schedule,
 gradient accumulation, decoder amortization, seed, tokenizer, codec and gradient
-checkpointing. A thin shell over `CSMLoRATrainer`.
+checkpointing. A thin shell over `CSMLoRATrainer`. Every flag can also come from a YAML
+file (``-c config.yaml``, keys as the flags' names with ``_`` or ``-``); flags given on
+the command line override the file.
 
-Exit status: 0 done, 1 a clear error (bad checkpoint, non-finite loss, no data),
-130 interrupted by Ctrl-C after saving a checkpoint.
+Exit status: 0 done, 1 a clear error (bad checkpoint, non-finite loss, no data, a file
+that cannot be written: one line, no traceback unless ``--debug``), 2 a bad flag or config
+file, 130 interrupted by Ctrl-C after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -14,16 +17,24 @@ import argparse
 import logging
 import sys
 
+from .cli_args import DefaultsOnceFormatter, OneLineErrorParser, apply_config_file, check_args
+
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("mlx_fused_lora.finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="mlx-fused-lora finetune",
         description="Fine-tune CSM with LoRA (fused LoRA layers) on audio + transcripts.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceFormatter,
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help="YAML file of flags (keys such as lora_r or learning-rate); command-line flags override it",
     )
     g = p.add_argument_group("model and data")
     g.add_argument(
@@ -50,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--alignment-dir",
         default=None,
         help="optional <stem>.json word timings used to cut segments (default: an 'alignments' folder beside --audio-dir)",
+    )
+    g.add_argument(
+        "--drop-mismatched-data",
+        action="store_true",
+        help="train on the model's first codebooks of data that has more, and skip files with codes outside its "
+        "vocabulary (refused otherwise)",
     )
     g.add_argument("--speaker-id", type=int, default=0, help="speaker id written as [id] before each transcript")
     g.add_argument(
@@ -120,9 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay")
     g.add_argument("--batch-size", type=int, default=2, help="samples per micro-batch (per process under mlx.launch)")
-    g.add_argument("--epochs", type=int, default=5, help="passes over the training samples")
     g.add_argument(
-        "--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: the epochs decide)"
+        "--epochs", type=int, default=5, help="passes over the training samples, used when --max-steps is not given"
+    )
+    g.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="the run's length in optimizer steps, the data cycled as needed (default: --epochs decides)",
     )
     g.add_argument(
         "--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this (0: no clipping)"
@@ -163,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint directory (or an output dir / checkpoints dir: its latest) to continue from exactly",
     )
     g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the checkpoints of an earlier run in --output-dir and start anew (refused otherwise)",
+    )
+    g.add_argument(
         "--save-mode",
         choices=["lora", "full", "both"],
         default="lora",
@@ -182,16 +209,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: the message, and the file for an OSError."""
+    if isinstance(e, OSError) and e.strerror:
+        msg = e.strerror
+        if e.filename and str(e.filename) not in msg:
+            msg = f"{e.filename}: {msg}"
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(msg.split())
+
+
+_EXPECTED = (ValueError, RuntimeError, OSError, ImportError)  # their messages name the problem
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = check_args(parser, apply_config_file(parser, argv))
     logging.basicConfig(
         level=logging.DEBUG if args.debug else getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    from .checkpoint import TrainingCheckpointError
-    from .trainer import CSMLoRATrainer, NonFiniteLossError
+    from .trainer import CSMLoRATrainer
 
+    trainer = None
     try:
         trainer = CSMLoRATrainer(
             args.model_path,
@@ -201,6 +243,7 @@ def main(argv=None) -> int:
             tokenizer=args.tokenizer,
             codec_path=args.codec_path,
             progress=not args.no_progress,
+            drop_mismatched_data=args.drop_mismatched_data,
             lora_dropout=args.lora_dropout,
             target_modules=args.target_modules,
             target_layers=args.target_layers,
@@ -227,6 +270,9 @@ def main(argv=None) -> int:
             context_turns=args.context_turns,
             val_split=args.val_split,
         )
+        plan = trainer.plan_run(args.epochs, args.batch_size, args.max_steps)
+        if trainer.world.is_main:
+            print(plan.describe(), flush=True)  # the run's first line: how many steps, and why
         result = trainer.train(
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -238,11 +284,14 @@ def main(argv=None) -> int:
             generate_samples=args.generate_samples,
             sample_prompt=args.sample_prompt,
             speaker_id=args.speaker_id,
+            overwrite=args.overwrite,
         )
-    except (TrainingCheckpointError, NonFiniteLossError, FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
+    except Exception as e:
         if args.debug:
             raise
-        log.error("%s", e)
+        kind = "" if isinstance(e, _EXPECTED) else f"unexpected {type(e).__name__}: "
+        hint = "" if isinstance(e, _EXPECTED) else " (run with --debug for the traceback)"
+        log.error("%s%s%s", kind, _one_line(e), hint)
         return 1
     if trainer.world.is_main:
         val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""

@@ -19,9 +19,13 @@ rows and the end frame of the last turn (the context turns only condition). Too 
 sample loses its oldest context turns first, then the end of its audio (to
 ``max_seq_len`` rows).
 
-Bad data never stops a run: a missing transcript, an unreadable or malformed file, codes
-outside the model's vocabulary and empty segments are skipped and counted by reason in
-the `DataReport`.
+Broken files never stop a run: a missing transcript, an unreadable or malformed file and
+empty segments are skipped and counted by reason in the `DataReport`. Data that does not
+fit the model (other than its number of codebooks, or codes outside its audio
+vocabulary) means the wrong model or the wrong data, and is refused (`DataMismatchError`,
+naming the file and both numbers) unless ``DataSpec.drop_mismatched`` says to train on
+the model's first codebooks of data that has more and to skip the files that cannot fit
+(``--drop-mismatched-data``).
 """
 
 from __future__ import annotations
@@ -35,13 +39,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import AUDIO_SUFFIXES, CODE_SUFFIXES, FRAME_RATE, SAMPLE_RATE, load_codes, read_wav, resample
+from .audio import (
+    AUDIO_SUFFIXES,
+    CODE_SUFFIXES,
+    FRAME_RATE,
+    SAMPLE_RATE,
+    CodeRangeError,
+    load_codes,
+    read_wav,
+    resample,
+)
 
 __all__ = [
     "Segment",
     "Sample",
     "DataReport",
     "DataSpec",
+    "DataMismatchError",
     "find_files",
     "load_segments",
     "frame_turn",
@@ -103,6 +117,26 @@ class DataSpec:
     speaker_id: int = 0
     max_segment_seconds: float = 15.0
     max_pause: float = 0.8
+    drop_mismatched: bool = False  # train on the first K codebooks / skip out-of-range files
+
+
+class DataMismatchError(ValueError):
+    """A data file does not fit the model (codebook count or code range)."""
+
+
+_DROP_HINT = (
+    "; pass --drop-mismatched-data to train on the model's first codebooks of files that have more "
+    "and skip files that cannot fit"
+)
+
+
+def _mismatch(spec: DataSpec, report: DataReport, reason: str, message: str) -> list:
+    """Refuse mismatched data, or (``drop_mismatched``) count the file as skipped."""
+    if not spec.drop_mismatched:
+        raise DataMismatchError(message + _DROP_HINT)
+    log.warning("skipping %s", message)
+    report.skipped[reason] += 1
+    return []
 
 
 @dataclass
@@ -190,28 +224,38 @@ def load_segments(src: SourceFile, spec: DataSpec, codec=None, report: DataRepor
     is_codes = src.audio.suffix.lower() in CODE_SUFFIXES
     if not is_codes and codec is None:
         raise RuntimeError(f"{src.audio}: WAV input needs the Mimi codec (--codec-path)")
+    K, V = spec.num_codebooks, spec.audio_vocab_size
     try:
         text = src.transcript.read_text(encoding="utf-8").strip()
         if is_codes:
-            codes = load_codes(src.audio)
+            codes = load_codes(src.audio, V)  # range-checked before the cast to int32
         else:
             samples, rate = read_wav(src.audio)
             codes = codec.encode(resample(samples, rate, SAMPLE_RATE))
         words = _read_words(src.alignment) if src.alignment is not None else None
+    except CodeRangeError as e:
+        return _mismatch(
+            spec,
+            report,
+            "codes out of range",
+            f"{src.audio}: codes span [{e.low}, {e.high}], the model's audio vocabulary has {V} entries ([0, {V}))",
+        )
     except Exception as e:  # unreadable / malformed: skip the file, keep the run going
         log.warning("skipping %s: %s: %s", src.audio.name, type(e).__name__, e)
         report.skipped["unreadable file"] += 1
         return []
-    K, V = spec.num_codebooks, spec.audio_vocab_size
-    if codes.shape[0] < K:
-        log.warning("skipping %s: %d codebooks, the model needs %d", src.audio.name, codes.shape[0], K)
-        report.skipped["too few codebooks"] += 1
-        return []
-    codes = codes[:K]
-    if codes.size and (codes.min() < 0 or codes.max() >= V):
-        log.warning("skipping %s: codes outside [0, %d)", src.audio.name, V)
-        report.skipped["codes out of range"] += 1
-        return []
+    if codes.shape[0] != K:
+        few = codes.shape[0] < K
+        message = f"{src.audio}: {codes.shape[0]} codebooks, the model has {K}"
+        if few or not spec.drop_mismatched:
+            return _mismatch(spec, report, "too few codebooks" if few else "too many codebooks", message)
+        log.info("%s: training on the first %d of its %d codebooks", src.audio.name, K, codes.shape[0])
+        codes = codes[:K]
+    if not is_codes and codes.size and (codes.min() < 0 or codes.max() >= V):  # the codec's codes
+        message = (
+            f"{src.audio}: Mimi gave codes in [{codes.min()}, {codes.max()}], the model's audio vocabulary has {V}"
+        )
+        return _mismatch(spec, report, "codes out of range", message)
     if words is not None:
         segments, empty = _segments_from_words(words, codes, spec, spec.speaker_id)
         report.skipped["empty segment"] += empty

@@ -1,0 +1,136 @@
+"""Flag plumbing for ``finetune``: one-line errors, each default shown once, a YAML config file, range checks."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+__all__ = ["OneLineErrorParser", "DefaultsOnceFormatter", "apply_config_file", "check_args"]
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (no usage block) with exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
+
+
+class DefaultsOnceFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to a flag's help unless the help already states its default
+    or there is none to state (None, False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or "default" in text or default in (None, False, argparse.SUPPRESS):
+            return text
+        if isinstance(default, (list, tuple)):
+            shown = " ".join(str(v) for v in default).replace("%", "%%")
+            return f"{text} (default: {shown})"
+        return text + " (default: %(default)s)"
+
+
+def _convert(parser, action, key: str, value, path: Path):
+    def bad(why: str):
+        parser.error(f"config file {path}: {key}: {why}")
+
+    if value is None:
+        return None
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            bad(f"expected true or false, got {value!r}")
+        return value
+    if isinstance(value, (dict, list)) or isinstance(value, bool):
+        bad(f"expected a single {getattr(action.type, '__name__', 'string')}, got {value!r}")
+    kind = action.type or str
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        bad(f"expected an integer, got {value!r}")
+    try:
+        out = kind(value) if kind is not str else str(value)
+    except (TypeError, ValueError):
+        bad(f"expected {getattr(kind, '__name__', 'a value')}, got {value!r}")
+    if action.choices is not None and out not in action.choices:
+        bad(f"expected one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return out
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parse ``argv`` with the values of ``-c/--config FILE`` as defaults (flags win).
+
+    Keys are the flags' names, with ``_`` or ``-`` (``lora_r``, ``learning-rate``); an
+    unknown key or a value of the wrong type is an error naming the file and the key.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is None:
+        return parser.parse_args(argv)
+    import yaml
+
+    path = Path(known.config)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        parser.error(f"argument -c/--config: cannot read {path}: {e.strerror}")
+    except yaml.YAMLError as e:
+        parser.error(f"config file {path} is not valid YAML: {e}")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        parser.error(f"config file {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            parser.error(f"config file {path}: unknown key {key!r} (keys are the flags' names, e.g. lora_r)")
+        if action.nargs in ("+", "*"):
+            items = value if isinstance(value, list) else [value]
+            defaults[dest] = [_convert(parser, action, f"{key}[{i}]", v, path) for i, v in enumerate(items)]
+        else:
+            defaults[dest] = _convert(parser, action, str(key), value, path)
+        action.required = False  # given by the file; the command line may still override it
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Range checks naming the flag (``parser.error``: one line, exit status 2)."""
+
+    def need(ok: bool, flag: str, rule: str, value):
+        if not ok:
+            parser.error(f"argument {flag}: must be {rule}, got {value!r}")
+
+    for flag in ("--batch-size", "--lora-r", "--grad-accumulation-steps", "--max-seq-len"):
+        v = getattr(args, flag[2:].replace("-", "_"))
+        need(v >= 1, flag, ">= 1", v)
+    for flag in ("--context-turns", "--val-every", "--save-every", "--speaker-id"):
+        v = getattr(args, flag[2:].replace("-", "_"))
+        need(v >= 0, flag, ">= 0", v)
+    if args.warmup_steps is not None:
+        need(args.warmup_steps >= 0, "--warmup-steps", ">= 0", args.warmup_steps)
+    if args.max_steps is not None:
+        need(args.max_steps >= 1, "--max-steps", ">= 1", args.max_steps)
+    else:
+        need(args.epochs >= 1, "--epochs", ">= 1 when --max-steps is not given", args.epochs)
+
+    def finite(flag: str, low: float, *, open_low=False, high=None, open_high=True):
+        v = getattr(args, flag[2:].replace("-", "_"))
+        ok = math.isfinite(v) and (v > low if open_low else v >= low)
+        if high is not None:
+            ok = ok and (v < high if open_high else v <= high)
+        rule = f"a finite number {'>' if open_low else '>='} {low}"
+        if high is not None:
+            rule += f" and {'<' if open_high else '<='} {high}"
+        need(ok, flag, rule, v)
+
+    finite("--learning-rate", 0.0, open_low=True)
+    finite("--lora-alpha", 0.0, open_low=True)
+    finite("--lora-dropout", 0.0, high=1.0)
+    finite("--weight-decay", 0.0)
+    finite("--max-grad-norm", 0.0)
+    finite("--val-split", 0.0, high=1.0)
+    finite("--decoder-fraction", 0.0, open_low=True, high=1.0, open_high=False)
+    return args

@@ -1,0 +1,415 @@
+"""`CSMLoRATrainer`: the CSM fine-tuning task (model setup, data, adapter I/O, merge, samples) on the generic loop.
+
+The flow, as in mlx-lm's tuner: load the model (`load_csm`), put LoRA layers in
+(`apply_lora`: `FusedLoRALinear`, or mlx-lm's `LoRALinear` for the baseline), build the
+samples (`data.build_dataset`), then `train()` hands the model, the CSM loss and the
+batches to `loop.train` with hooks for checkpoints (`checkpoint.py`), validation and
+``metrics.jsonl``, and writes the outputs of ``save_mode``.
+
+Reproducibility: the batch order is a function of ``(seed, batch index)``
+(`data.batch_order`) and the loop re-seeds the random state per step, so a run resumed
+from the checkpoint of step ``s`` computes bit for bit what the uninterrupted run did
+after step ``s`` on the CPU. What a kill, a NaN and a reused output folder do is
+described in `checkpoint.py`, `loop.py` and `resume.py` (and the README).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..csm import save_csm
+from ..csm.lora import lora_layers
+from . import loop
+from .checkpoint import TrainingCheckpointError, atomic_write_dir, load_checkpoint, save_checkpoint
+from .data import (
+    DataReport,
+    DataSpec,
+    Sample,
+    batch_order,
+    build_dataset,
+    collate,
+    split_train_val,
+)
+from .distributed import World, init_world
+from .loss import csm_loss
+from .metrics import MetricsLog
+from .model_setup import load_model_for_lora
+from .resume import check_resume, prepare_output_dir, restore
+from .settings import RunPlan, TrainSettings, plan_steps
+
+__all__ = ["CSMLoRATrainer", "DEFAULT_SAMPLE_PROMPT"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAMPLE_PROMPT = "This is a test of the fine-tuned voice."
+KEEP_CHECKPOINTS = 3
+
+
+class CSMLoRATrainer:
+    """LoRA fine-tuning of a CSM checkpoint on a directory of voice data.
+
+    ``model_path``: a CSM checkpoint (`load_csm`: torchtune, mlx or Hugging Face layout);
+    ``output_dir``: where checkpoints, metrics, the loss curve and the outputs go.
+    The keyword arguments are `TrainSettings`' fields; ``tokenizer`` (a file, a directory
+    or ``"byte"``) and ``codec_path`` (Mimi weights, for WAV input and WAV samples) are
+    read when needed; ``drop_mismatched_data`` trains on data with more codebooks than
+    the model has (the extras dropped) and skips files with codes outside its vocabulary,
+    which are otherwise refused.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        output_dir: str | Path,
+        lora_r: int = 8,
+        lora_alpha: float = 16.0,
+        *,
+        tokenizer: None | str | Path = None,
+        codec_path: None | str | Path = None,
+        world: World | None = None,
+        progress: bool = True,
+        drop_mismatched_data: bool = False,
+        **settings,
+    ):
+        self.settings = TrainSettings(lora_r=lora_r, lora_alpha=lora_alpha, **settings)
+        self.model_path = Path(model_path)
+        self.output_dir = Path(output_dir)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ValueError(f"--output-dir {self.output_dir} is a file, not a folder")
+        self.tokenizer_spec = tokenizer
+        self.codec_path = codec_path
+        self.world = world or init_world()
+        self.progress = progress
+        self.drop_mismatched_data = drop_mismatched_data
+        self._tokenizer = None
+        self._codec = None
+        self.train_samples: list[Sample] = []
+        self.val_samples: list[Sample] = []
+        self.data_report: DataReport | None = None
+        self.plan: RunPlan | None = None
+
+        self.model, self.model_record, self.lora_report = load_model_for_lora(self.model_path, self.settings)
+
+    # -- tokenizer, codec, data --
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import load_text_tokenizer
+
+            self._tokenizer = load_text_tokenizer(self.tokenizer_spec, self.model_path)
+        return self._tokenizer
+
+    @property
+    def codec(self):
+        if self._codec is None and self.codec_path is not None:
+            from .audio import MimiCodec
+
+            self._codec = MimiCodec(self.codec_path, self.model.config.audio_num_codebooks)
+        return self._codec
+
+    def data_spec(self, speaker_id: int = 0, context_turns: int = 2) -> DataSpec:
+        cfg = self.model.config
+        return DataSpec(
+            num_codebooks=cfg.audio_num_codebooks,
+            audio_vocab_size=cfg.audio_vocab_size,
+            text_vocab_size=cfg.text_vocab_size,
+            max_seq_len=self.settings.max_seq_len,
+            context_turns=context_turns,
+            speaker_id=speaker_id,
+            drop_mismatched=self.drop_mismatched_data,
+        )
+
+    def prepare_data(
+        self,
+        audio_dir: str | Path,
+        transcript_dir: None | str | Path = None,
+        alignment_dir: None | str | Path = None,
+        speaker_id: int = 0,
+        context_turns: int = 2,
+        val_split: float = 0.1,
+    ) -> DataReport:
+        """Build the samples and the seeded train/validation split; returns the data report."""
+        samples, report = build_dataset(
+            audio_dir,
+            self.tokenizer,
+            self.data_spec(speaker_id, context_turns),
+            transcript_dir,
+            alignment_dir,
+            codec=self.codec,
+        )
+        if not samples:
+            raise ValueError(f"no usable training samples in {audio_dir}: {report}")
+        self.train_samples, self.val_samples = split_train_val(samples, val_split, self.settings.seed)
+        self.data_report = report
+        if self.world.is_main:
+            log.info("%s; %d train / %d validation", report, len(self.train_samples), len(self.val_samples))
+        return report
+
+    # -- adapters --
+
+    def save_lora_weights(self, path: str | Path, format: str = "csm-cli") -> Path:
+        """Write the adapters to directory ``path`` (the original tool's file names by default);
+        returns the weights file."""
+        return self._write_lora(path, format)[0]
+
+    def _write_lora(self, path, format: str = "csm-cli") -> list[Path]:
+        from ..adapters import save_adapters
+
+        moved = atomic_write_dir(path, lambda tmp: save_adapters(self.model, tmp, format=format))
+        return sorted(moved, key=lambda p: p.suffix != ".safetensors")  # the weights first
+
+    def load_lora_weights(self, path: str | Path) -> None:
+        """Load adapters (csm-cli, mlx-lm or PEFT format, or a training checkpoint) into the model."""
+        path = Path(path)
+        if (path / "manifest.json").exists() or (path / "checkpoints").is_dir() or path.name.startswith("step_"):
+            adapters, _, state = load_checkpoint(path)
+            trainable = dict(tree_flatten(self.model.trainable_parameters()))
+            wrong = [k for k, v in trainable.items() if k not in adapters or adapters[k].shape != v.shape]
+            if wrong:  # checked in full before anything is assigned
+                raise TrainingCheckpointError(
+                    f"checkpoint {state['checkpoint_dir']} does not fit this model's adapters: {wrong[:3]}"
+                )
+            self.model.load_weights([(k, adapters[k]) for k in trainable], strict=False)
+        else:
+            from ..adapters import load_adapters
+
+            load_adapters(self.model, path)
+        mx.eval(self.model.parameters())
+
+    def save_merged_model(self, path: str | Path) -> Path:
+        """The base model with the adapters folded in, as `save_csm` writes it (the model keeps
+        its LoRA layers); returns the weights file."""
+        return self._write_merged(path)[0]
+
+    def _write_merged(self, path) -> list[Path]:
+        layers = lora_layers(self.model)
+        fused = [(name, layer.fuse()) for name, layer in layers]
+        self.model.update_modules(tree_unflatten(fused))
+        try:
+            moved = atomic_write_dir(path, lambda tmp: save_csm(self.model, tmp))
+        finally:
+            self.model.update_modules(tree_unflatten(list(layers)))
+        return sorted(moved, key=lambda p: p.suffix != ".safetensors")
+
+    def save_outputs(self, save_mode: str) -> list[Path]:
+        """``lora``: ``fine_tuned_model.safetensors`` + ``fine_tuned_model_metadata.json``;
+        ``full``: the merged model as ``model.safetensors`` + ``config.json``; ``both``."""
+        if save_mode not in ("lora", "full", "both"):
+            raise ValueError(f"save_mode must be lora, full or both, got {save_mode!r}")
+        out = []
+        if save_mode in ("lora", "both"):
+            out += self._write_lora(self.output_dir)
+        if save_mode in ("full", "both"):
+            out += self._write_merged(self.output_dir)
+        return out
+
+    # -- samples --
+
+    def generate_sample(
+        self,
+        text: str,
+        speaker_id: int = 0,
+        output_path: str | Path = "sample.wav",
+        max_frames: int = 125,
+        temperature: float = 0.9,
+        top_k: int = 50,
+    ) -> Path:
+        """Generate speech for ``text``: a WAV through Mimi when a codec is set, else the
+        codes ``[codebooks, frames]`` as ``.npy`` beside ``output_path``. Returns the file."""
+        from .sampling import write_sample
+
+        return write_sample(
+            self.model,
+            self.tokenizer,
+            self.data_spec(speaker_id),
+            text,
+            output_path,
+            codec=self.codec,
+            max_frames=max_frames,
+            temperature=temperature,
+            top_k=top_k,
+            seed=self.settings.seed,
+        )
+
+    # -- training --
+
+    def _loss(self, model, tokens, mask, target, key=None):
+        s = self.settings
+        return csm_loss(
+            model,
+            tokens,
+            mask,
+            target,
+            semantic_weight=s.semantic_weight,
+            acoustic_weight=s.acoustic_weight,
+            decoder_fraction=s.decoder_fraction,
+            key=key,
+        )
+
+    def _batches(self, batch_size: int):
+        world, seed, max_len = self.world, self.settings.seed, self.settings.max_seq_len
+
+        def batch(micro: int):
+            idx = batch_order(len(self.train_samples), batch_size * world.size, seed, micro)
+            mine = idx[world.rank :: world.size]
+            if len(mine) == 0:  # a last partial global batch smaller than the world
+                mine = idx[:1]
+            b = collate([self.train_samples[i] for i in mine], max_len)
+            tokens = float(b["target"][:, 1:].sum())  # rows the loss is computed on
+            return (mx.array(b["tokens"]), mx.array(b["mask"]), mx.array(b["target"])), tokens
+
+        return batch
+
+    def evaluate(self, batch_size: int) -> float:
+        """Mean validation loss (eval mode: no dropout; a fixed decoder-row choice)."""
+        if not self.val_samples:
+            return float("nan")
+        self.model.eval()
+        key = mx.random.key(self.settings.seed)
+        total, count = 0.0, 0
+        try:
+            for i in range(0, len(self.val_samples), batch_size):
+                chunk = self.val_samples[i : i + batch_size]
+                b = {k: mx.array(v) for k, v in collate(chunk, self.settings.max_seq_len).items()}
+                loss, _ = self._loss(self.model, b["tokens"], b["mask"], b["target"], key=key)
+                total += loss.item() * len(chunk)
+                count += len(chunk)
+        finally:
+            self.model.train()
+        return total / count
+
+    def plan_run(self, epochs: int, batch_size: int, max_steps: int | None) -> RunPlan:
+        """How many steps `train` will run with these arguments (needs `prepare_data` first)."""
+        if not self.train_samples:
+            raise RuntimeError("no training data: call prepare_data(...) first")
+        s = self.settings
+        self.plan = plan_steps(
+            len(self.train_samples), batch_size, self.world.size, s.grad_accumulation_steps, epochs, max_steps
+        )
+        return self.plan
+
+    def _trainer_state(self, step: int, batch_size: int) -> dict:
+        micro = step * self.settings.grad_accumulation_steps
+        per_epoch = self.plan.micro_per_epoch
+        return {
+            "step": step,
+            "total_steps": self.plan.total_steps,
+            "epoch": micro // per_epoch,
+            "batch_in_epoch": micro % per_epoch,
+            "micro_batches_done": micro,
+            "batch_size": batch_size,
+            "world_size": self.world.size,
+            "num_train_samples": len(self.train_samples),
+            "rng_key": [int(v) for v in np.array(mx.random.state[0]).reshape(-1)],
+            "settings": asdict(self.settings),
+            "model": self.model_record,
+        }
+
+    def _resume(self, path, optimizer, batch_size: int) -> tuple[int, Path]:
+        adapters, opt_state, state = load_checkpoint(path)
+        run = {
+            "total_steps": self.plan.total_steps,
+            "batch_size": batch_size,
+            "world_size": self.world.size,
+            "num_train_samples": len(self.train_samples),
+        }
+        notes = check_resume(state, asdict(self.settings), self.model_record, run)
+        restore(self.model, optimizer, adapters, opt_state, state["checkpoint_dir"])
+        if notes and self.world.is_main:
+            log.warning("resuming with changed settings: %s", "; ".join(notes))
+        log.info("resumed from %s at step %d", state["checkpoint_dir"], state["step"])
+        return int(state["step"]), Path(state["checkpoint_dir"])
+
+    def train(
+        self,
+        epochs: int = 5,
+        batch_size: int = 2,
+        val_every: int = 100,
+        save_every: int = 500,
+        resume_from: None | str | Path = None,
+        save_mode: str = "lora",
+        max_steps: int | None = None,
+        generate_samples: bool = False,
+        sample_prompt: str = DEFAULT_SAMPLE_PROMPT,
+        speaker_id: int = 0,
+        overwrite: bool = False,
+    ) -> loop.TrainResult:
+        """Train; returns the `TrainResult` (``outputs`` names every file written).
+
+        ``max_steps`` is the run's length when given (the data cycled as needed), else
+        ``epochs`` passes. Ctrl-C (SIGINT) finishes the current step, saves a checkpoint
+        and returns with ``interrupted=True``. A non-finite loss or adapter raises
+        `NonFiniteLossError` without saving it. ``overwrite`` lets a new run delete the
+        checkpoints of an earlier run in ``output_dir`` (refused otherwise).
+        """
+        s, world, model = self.settings, self.world, self.model
+        plan = self.plan_run(epochs, batch_size, max_steps)
+        prepare_output_dir(self.output_dir, Path(resume_from) if resume_from else None, overwrite, world.is_main)
+        warmup = s.warmup_steps if s.warmup_steps is not None else int(0.05 * plan.total_steps)
+        schedule = loop.make_schedule(s.learning_rate, plan.total_steps, warmup, s.lr_schedule)
+        optimizer = optim.AdamW(learning_rate=schedule, weight_decay=s.weight_decay)
+        optimizer.init(model.trainable_parameters())
+
+        start, resumed = self._resume(resume_from, optimizer, batch_size) if resume_from else (0, None)
+        if world.is_main:
+            log.info("%s", plan.describe())
+        ckpt_root = self.output_dir / "checkpoints"
+        metrics = MetricsLog(self.output_dir / "metrics.jsonl", start, enabled=world.is_main)
+
+        def save(step: int) -> Path | None:
+            if not world.is_main:
+                return None
+            adapters = dict(tree_flatten(model.trainable_parameters()))
+            opt_state = dict(tree_flatten(optimizer.state))
+            path = save_checkpoint(
+                ckpt_root, step, adapters, opt_state, self._trainer_state(step, batch_size), KEEP_CHECKPOINTS
+            )
+            log.info("checkpoint %s", path)
+            return path
+
+        settings = loop.LoopSettings(
+            steps=plan.total_steps,
+            start_step=start,
+            grad_accumulation_steps=s.grad_accumulation_steps,
+            max_grad_norm=s.max_grad_norm,
+            seed=s.seed,
+            val_every=val_every,
+            save_every=save_every,
+        )
+        result = loop.train(
+            model,
+            optimizer,
+            self._loss,
+            self._batches(batch_size),
+            settings,
+            world=world,
+            schedule=schedule,
+            aux_names=("semantic", "acoustic"),
+            evaluate=(lambda: self.evaluate(batch_size)) if self.val_samples else None,
+            save=save,
+            metrics=metrics,
+            progress=self.progress,
+            last_checkpoint=resumed,
+        )
+        if world.is_main:
+            if result.checkpoint is not None:
+                result.outputs.append(result.checkpoint)
+            result.outputs.append(metrics.path)
+            if not result.interrupted:
+                result.outputs += self.save_outputs(save_mode)
+                if generate_samples:
+                    result.outputs.append(
+                        self.generate_sample(sample_prompt, speaker_id, self.output_dir / "sample.wav")
+                    )
+            curve = metrics.plot(self.output_dir / "loss_curve.png")
+            if curve is not None:
+                result.outputs.append(curve)
+        return result
