@@ -505,3 +505,19 @@ def test_lm_lora_main_uses_fused_layers_in_process(real_mlx_lm, tmp_path, monkey
         lm_lora.main(["--help"])
     assert exc.value.code == 0
     assert sys.argv == argv_before
+
+
+def test_python_m_lm_lora_prints_no_runpy_warning():
+    """The package does not import lm_lora, so runpy never finds it in sys.modules first."""
+    proc = subprocess.run(
+        [sys.executable, "-W", "default", "-m", "mlx_fused_lora.lm_lora", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage" in proc.stdout.lower()  # mlx_lm.lora's own parser answered
+    assert "found in sys.modules" not in proc.stderr and "RuntimeWarning" not in proc.stderr, proc.stderr
+    probe = "import sys, mlx_fused_lora, mlx_fused_lora.layers; print('mlx_fused_lora.lm_lora' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
