@@ -1,3 +1,5 @@
+"""`python -m mlx_fused_lora`: the same commands as the `mlx-fused-lora` console script."""
+
 import sys
 
 from .cli import main
