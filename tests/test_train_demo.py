@@ -1,4 +1,4 @@
-"""The trainer demo (small settings) and Ctrl-C handling of the finetune CLI."""
+"""The trainer demo (small settings: progress, table, JSON record), the synthetic helpers' defaults, and Ctrl-C handling of the finetune CLI."""
 
 import json
 import signal
@@ -6,32 +6,55 @@ import subprocess
 import sys
 import time
 
+import pytest
 from mlx_fused_lora.cli import COMMANDS
 from mlx_fused_lora.csm import CSMConfig
 from mlx_fused_lora.train.checkpoint import load_checkpoint
-from mlx_fused_lora.train.demo import run_demo
-from mlx_fused_lora.train.synthetic import write_random_csm, write_synthetic_dataset
+from mlx_fused_lora.train.demo import format_table, record
+from mlx_fused_lora.train.demo import main as demo_main
+from mlx_fused_lora.train.synthetic import small_csm_config, write_random_csm, write_synthetic_dataset
 
 
-def test_demo_is_the_trainer_demo_and_the_loss_falls_for_both_layers(tmp_path):
+def test_demo_is_the_trainer_demo_and_the_loss_falls_for_both_layers(tmp_path, capsys):
     assert COMMANDS["demo"][0] == "mlx_fused_lora.train.demo" and "finetune" in COMMANDS
-    r = run_demo(
-        tmp_path,
-        steps=12,
-        batch_size=4,
-        dropout=0.1,
-        width=64,
-        layers=2,
-        targets=["q_proj", "v_proj", "codebook0_head"],
+    out = tmp_path / "demo.json"
+    argv = ["--steps", "12", "--width", "64", "--layers", "2", "--target-modules", "q_proj", "v_proj", "codebook0_head"]
+    argv += ["--workdir", str(tmp_path), "--out", str(out)]
+    assert demo_main(argv) == 0  # 0: the loss fell in both runs
+    printed = capsys.readouterr()
+    # a tqdm bar per run, step by step, on stderr; the table on stdout
+    assert "run 1/2: fused" in printed.err and "run 2/2: plain" in printed.err
+    assert printed.err.count("12/12") >= 2, printed.err[-2000:]  # each run's bar reached its last step
+    assert "vary from run to run" in printed.out
+    rec = json.loads(out.read_text())
+    assert rec["command"] == "mlx-fused-lora demo " + " ".join(argv) and len(rec["runs"]) == 1
+    run = rec["runs"][0]
+    assert run["table"] in printed.out and run["table"] == format_table(run)
+    assert run["loss_falls"] and run["plain_over_fused"]["step_time"] == pytest.approx(
+        run["fused"]["steps_per_s"] / run["plain"]["steps_per_s"]
     )
     for kind in ("fused", "plain"):
-        res = r[kind]
-        losses = [l for _, l in res.losses]
-        assert res.steps == 12 and sum(losses[-3:]) < sum(losses[:3]), (kind, losses)
-        assert res.steps_per_s > 0 and res.peak_memory_mb > 0
+        assert run[kind]["steps_per_s"] > 0 and run[kind]["peak_memory_mib"] > 0
+        assert run[kind]["final_loss"] < run[kind]["first_loss"]
     # same start, same data, same seed: the first step's loss is the same for both layers
-    assert abs(r["fused"].losses[0][1] - r["plain"].losses[0][1]) < 1e-3 * abs(r["plain"].losses[0][1])
+    assert run["fused"]["first_loss"] == pytest.approx(run["plain"]["first_loss"], rel=1e-3)
     assert (tmp_path / "data" / "audio").is_dir() and (tmp_path / "out-fused" / "fine_tuned_model.safetensors").exists()
+    # a second record of the same command appends; another command starts the file afresh
+    record(out, rec["command"], run)
+    assert len(json.loads(out.read_text())["runs"]) == 2
+    record(out, "mlx-fused-lora demo --steps 1", run)
+    assert json.loads(out.read_text())["command"] == "mlx-fused-lora demo --steps 1"
+
+
+def test_default_random_model_fits_the_default_dataset(tmp_path):
+    """The synthetic helpers' defaults fit each other (issue 14: they did not)."""
+    from mlx_fused_lora.train.trainer import CSMLoRATrainer
+
+    model = write_random_csm(tmp_path / "model", small_csm_config(width=32, layers=1))
+    audio = write_synthetic_dataset(tmp_path / "data", num_files=3)
+    trainer = CSMLoRATrainer(model, tmp_path / "out", tokenizer="byte", progress=False)
+    report = trainer.prepare_data(audio, val_split=0.0)
+    assert report.samples == 6 and not report.skipped, str(report)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):

@@ -13,6 +13,10 @@ COMMANDS = {
         "mlx_fused_lora.train.demo",
         "fine-tune a tiny random CSM with fused and with plain LoRA layers: speed, memory, loss",
     ),
+    "example": (
+        "mlx_fused_lora.train.example",
+        "write a tiny model, tokenizer, codec and dataset that fit, and print the finetune command for them",
+    ),
     "finetune": ("mlx_fused_lora.train.cli", "LoRA fine-tuning of CSM on audio + transcripts (checkpoints, resume)"),
     "layer-demo": ("mlx_fused_lora.bench.layer_demo", "the fused LoRA layer against the plain one: speed and memory"),
     "bench": ("mlx_fused_lora.bench.cli", "the benchmark suite: fused vs plain MLX vs the limit, table, JSON and PNG"),
