@@ -1,10 +1,17 @@
 """Input validation of the ops: every bad input raises a ValueError naming the
-argument, the expected and the actual value, before any graph is built."""
+argument, the expected and the actual value, before any graph is built.
+
+Scalars are checked in the op's own terms: the kernels compute in float32, so
+``scale`` and ``dropout`` are rounded to float32 first and checked there (1e39 is
+inf in float32; 0.99999999 is 1.0), and the rounded values are what every backend
+receives.
+"""
 
 import math
 import numbers
 
 import mlx.core as mx
+import numpy as np
 
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -22,13 +29,23 @@ def check_array(arg, value, ndim=None, who="fused_lora_linear"):
         fail(arg, f"{ndim}-D", f"{value.ndim}-D array of shape {tuple(value.shape)}", who)
 
 
+def as_float32(value):
+    """A Python float as the kernels see it (inf where float32 overflows)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
+
+
+def _in_float32(value, value32):
+    return f"{value}" if value32 == float(value) or math.isnan(value32) else f"{value} ({value32} in float32)"
+
+
 def check_dropout(dropout, key, who="fused_lora_linear"):
-    """Validates a dropout rate and its key; returns p as a float."""
+    """Validates a dropout rate and its key; returns p rounded to float32, as a float."""
     if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
         fail("dropout", "a float in [0, 1)", type(dropout).__name__, who)
-    p = float(dropout)
+    p = as_float32(dropout)
     if not 0.0 <= p < 1.0:
-        fail("dropout", "in [0, 1)", dropout, who)
+        fail("dropout", "in [0, 1) as a float32 (the precision the op computes in)", _in_float32(dropout, p), who)
     if p > 0.0:
         if key is None:
             fail("key", "an mx.random.key array when dropout > 0", None, who)
@@ -41,12 +58,34 @@ def check_dropout(dropout, key, who="fused_lora_linear"):
 
 
 def check_scale(scale, who="fused_lora_linear"):
-    """Returns scale as a Python float."""
+    """Returns scale rounded to float32, as a Python float."""
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         fail("scale", "a finite Python float", type(scale).__name__, who)
-    if not math.isfinite(float(scale)):
-        fail("scale", "finite", scale, who)
-    return float(scale)
+    scale32 = as_float32(scale)
+    if not math.isfinite(scale32):
+        fail("scale", "finite in float32 (the precision the op computes in)", _in_float32(scale, scale32), who)
+    return scale32
+
+
+# MLX's array dimensions are int32.
+MAX_DIM = 2**31 - 1
+
+
+def check_shape(shape, who="dropout_mask"):
+    """Returns `shape` as a list of ints, each in [0, 2^31 - 1]."""
+    try:
+        dims = list(shape)
+    except TypeError:
+        fail("shape", "a sequence of ints", type(shape).__name__, who)
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral) or not 0 <= int(d) <= MAX_DIM:
+            fail("shape", f"a sequence of ints in [0, {MAX_DIM}]", tuple(dims), who)
+    return [int(d) for d in dims]
+
+
+def check_dtype(dtype, who="dropout_mask"):
+    if dtype not in FLOAT_DTYPES:
+        fail("dtype", "float32, float16 or bfloat16", dtype, who)
 
 
 def check_adapters(x, n, bias, lora_a, lora_b, who="fused_lora_linear"):

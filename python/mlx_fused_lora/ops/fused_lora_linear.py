@@ -24,17 +24,20 @@ extension on the CPU (backends/cpu.py), the GPU kernels or the plain-MLX referen
 on a GPU (backends/gpu.py, backends/reference.py).
 """
 
+import math
+
 import mlx.core as mx
 
 from . import backends, layout
-from .checks import check_dropout, check_inputs
+from .checks import check_dropout, check_dtype, check_inputs, check_shape
 
 
 def dropout_mask(key, shape, p, dtype=mx.float32):
     """The dropout multipliers `fused_lora_linear` applies to an x of `shape` under
     `key`: 1/(1-p) where an element is kept, 0 where it is dropped."""
     p = check_dropout(p, key, who="dropout_mask")
-    shape = [int(d) for d in shape]
+    shape = check_shape(shape)
+    check_dtype(dtype)
     if p == 0:
         return mx.ones(shape, dtype=dtype)
     return backends.current().dropout_mask(key, shape, p, dtype)
@@ -52,13 +55,20 @@ def fused_lora_linear(x, weight, bias, lora_a, lora_b, *, scale, dropout=0.0, ke
             float32). Math is float32; the output has x's dtype and x is never
             copied to a wider type.
         scale: the full multiplier of the LoRA term (mlx-lm's ``scale``,
-            PEFT's ``alpha / r``).
-        dropout: p in [0, 1), applied to x on the LoRA path only.
+            PEFT's ``alpha / r``); finite once rounded to float32.
+        dropout: p in [0, 1) once rounded to float32, applied to x on the LoRA
+            path only.
         key: an ``mx.random.key`` array, required when p > 0; the same key gives
             the same mask (``dropout_mask``) on every backend.
+
+    Empty dimensions give empty results, as plain MLX's matmul does: M = 0 or N = 0
+    an empty y, K = 0 the empty sum (y = bias, or zeros). Non-finite values
+    propagate as they do through plain MLX's ops (an inf in ``lora_b`` gives ±inf,
+    not NaN); only r >= 1 is required.
     """
     scale, p = check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout, key)
     k, n = x.shape[-1], weight.shape[0]
-    inputs = layout.op_inputs(x.reshape(-1, k), weight, bias, lora_a, lora_b, key, p)
+    m = math.prod(x.shape[:-1])  # not reshape(-1, k): MLX cannot infer -1 when K = 0
+    inputs = layout.op_inputs(x.reshape(m, k), weight, bias, lora_a, lora_b, key, p)
     y = backends.current().lora_linear(inputs, scale, p)
     return y.reshape(*x.shape[:-1], n)
