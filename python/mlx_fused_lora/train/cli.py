@@ -294,10 +294,13 @@ def main(argv=None) -> int:
         log.error("%s%s%s", kind, _one_line(e), hint)
         return 1
     if trainer.world.is_main:
+        if result.steps <= plan.total_steps and not result.losses and not result.interrupted:
+            print(f"nothing left to train: the checkpoint is at step {result.steps} of {plan.total_steps}")
         val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        speed = f", {result.steps_per_s:.2f} steps/s" if result.steps_per_s > 0 else ""
         print(
-            f"{'interrupted' if result.interrupted else 'done'}: {result.steps} steps, loss {result.final_loss:.4f}{val}, "
-            f"{result.steps_per_s:.2f} steps/s, peak {result.peak_memory_mb:.1f} MiB"
+            f"{'interrupted' if result.interrupted else 'done'}: {result.steps} steps, loss {result.final_loss:.4f}{val}"
+            f"{speed}, peak {result.peak_memory_mb:.1f} MiB"
         )
         for p in result.outputs:
             print(f"wrote {p}")

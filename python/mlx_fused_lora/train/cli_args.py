@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
+
+from .settings import finite_float32
 
 __all__ = ["OneLineErrorParser", "DefaultsOnceFormatter", "apply_config_file", "check_args"]
 
@@ -118,10 +119,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
 
     def finite(flag: str, low: float, *, open_low=False, high=None, open_high=True):
         v = getattr(args, flag[2:].replace("-", "_"))
-        ok = math.isfinite(v) and (v > low if open_low else v >= low)
+        ok = finite_float32(v) and (v > low if open_low else v >= low)
         if high is not None:
             ok = ok and (v < high if open_high else v <= high)
-        rule = f"a finite number {'>' if open_low else '>='} {low}"
+        rule = f"a finite (float32) number {'>' if open_low else '>='} {low}"
         if high is not None:
             rule += f" and {'<' if open_high else '<='} {high}"
         need(ok, flag, rule, v)

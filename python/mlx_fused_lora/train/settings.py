@@ -8,16 +8,22 @@ passes over the training samples.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["TrainSettings", "RunPlan", "plan_steps"]
+__all__ = ["TrainSettings", "RunPlan", "plan_steps", "finite_float32"]
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # the step computes in float32: 1e39 is finite as a double, inf there
+
+
+def finite_float32(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= FLOAT32_MAX
 
 
 def _finite(name: str, value: float, low: float | None = None, low_open: bool = False, high: float | None = None):
-    """A clear error naming the setting when ``value`` is not a finite number in range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A clear error naming the setting when ``value`` is not a finite float32 number in range."""
+    ok = finite_float32(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -28,7 +34,7 @@ def _finite(name: str, value: float, low: float | None = None, low_open: bool = 
             bound = f" {'>' if low_open else '>='} {low}"
         if high is not None:
             bound += f"{' and' if bound else ''} < {high}"
-        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+        raise ValueError(f"{name} must be a finite (float32) number{bound}, got {value!r}")
 
 
 @dataclass
