@@ -132,3 +132,25 @@ def test_small_modules_each_naming_its_job(sub):
         text = path.read_text()
         assert text.count("\n") <= 400, f"{path.name}: {text.count(chr(10))} lines"
         assert text.startswith('"""') and len(text.split("\n", 1)[0]) > 10, f"{path.name}: no first-line docstring"
+
+
+class ScaledLoRA(FusedLoRALinear):
+    """A layer with a fold of its own (as DoRA's magnitude needs): merge must use it."""
+
+    def fuse(self, dequantize=False):
+        base = super().fuse(dequantize=dequantize)
+        base.weight = 2 * base.weight
+        return base
+
+
+def test_merge_uses_a_layers_own_fold_and_mlx_lm_layers_the_shared_one():
+    layer = with_adapter(ScaledLoRA, nn.Linear(16, 8))
+    holder = merge_lora(holder_of(layer))
+    assert mx.array_equal(holder.proj.weight, layer.fuse().weight).item()
+    lora = pytest.importorskip("mlx_lm.tuner.lora")
+    theirs = lora.LoRALinear.from_base(nn.Linear(16, 8), r=4, scale=1.5)
+    theirs.lora_b = mx.random.normal(theirs.lora_b.shape, key=mx.random.key(8))
+    ours = FusedLoRALinear.from_base(theirs.linear, r=4, scale=1.5)
+    ours.lora_a, ours.lora_b = theirs.lora_a, theirs.lora_b
+    holder = merge_lora(holder_of(theirs))
+    assert mx.array_equal(holder.proj.weight, ours.fuse().weight).item()

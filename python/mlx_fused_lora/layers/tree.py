@@ -7,6 +7,7 @@ import math
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .base import LoRALinearBase
 from .fold import fold_lora
 
 __all__ = [
@@ -64,19 +65,30 @@ def freeze_all_but_lora(model: nn.Module, train_bias: bool = False) -> None:
             layer.linear.unfreeze(keys=["bias"], recurse=False)
 
 
+def _folds_as_plain_lora(layer) -> bool:
+    """True when the layer's fuse is the plain LoRA fold (ours, or mlx-lm's LoRALinear's)."""
+    fuse = getattr(type(layer), "fuse", None)
+    mlx_lm_lora = type(layer).__name__ == "LoRALinear" and type(layer).__module__ == "mlx_lm.tuner.lora"
+    return fuse is None or fuse is LoRALinearBase.fuse or mlx_lm_lora
+
+
 def fuse_lora_layers(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Fold every LoRA layer of ``model`` into a plain layer, in place; returns ``model``.
 
-    Each layer goes through `fold.fold_lora` (the one fold), labelled with its path, so a
-    quantized base is re-quantized (unless ``dequantize``) with a warning naming the
-    module when its delta is below the quantization step. mlx-lm's layers are folded the
-    same way, from their ``linear``/``lora_a``/``lora_b``/``scale``.
+    LoRA layers (ours and mlx-lm's ``LoRALinear``) go through `fold.fold_lora` (the one
+    fold), labelled with their path, so a quantized base is re-quantized (unless
+    ``dequantize``) with a warning naming the module when its delta is below the
+    quantization step. A layer with a fold of its own (DoRA's magnitude) uses its
+    ``fuse(dequantize)``.
     """
     folded = []
     for name, layer in lora_layers(model):
-        base = fold_lora(
-            layer.linear, layer.lora_a, layer.lora_b, layer.scale, dequantize=dequantize, name=name, stacklevel=3
-        )
+        if _folds_as_plain_lora(layer):
+            base = fold_lora(
+                layer.linear, layer.lora_a, layer.lora_b, layer.scale, dequantize=dequantize, name=name, stacklevel=3
+            )
+        else:
+            base = layer.fuse(dequantize=dequantize)
         folded.append((name, base))
     if folded:
         model.update_modules(tree_unflatten(folded))
