@@ -1,94 +1,161 @@
-"""The full sources MLX builds around a kernel body, for checking them without a GPU.
+"""The full sources MLX 0.32.4 builds around a kernel body, for checking them without a GPU.
 
-The signatures follow MLX 0.32.4's generators (mlx/backend/common/metal_kernel.cpp,
-mlx/backend/cuda/custom_kernel.cpp): inputs in order, each followed by its `_shape`
-when the body names it, then outputs. Metal puts arrays of fewer than 8 elements in
-`constant`, passes 0-d inputs by reference, makes outputs `atomic<T>` on request,
-takes template arguments as template parameters (instantiated here, as MLX does) and
-adds the built-in attributes the body names; CUDA writes template arguments as
-`constexpr` / `using` lines at the top of the body.
+Written after MLX's generators (mlx/backend/common/metal_kernel.cpp and
+mlx/backend/cuda/custom_kernel.cpp): inputs in order, each followed by ``name_shape``
+when the body names it, then outputs. Metal puts inputs of fewer than 8 elements in
+``constant``, passes 0-d inputs by reference, takes template arguments as template
+parameters (instantiated with ``host_name``) and adds each built-in attribute whose name
+occurs in the body; CUDA prepends its default header, writes template arguments as
+``constexpr``/``using`` lines at the top of the body and wraps the kernel in
+``mlx::core::cu``. Kernel names carry the template (and, on Metal, the dtypes) as MLX's do.
+
+``RecordingLauncher`` stands in for a launcher (ops/gpu/kernels.py): it records what
+``Kernels`` would launch and returns lazy zeros, so real launches can be turned into
+sources (and their grids checked) for any shape, however large.
 """
 
+import mlx.core as mx
+from mlx_fused_lora.ops.gpu import bodies, kernels
+
 METAL_TYPES = {
-    "float": "float",
-    "uint32_t": "uint32_t",
-    "uint64_t": "uint64_t",
-    "bfloat16": "bfloat16_t",
-    "float16": "float16_t",
+    mx.float32: "float",
+    mx.float16: "float16_t",
+    mx.bfloat16: "bfloat16_t",
+    mx.uint32: "uint32_t",
+    mx.uint64: "uint64_t",
 }
 CUDA_TYPES = {
-    "float": "float",
-    "uint32_t": "uint32_t",
-    "uint64_t": "uint64_t",
-    "bfloat16": "__nv_bfloat16",
-    "float16": "__half",
+    mx.float32: "float",
+    mx.float16: "__half",
+    mx.bfloat16: "__nv_bfloat16",
+    mx.uint32: "uint32_t",
+    mx.uint64: "uint64_t",
 }
 
-METAL_ATTRIBUTES = {
-    "thread_position_in_grid": "uint3",
-    "thread_position_in_threadgroup": "uint3",
-    "threadgroup_position_in_grid": "uint3",
-    "threads_per_threadgroup": "uint3",
-    "thread_index_in_simdgroup": "uint",
-    "simdgroup_index_in_threadgroup": "uint",
-}
+# MLX 0.32's list, in its order: each is added to the signature when the body names it.
+METAL_ATTRIBUTES = [
+    ("dispatch_quadgroups_per_threadgroup", "uint"),
+    ("dispatch_simdgroups_per_threadgroup", "uint"),
+    ("dispatch_threads_per_threadgroup", "uint3"),
+    ("grid_origin", "uint3"),
+    ("grid_size", "uint3"),
+    ("quadgroup_index_in_threadgroup", "uint"),
+    ("quadgroups_per_threadgroup", "uint"),
+    ("simdgroup_index_in_threadgroup", "uint"),
+    ("simdgroups_per_threadgroup", "uint"),
+    ("thread_execution_width", "uint"),
+    ("thread_index_in_quadgroup", "uint"),
+    ("thread_index_in_simdgroup", "uint"),
+    ("thread_index_in_threadgroup", "uint"),
+    ("thread_position_in_grid", "uint3"),
+    ("thread_position_in_threadgroup", "uint3"),
+    ("threadgroup_position_in_grid", "uint3"),
+    ("threadgroups_per_grid", "uint3"),
+    ("threads_per_grid", "uint3"),
+    ("threads_per_simdgroup", "uint"),
+    ("threads_per_threadgroup", "uint3"),
+]
+
+CUDA_DEFAULT_HEADER = '\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n'
 
 
-def _template_value(value, types):
-    return types[value] if isinstance(value, str) else str(value)
+class Launch:
+    """One recorded launch: what MLX's kernel object would be called with."""
+
+    def __init__(self, name, inputs, outputs, template, element_dtype, grid, threadgroup):
+        self.name, self.grid, self.threadgroup = name, grid, threadgroup
+        self.inputs = [(a.dtype, tuple(a.shape)) for a in inputs]
+        self.outputs = outputs
+        self.template = [("T", element_dtype)] + list(template.items())
 
 
-def metal_source(name, inputs, outputs, header, body, template=(), atomic=False):
-    """inputs: [(name, type, size, ndim)]; outputs: [(name, type)]; template: [(name, int | type)]."""
+class RecordingLauncher:
+    def __init__(self):
+        self.launches = []
+
+    def launch(self, name, inputs, outputs, template, element_dtype, grid, threadgroup):
+        self.launches.append(Launch(name, inputs, outputs, template, element_dtype, grid, threadgroup))
+        return [mx.zeros(shape, dtype=dtype) for shape, dtype in outputs]
+
+
+def _size(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def metal_source(launch, body=None):
+    """The Metal source MLX 0.32.4 compiles for `launch` (before its utils.h prelude)."""
+    header, default_body = kernels.kernel_source("metal", launch.name)
+    body = default_body if body is None else body
+    _, input_names, output_names = bodies.KERNELS[launch.name]
+    name = "custom_kernel_mfl_" + launch.name
+    template_def = "<" + ", ".join(METAL_TYPES[v] if isinstance(v, mx.Dtype) else str(v) for _, v in launch.template)
+    template_def += ">"
+    name += "_" + template_def.replace("<", "_").replace(">", "_").replace(", ", "_")[:-1]
+    for dtype, shape in launch.inputs:
+        name += "_" + METAL_TYPES[dtype] + ("s" if not shape else "c" if _size(shape) < 8 else "")
+    for _, dtype in launch.outputs:
+        name += "_" + METAL_TYPES[dtype]
     params, index = [], 0
-    for arg, type_, size, ndim in inputs:
-        space = "constant" if size < 8 else "device"
-        params.append(f"  const {space} {METAL_TYPES[type_]}{'&' if ndim == 0 else '*'} {arg} [[buffer({index})]]")
+    for arg, (dtype, shape) in zip(input_names, launch.inputs, strict=True):
+        space = "constant" if _size(shape) < 8 else "device"
+        params.append(f"  const {space} {METAL_TYPES[dtype]}{'&' if not shape else '*'} {arg} [[buffer({index})]]")
         index += 1
-        if ndim > 0 and f"{arg}_shape" in body:
+        if shape and f"{arg}_shape" in body:
             params.append(f"  const constant int* {arg}_shape [[buffer({index})]]")
             index += 1
-    for arg, type_ in outputs:
-        type_ = METAL_TYPES[type_]
-        params.append(f"  device {'atomic<' + type_ + '>' if atomic else type_}* {arg} [[buffer({index})]]")
+    for arg, (_, dtype) in zip(output_names, launch.outputs, strict=True):
+        params.append(f"  device {METAL_TYPES[dtype]}* {arg} [[buffer({index})]]")
         index += 1
-    params += [f"  {t} {a} [[{a}]]" for a, t in METAL_ATTRIBUTES.items() if a in body]
-    source = header + "\n"
-    if template:
-        source += (
-            "template <" + ", ".join(f"{'typename' if isinstance(v, str) else 'int'} {n}" for n, v in template) + ">\n"
-        )
-    source += f"[[kernel]] void {name}(\n" + ",\n".join(params) + ") {\n" + body + "\n}\n"
-    if template:
-        args = ", ".join(_template_value(v, METAL_TYPES) for _, v in template)
-        source += f"template [[kernel]] decltype({name}<{args}>) {name}<{args}>;\n"
+    params += [f"  {t} {a} [[{a}]]" for a, t in METAL_ATTRIBUTES if a in body]
+    kinds = ", ".join(f"{'typename' if isinstance(v, mx.Dtype) else 'int'} {n}" for n, v in launch.template)
+    source = header + f"template <{kinds}>\n[[kernel]] void {name}(\n" + ",\n".join(params) + ") {\n" + body + "\n}\n"
+    source += f'\ntemplate [[host_name("{name}")]] [[kernel]] decltype({name}{template_def}) {name}{template_def};\n'
     return source
 
 
-def cuda_constants(template):
-    return "".join(
-        f"  using {n} = {CUDA_TYPES[v]};\n" if isinstance(v, str) else f"  constexpr int {n} = {v};\n"
-        for n, v in template
-    )
-
-
-def cuda_source(name, inputs, outputs, header, body, template=()):
-    """As NVRTC sees it, with MLX's Shape type declared."""
+def cuda_source(launch):
+    """The CUDA source MLX 0.32.4 hands NVRTC for `launch`."""
+    header, body = kernels.kernel_source("cuda", launch.name)
+    _, input_names, output_names = bodies.KERNELS[launch.name]
+    name = "custom_kernel_mfl_" + launch.name
+    name += "".join("_" + (METAL_TYPES[v] if isinstance(v, mx.Dtype) else str(v)) for _, v in launch.template)
     params = []
-    for arg, type_, _, ndim in inputs:
-        params.append(f"    const {CUDA_TYPES[type_]}* {arg}")
-        if ndim > 0 and f"{arg}_shape" in body:
-            params.append(f"    const __grid_constant__ Shape {arg}_shape")
-    params += [f"    {CUDA_TYPES[type_]}* {arg}" for arg, type_ in outputs]
-    return (
-        "#include <cstdint>\n#include <cooperative_groups.h>\n#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n"
-        "#include <cuda/std/array>\nusing Shape = cuda::std::array<int32_t, 10>;\n"
-        + header
-        + "\nnamespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
-        + f"__global__ void {name}(\n"
-        + ",\n".join(params)
-        + ") {\n"
-        + cuda_constants(template)
-        + body
-        + "\n}\n}\n"
+    for arg, (dtype, shape) in zip(input_names, launch.inputs, strict=True):
+        params.append(f"    const {CUDA_TYPES[dtype]}* {arg},\n")
+        if shape and f"{arg}_shape" in body:
+            params.append(f"    const __grid_constant__ Shape {arg}_shape,\n")
+    outputs = [f"    {CUDA_TYPES[d]}* {arg}" for arg, (_, d) in zip(output_names, launch.outputs, strict=True)]
+    constants = "".join(
+        f"  using {n} = {CUDA_TYPES[v]};\n" if isinstance(v, mx.Dtype) else f"  constexpr int {n} = {v};\n"
+        for n, v in launch.template
     )
+    return (
+        CUDA_DEFAULT_HEADER
+        + header
+        + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+        + f"__global__ void {name}(\n"
+        + "".join(params)
+        + ",\n".join(outputs)
+        + ") {\n"
+        + constants
+        + "\n"
+        + body
+        + "\n}\n\n} // namespace mlx::core::cu\n"
+    )
+
+
+def record_op_launches(dtype, m=37, k=150, n=70, r=16, p=0.1):
+    """The launches of every kernel of the fused op for one small problem."""
+    recorder = RecordingLauncher()
+    ks = kernels.Kernels(recorder)
+    x, dy = mx.zeros((m, k), dtype=dtype), mx.zeros((m, n), dtype=dtype)
+    a, b, h = mx.zeros((k, r)), mx.zeros((r, n)), mx.zeros((m, r))
+    key = mx.random.key(0)
+    ks.dropout_mask(key, (m, k), p)
+    ks.down_proj(x, a, key, p)
+    ks.low_rank_grad(dy, h, b, 2.0)
+    ks.down_grad(x, h, a, key, p)
+    return recorder.launches

@@ -1,0 +1,109 @@
+"""The three dialects one kernel body is written in: CUDA, Metal and OpenCL C.
+
+A body (``bodies.py``) is C-like code that uses only these names, which each dialect's
+prelude defines at the top of the body:
+
+    MFL_TID                 the thread's index in its group (x), uint32_t
+    MFL_GROUP_X/Y           the group's index in the grid, int64_t
+    MFL_GROUPS_X/Y          the number of groups in the grid, int64_t
+    MFL_SHARED              the address space of group-shared arrays (declared at the
+                            body's top level)
+    MFL_BARRIER()           a barrier over the group, making shared writes visible
+    MFL_SCALAR(name)        a 0-d input: ``name[0]`` in CUDA and OpenCL, ``name`` in Metal
+                            (MLX passes 0-d inputs to Metal by reference)
+    MFL_LOAD(p, i)          element i of an array of the kernel's element type T, as float
+    MFL_STORE(p, i, v)      stores float v as T (round to nearest even)
+    uint32_t, int64_t, uint64_t
+
+and C casts (``(int64_t)(x)``), never C++ ones, because OpenCL C is C. Template
+parameters (``T``, ``R``, ``TG``, ...) arrive as MLX makes them: ``constexpr``/``using``
+lines in CUDA, template parameters in Metal, ``#define`` lines in OpenCL (the runner,
+``opencl.py``, writes those). The per-element mask math is ``csrc/kernels/lora_dropout.h``
+with ``MFL_FN`` defined per dialect.
+
+bfloat16 in OpenCL has no type: it travels as 16-bit words (``ushort``), widened by a
+shift and narrowed with round-to-nearest-even (NaN kept quiet), as MLX rounds it.
+float16 travels as ``half`` through ``vload_half``/``vstore_half_rte``.
+"""
+
+HEADER_DEFINES = {
+    "cuda": "#define MFL_FN __device__ inline\n",
+    "metal": "#define MFL_FN inline\n",
+    "opencl": "#define MFL_FN inline\n",
+}
+
+_CUDA = """
+#define MFL_TID ((uint32_t)threadIdx.x)
+#define MFL_GROUP_X ((int64_t)blockIdx.x)
+#define MFL_GROUP_Y ((int64_t)blockIdx.y)
+#define MFL_GROUPS_X ((int64_t)gridDim.x)
+#define MFL_GROUPS_Y ((int64_t)gridDim.y)
+#define MFL_SHARED __shared__
+#define MFL_BARRIER() __syncthreads()
+#define MFL_SCALAR(name) (name[0])
+#define MFL_LOAD(p, i) ((float)((p)[i]))
+#define MFL_STORE(p, i, v) ((p)[i] = (T)(v))
+"""
+
+_METAL = """
+#define MFL_TID ((uint32_t)thread_position_in_threadgroup.x)
+#define MFL_GROUP_X ((int64_t)threadgroup_position_in_grid.x)
+#define MFL_GROUP_Y ((int64_t)threadgroup_position_in_grid.y)
+#define MFL_GROUPS_X ((int64_t)threadgroups_per_grid.x)
+#define MFL_GROUPS_Y ((int64_t)threadgroups_per_grid.y)
+#define MFL_SHARED threadgroup
+#define MFL_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define MFL_SCALAR(name) (name)
+#define MFL_LOAD(p, i) ((float)((p)[i]))
+#define MFL_STORE(p, i, v) ((p)[i] = (T)(v))
+"""
+
+_OPENCL = """
+#define MFL_TID ((uint32_t)get_local_id(0))
+#define MFL_GROUP_X ((int64_t)get_group_id(0))
+#define MFL_GROUP_Y ((int64_t)get_group_id(1))
+#define MFL_GROUPS_X ((int64_t)get_num_groups(0))
+#define MFL_GROUPS_Y ((int64_t)get_num_groups(1))
+#define MFL_SHARED __local
+#define MFL_BARRIER() barrier(CLK_LOCAL_MEM_FENCE)
+#define MFL_SCALAR(name) (name[0])
+"""
+
+BODY_PRELUDE = {"cuda": _CUDA, "metal": _METAL, "opencl": _OPENCL}
+
+# OpenCL C: the integer names the bodies use, and bfloat16 as 16-bit words.
+OPENCL_HEADER = """
+typedef uint uint32_t;
+typedef long int64_t;
+typedef ulong uint64_t;
+inline float mfl_bf16_to_float(ushort w) { return as_float(((uint)w) << 16); }
+inline ushort mfl_float_to_bf16(float f) {
+  uint u = as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (ushort)((u >> 16) | 0x40u);
+  return (ushort)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+"""
+
+# OpenCL: how T is declared, loaded and stored, per MLX dtype name.
+OPENCL_ELEMENT = {
+    "float32": ("float", "((float)((p)[i]))", "((p)[i] = (v))"),
+    "float16": ("half", "vload_half((i), (p))", "vstore_half_rte((v), (i), (p))"),
+    "bfloat16": ("ushort", "mfl_bf16_to_float((p)[i])", "((p)[i] = mfl_float_to_bf16(v))"),
+}
+
+# OpenCL C type of each MLX dtype an input or output may have.
+OPENCL_TYPES = {
+    "float32": "float",
+    "float16": "half",
+    "bfloat16": "ushort",
+    "uint32": "uint",
+    "uint64": "ulong",
+    "int32": "int",
+    "int64": "long",
+}
+
+
+def opencl_element_defines(element_dtype):
+    """The OpenCL lines that make T, MFL_LOAD and MFL_STORE mean `element_dtype`."""
+    ctype, load, store = OPENCL_ELEMENT[element_dtype]
+    return f"#define T {ctype}\n#define MFL_LOAD(p, i) {load}\n#define MFL_STORE(p, i, v) {store}\n"

@@ -1,0 +1,171 @@
+"""Every GPU kernel body, run on the CPU through OpenCL C on PoCL (real work-groups,
+local memory and barriers), against numpy, the CPU extension's mask and itself.
+
+Kernels compile once per (kernel, dtype, r): the parametrization keeps that set small
+(every r in float32, every dtype at r = 16); p, shapes and offsets vary at run time.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+pytest.importorskip("pyopencl", reason='needs pip install "pyopencl[pocl]" (the test extra)')
+
+from mlx_fused_lora._extension import _ext  # noqa: E402
+from mlx_fused_lora.ops.gpu import geometry, kernels, opencl  # noqa: E402
+
+KEY = mx.array(np.array([123456789, 987654321], dtype=np.uint32))
+M, K, N = 37, 150, 70  # tails against every tile size (16/32/64 rows, 32/64/128 columns)
+CONFIGS = [(mx.float32, 1), (mx.float32, 16), (mx.float32, 64), (mx.float32, 128), (mx.float16, 16), (mx.bfloat16, 16)]
+IDS = [f"{str(d).split('.')[-1]}-r{r}" for d, r in CONFIGS]
+TOL = {mx.float32: 1e-5, mx.float16: 1e-5, mx.bfloat16: 1e-5}  # inputs are exact in T; math is float32
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    return opencl.OpenCLLauncher()
+
+
+@pytest.fixture(scope="module")
+def gpu(launcher):
+    return kernels.Kernels(launcher)
+
+
+def cpu_mask(shape, p):
+    return np.array(_ext.dropout_mask(KEY, list(shape), p, mx.float32, stream=mx.cpu))
+
+
+def numpy_mask(indices, p):
+    """lora_dropout.h in numpy (uint32 arithmetic wraps), for any 64-bit flat indices."""
+
+    def mix(h):
+        h = h ^ (h >> np.uint32(16))
+        h = h * np.uint32(0x7FEB352D)
+        h = h ^ (h >> np.uint32(15))
+        h = h * np.uint32(0x846CA68B)
+        return h ^ (h >> np.uint32(16))
+
+    key = np.array(KEY)
+    lo, hi = (indices & 0xFFFFFFFF).astype(np.uint32), (indices >> np.uint64(32)).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        bits = mix(mix(lo ^ key[0]) ^ (key[1] + hi * np.uint32(0x9E3779B9)))
+    t = (np.float32(1) - np.float32(p)) * np.float32(4294967296.0)
+    threshold = np.uint32(0xFFFFFFFF) if t >= np.float32(4294967295.0) else np.uint32(t)
+    return np.where(bits < threshold, np.float32(1) / (np.float32(1) - np.float32(p)), np.float32(0))
+
+
+def inputs(dtype, r, seed=0):
+    """x, dy exactly representable in `dtype` (so numpy sees the kernel's values); a, b, ds float32."""
+    rng = np.random.default_rng(seed)
+
+    def arr(shape, dt=mx.float32):
+        return mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dt)
+
+    return arr((M, K), dtype), arr((K, r)), arr((r, N)), arr((M, N), dtype), arr((M, r))
+
+
+def f32(a):
+    return np.array(a.astype(mx.float32))
+
+
+def close(got, want, rtol):
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert np.abs(got - want).max() <= rtol * max(1.0, np.abs(want).max()), np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("shape", [(M, K), (5, 1029)])
+def test_mask_equals_the_cpu_extensions_bit_for_bit(gpu, shape, p):
+    got = np.array(gpu.dropout_mask(KEY, shape, p))
+    assert np.array_equal(got.view(np.uint32), cpu_mask(shape, p).view(np.uint32))
+
+
+def test_numpy_mask_equals_the_cpu_extensions():
+    want = cpu_mask((M, K), 0.3).reshape(-1)
+    assert np.array_equal(numpy_mask(np.arange(M * K, dtype=np.uint64), 0.3).view(np.uint32), want.view(np.uint32))
+
+
+def test_flat_indices_past_2_to_the_32(gpu):
+    """Elements whose flat index is past 2^32 (index_base stands in for the rows before):
+    the high word reaches the hash, as the numpy mask says it must."""
+    base = 2**32 - 1000  # the window straddles 2^32
+    got = np.array(gpu.dropout_mask(KEY, (M, K), 0.5, index_base=base)).reshape(-1)
+    want = numpy_mask(np.arange(M * K, dtype=np.uint64) + np.uint64(base), 0.5)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    low = numpy_mask(np.arange(M * K, dtype=np.uint64) + np.uint64(base - 2**32 + 2**31), 0.5)
+    assert not np.array_equal(got, low)
+    x, a = inputs(mx.float32, 16)[:2]
+    h = np.array(gpu.down_proj(x, a, KEY, 0.5, index_base=base))
+    close(h, (f32(x) * want.reshape(M, K)) @ f32(a), 1e-5)
+    da, e = gpu.down_grad(x, mx.array(h), a, KEY, 0.5, index_base=base)
+    close(np.array(da), (f32(x) * want.reshape(M, K)).T @ h, 1e-5)
+    close(np.array(e), want.reshape(M, K) * (h @ f32(a).T), 1e-5)
+
+
+@pytest.mark.parametrize("dtype,r", CONFIGS, ids=IDS)
+def test_kernels_match_numpy(gpu, dtype, r):
+    x, a, b, dy, ds = inputs(dtype, r)
+    xn, an, bn, dyn, dsn = f32(x), f32(a), f32(b), f32(dy), f32(ds)
+    for p in (0.0, 0.1, 0.5):
+        mask = cpu_mask((M, K), p) if p > 0 else np.ones((M, K), np.float32)
+        h = gpu.down_proj(x, a, KEY, p)
+        close(np.array(h), (xn * mask) @ an, 1e-5)
+        d_s, d_b = gpu.low_rank_grad(dy, h, b, 1.5)
+        close(np.array(d_s), 1.5 * dyn @ bn.T, 1e-5)
+        close(np.array(d_b), 1.5 * np.array(h).T @ dyn, 1e-5)
+        da, e = gpu.down_grad(x, ds, a, KEY, p)
+        close(np.array(da), (xn * mask).T @ dsn, 1e-5)
+        assert e.dtype == dtype
+        close(f32(e), mask * (dsn @ an.T), 1e-5 if dtype == mx.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
+def test_half_and_bfloat16_stores_round_as_mlx_does(gpu, dtype):
+    """e in T is the float32 kernel's e rounded to nearest even, bit for bit as MLX's astype."""
+    x, a, _, _, ds = inputs(dtype, 16)
+    _, e32 = gpu.down_grad(x.astype(mx.float32), ds, a, KEY, 0.1)
+    _, e = gpu.down_grad(x, ds, a, KEY, 0.1)
+    assert np.array_equal(np.array(e.view(mx.uint16)), np.array(e32.astype(dtype).view(mx.uint16)))
+
+
+def test_bitwise_deterministic_across_runs(gpu):
+    x, a, b, dy, ds = inputs(mx.bfloat16, 16)
+    runs = []
+    for _ in range(2):
+        h = gpu.down_proj(x, a, KEY, 0.1)
+        runs.append([h, *gpu.low_rank_grad(dy, h, b, 1.5), *gpu.down_grad(x, ds, a, KEY, 0.1)])
+    for first, second in zip(*runs, strict=True):
+        assert np.array_equal(opencl.to_numpy(first), opencl.to_numpy(second))
+
+
+def test_group_stride_loops_cover_every_tile(launcher):
+    """With the grid capped at 2 groups in x, the bodies walk the remaining tiles."""
+    few = kernels.Kernels(launcher, max_groups=2)
+    x, a, b, dy, ds = inputs(mx.float32, 16)
+    mask = cpu_mask((M, K), 0.1)
+    assert np.array_equal(np.array(few.dropout_mask(KEY, (M, K), 0.1)), mask)
+    h = few.down_proj(x, a, KEY, 0.1)
+    close(np.array(h), (f32(x) * mask) @ f32(a), 1e-5)
+    d_s, d_b = few.low_rank_grad(dy, h, b, 1.0)
+    close(np.array(d_s), f32(dy) @ f32(b).T, 1e-5)
+    close(np.array(d_b), np.array(h).T @ f32(dy), 1e-5)
+    da, e = few.down_grad(x, ds, a, KEY, 0.1)
+    close(np.array(da), (f32(x) * mask).T @ f32(ds), 1e-5)
+    close(np.array(e), mask * (f32(ds) @ f32(a).T), 1e-5)
+
+
+def test_every_output_element_is_written(launcher):
+    """Outputs start as NaN bytes in the OpenCL runner: one element left unwritten shows."""
+    gpu = kernels.Kernels(launcher)
+    x, a, b, dy, ds = inputs(mx.float32, 1)
+    for out in (gpu.down_proj(x, a, KEY, 0.0), *gpu.low_rank_grad(dy, ds, b, 1.0), *gpu.down_grad(x, ds, a, KEY, 0.0)):
+        assert np.isfinite(np.array(out)).all()
+
+
+def test_the_runner_uses_the_bodies_and_mlx_grid(launcher):
+    """What ran is the shared body under the OpenCL prelude, in whole work-groups."""
+    src = launcher.sources["down_grad"]
+    assert kernels.kernel_source("opencl", "down_grad")[1] in src
+    assert "barrier(CLK_LOCAL_MEM_FENCE)" in src
+    assert geometry.GROUP % 32 == 0
