@@ -25,7 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..csm import save_csm
-from ..csm.lora import lora_layers
+from ..layers.tree import lora_layers
 from . import loop
 from .checkpoint import TrainingCheckpointError, atomic_write_dir, load_checkpoint, save_checkpoint
 from .data import (

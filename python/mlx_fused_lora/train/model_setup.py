@@ -9,8 +9,9 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from ..csm import apply_lora, load_csm
-from ..csm.lora import LoRAReport, freeze_all_but_lora, lora_dropout_p, lora_layers
+from ..csm.lora import LoRAReport
 from ..layers import plain_layer_class
+from ..layers.tree import freeze_all_but_lora, lora_dropout_p, lora_layers
 from .resume import model_record
 from .settings import TrainSettings
 
