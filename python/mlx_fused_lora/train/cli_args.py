@@ -19,12 +19,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 class DefaultsOnceFormatter(argparse.HelpFormatter):
     """Appends ``(default: X)`` to a flag's help unless the help already states its default
-    or there is none to state (None, False)."""
+    or there is none to state (None; False for a switch). 0 is a default worth stating."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if not action.option_strings or "default" in text or default in (None, False, argparse.SUPPRESS):
+        if not action.option_strings or "default" in text or default in (None, argparse.SUPPRESS) or default is False:
             return text
         if isinstance(default, (list, tuple)):
             shown = " ".join(str(v) for v in default).replace("%", "%%")
