@@ -12,7 +12,7 @@ Unlike the CLI, pytest runs each case's rounds back to back, not interleaved.
 """
 
 import mlx.core as mx
-from mlx_fused_lora.bench import e2e, grid, timing
+from mlx_fused_lora.bench import e2e, grid, peft_peer, timing
 from mlx_fused_lora.bench.cases import cases, make_inputs
 from mlx_fused_lora.layers import FusedLoRALinear, plain_layer_class
 
@@ -24,7 +24,10 @@ def pytest_generate_tests(metafunc):
     quick = metafunc.config.getoption("--quick")
     if "group" in metafunc.fixturenames:
         shapes = grid.quick_shapes() if quick else grid.full_shapes()
-        groups = grid.grid(shapes, grid.device_dtypes(), peer_max_gflop=grid.default_peer_max_gflop())
+        extra = peft_peer.PEFT_KINDS if peft_peer.available() else ()
+        groups = grid.grid(
+            shapes, grid.device_dtypes(), peer_max_gflop=grid.default_peer_max_gflop(), extra_kinds=extra
+        )
         params = [(g, kind) for g in groups for kind in g.kinds]
         ids = [f"{g.shape.label.replace(' ', '-')}-{g.dtype}-p{g.dropout}-{g.pass_name}-{kind}" for g, kind in params]
         metafunc.parametrize("group,kind", params, ids=ids)
@@ -63,7 +66,7 @@ def test_lora_linear(benchmark, group, kind):
         dropout=group.dropout,
         pass_name=group.pass_name,
         kind=kind,
-        peak_memory=peak,
+        peak_memory=None if kind in timing.FOREIGN_KINDS else peak,
         device=str(mx.default_device()),
     )
 

@@ -3,40 +3,66 @@
     python benchmarks/report.py benchmarks/results/cpu-fp32-full.json
 
 What the README's "Benchmark suite" section shows is this script's output for the
-committed results: no number is typed by hand.
+committed results: no number is typed by hand. The ratios are computed again from the
+file's cases (so files written before a cell could be marked untrusted get the marks
+too); a cell the run cannot trust carries a "?" and its reason.
 """
 
 import argparse
 import json
 
-from mlx_fused_lora.bench.report import target_misses
+from mlx_fused_lora.bench.report import ratio_rows, target_lines
 
 
 def _x(value, digits=2):
     return f"{value:.{digits}f}×"
 
 
+def _ratio(row, key, digits=2):
+    return _x(row[key], digits) if key in row else "-"
+
+
+def _flag(row):
+    return ", ".join(row.get("untrusted", [])) or "-"
+
+
+def _mark(row):
+    return "?" if row.get("untrusted") else ""
+
+
+def _mib(row, kind):
+    value = row["memory_mib"].get(kind)
+    return "-" if value is None else f"{value:.1f}"
+
+
 def peer_table(rows, dropout=None):
+    with_peft = any("peft_over_fused" in row for row in rows)
+    peft_head = " PEFT / fused | PEFT / its limit |" if with_peft else ""
     lines = [
-        "| M × K × N, r | pass | p | fused / limit | plain / fused | compiled / fused | addmm / fused "
-        "| peak MiB fused · plain · compiled · addmm |",
-        "|---|---|---|---|---|---|---|---|",
+        "| M × K × N, r | pass | p | fused / limit | plain / fused | compiled / fused | addmm / fused |"
+        + peft_head
+        + " peak MiB fused · plain · compiled · addmm | untrusted |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_peft else ""),
     ]
     for row in rows:
         if "plain_over_fused" not in row or (dropout is not None and row["dropout"] != dropout):
             continue
-        mem = row["memory_mib"]
+        peft = ""
+        if with_peft:
+            peft = f" {_ratio(row, 'peft_over_fused')} | {_ratio(row, 'peft_over_peft_limit', 3)} |"
         lines.append(
             f"| {row['m']}×{row['k']}×{row['n']}, {row['r']} | {_pass(row)} | {row['dropout']} "
-            f"| {_x(row['fused_over_limit'], 3)} | {_x(row['plain_over_fused'], 1)} "
-            f"| {_x(row['plain_compiled_over_fused'], 1)} | {_x(row['plain_addmm_over_fused'], 1)} "
-            f"| {mem['fused']:.1f} · {mem['plain']:.1f} · {mem['plain_compiled']:.1f} · {mem['plain_addmm']:.1f} |"
+            f"| {_x(row['fused_over_limit'], 3)}{_mark(row)} | {_ratio(row, 'plain_over_fused')} "
+            f"| {_ratio(row, 'plain_compiled_over_fused')} | {_ratio(row, 'plain_addmm_over_fused')} |"
+            + peft
+            + f" {_mib(row, 'fused')} · {_mib(row, 'plain')} · {_mib(row, 'plain_compiled')} · "
+            f"{_mib(row, 'plain_addmm')} | {_flag(row)} |"
         )
     return lines
 
 
 def limit_table(rows):
-    """fused / limit for every shape: one row per shape, a column per (pass, p)."""
+    """fused / limit for every shape: one row per shape, a column per (pass, p); "?" marks an untrusted cell."""
     columns = sorted({(r["pass_name"], r["dropout"]) for r in rows}, key=lambda c: (c[0] != "forward", c[1]))
     by_shape = {}
     for row in rows:
@@ -44,10 +70,15 @@ def limit_table(rows):
     head = " | ".join(f"{'fwd' if p == 'forward' else 'fwd+bwd'} p={d}" for p, d in columns)
     lines = [f"| M × K (= N), r | {head} | fused peak MiB (fwd+bwd, p=0.1) |", "|---|" + "---|" * (len(columns) + 1)]
     for (m, k, r, _dtype), cells in sorted(by_shape.items()):
-        values = " | ".join(_x(cells[c]["fused_over_limit"], 3) if c in cells else "-" for c in columns)
+        values = " | ".join(
+            _x(cells[c]["fused_over_limit"], 3) + _mark(cells[c]) if c in cells else "-" for c in columns
+        )
         fb = cells.get(("forward_backward", 0.1))
         mem = f"{fb['memory_mib']['fused']:.0f} (limit {fb['memory_mib']['limit']:.0f})" if fb else "-"
         lines.append(f"| {m}×{k}, {r} | {values} | {mem} |")
+    untrusted = [row for row in rows if row.get("untrusted")]
+    if untrusted:
+        lines += ["", f"?: untrusted, {len(untrusted)} of {len(rows)} cells (fused below the limit, or gauge moved)."]
     return lines
 
 
@@ -74,36 +105,48 @@ def e2e_line(report):
     ]
 
 
+def blas_line(report):
+    """Which BLAS each kind ran on (files written before the suite recorded it say so)."""
+    blas = report.get("blas")
+    if not blas:
+        return "BLAS: not recorded (an older file: plain MLX ran on its bundled reference BLAS on Linux)."
+    text = f"BLAS: fused {blas['fused']}; plain peers (MLX's matmul) {blas['plain_peers']}; limit {blas['limit']}"
+    return text + (f"; PEFT {blas['peft']}" if "peft" in blas else "") + "."
+
+
 def provenance(report):
     m, v = report["machine"], report["versions"]
     load, cal = report["load_average"], report.get("calibration", {})
+    peft = (report.get("settings") or {}).get("peft")
+    peft_text = f", torch {peft['torch']}, peft {peft['peft']}" if peft else ""
     return (
         f"`{report['command']}` on {m['cpu']} ({m['cpu_count']} cores, {m['device']}), "
-        f"mlx {v['mlx']}, mlx-lm {v['mlx-lm']}, Python {v['python']}, {report['started']}; "
+        f"mlx {v['mlx']}, mlx-lm {v['mlx-lm']}{peft_text}, Python {v['python']}, {report['started']}; "
         f"{report['wall_s'] / 60:.1f} min; load average {load['start'][0]:.2f} → {load['end'][0]:.2f}; "
         f"2048³ GEMM {cal.get('start', 0) * 1e3:.0f} → {cal.get('end', 0) * 1e3:.0f} ms."
     )
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json_path")
     parser.add_argument("--png", help="draw the chart again into this file")
     parser.add_argument("--peer-dropout", type=float, help="peer table: only the rows of this p")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with open(args.json_path) as f:
         report = json.load(f)
+    rows = ratio_rows(report["cases"])
     print(provenance(report), "\n")
-    for line in (
-        peer_table(report["ratios"], args.peer_dropout) + [""] + limit_table(report["ratios"]) + [""] + e2e_line(report)
-    ):
+    print(blas_line(report), "\n")
+    for line in peer_table(rows, args.peer_dropout) + [""] + limit_table(rows) + [""] + e2e_line(report):
         print(line)
-    misses = target_misses(report["ratios"])
-    print("\ntargets at 2048³ r16 fp32:", "; ".join(misses) if misses else "all met (or shape not in this run)")
+    print()
+    for line in target_lines(rows):
+        print(line)
     if args.png:
         from mlx_fused_lora.bench.chart import write_chart
 
-        write_chart(report, args.png)
+        write_chart(dict(report, ratios=rows), args.png)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import pytest
 from mlx_fused_lora import bench, cli
 from mlx_fused_lora import benchmarking as bm
 
-TINY = ["--shapes", "32x64x48x4", "--budget", "0.001", "--rounds", "1"]
+# --no-peft: the PyTorch + PEFT peer has its own tests (test_bench_peft.py).
+TINY = ["--shapes", "32x64x48x4", "--budget", "0.001", "--rounds", "1", "--no-peft"]
 
 
 @pytest.fixture(scope="module")

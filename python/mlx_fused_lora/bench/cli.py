@@ -21,12 +21,23 @@ import time
 import mlx.core as mx
 from tqdm import tqdm
 
+from .. import fast_blas
 from ..layers import plain_layer_class
-from . import e2e, timing
+from . import e2e, peft_peer, timing
 from . import grid as grids
-from .cases import make_inputs
-from .machine import load_average, machine_info, versions
-from .report import format_ratio_table, ratio_rows, target_misses
+from .cases import extension_blas_matmul, make_inputs
+from .machine import blas_report, load_average, machine_info, versions
+from .report import (
+    BELOW_LIMIT,
+    GAUGE_MOVED,
+    GAUGE_TOLERANCE,
+    PEFT_BELOW_LIMIT,
+    format_ratio_table,
+    ratio_rows,
+    target_lines,
+    target_misses,
+    target_status,
+)
 
 
 def parse_args(argv):
@@ -71,9 +82,14 @@ def parse_args(argv):
         type=_non_negative,
         default=None,
         metavar="G",
-        help="run the plain peers only on shapes whose base GEMM (2MKN) is at most G GFLOP; "
-        f"0: everywhere (default: {grids.CPU_PEER_MAX_GFLOP} on the CPU, where the peers run "
-        "MLX's reference BLAS, 0 on a GPU)",
+        help="run the plain peers only on shapes whose base GEMM (2MKN) is at most G GFLOP; 0: everywhere "
+        f"(default: 0, or {grids.CPU_PEER_MAX_GFLOP} when MLX's matmuls run on its reference BLAS, i.e. with --no-fast-blas, "
+        "where the full peer grid would take hours)",
+    )
+    parser.add_argument(
+        "--no-peft",
+        action="store_true",
+        help="leave out the PyTorch + PEFT peer (default: measured when torch and peft are installed)",
     )
     parser.add_argument(
         "--budget",
@@ -166,8 +182,13 @@ def main(argv=None):
     grid_name = "custom" if args.shapes else "quick" if args.quick else "full"
     shapes = args.shapes or (grids.quick_shapes() if args.quick else grids.full_shapes())
     dtypes = args.dtypes or grids.device_dtypes(device)
+    with_peft = not args.no_peft and peft_peer.available()
+    limit_path = "extension" if device == mx.cpu and extension_blas_matmul() is not None else "mlx"
+    blas = blas_report(limit_path, with_peft)
+    on_reference_blas = blas["plain_peers"] == fast_blas.REFERENCE_BLAS
     peer_max = grids.default_peer_max_gflop(device) if args.peer_max_gflop is None else args.peer_max_gflop
-    groups = grids.grid(shapes, dtypes, args.dropouts, args.passes, peer_max)
+    extra = peft_peer.PEFT_KINDS if with_peft else ()
+    groups = grids.grid(shapes, dtypes, args.dropouts, args.passes, peer_max, extra_kinds=extra)
     e2e_config = None if args.no_e2e else e2e.E2E_QUICK if args.quick or args.shapes else e2e.E2E_FULL
     name = args.name or f"bench-{device.type.name}-{grid_name}"
     os.makedirs(args.out, exist_ok=True)
@@ -181,6 +202,14 @@ def main(argv=None):
         f"dtypes {','.join(dtypes)}, load average {_load_text(load_start)}",
         flush=True,
     )
+    print(_blas_text(blas), flush=True)
+    if on_reference_blas:
+        print(
+            "note: the plain peers run on MLX's reference BLAS, so fused / plain includes the BLAS's "
+            "difference, not only the fusion's (the mlx-fused-lora command puts MLX on OpenBLAS unless "
+            "--no-fast-blas)" + (f"; peers only up to {peer_max:g} GFLOP" if peer_max else ""),
+            flush=True,
+        )
 
     calibration_start = timing.calibration_gemm_s(dtypes[0])
     # tqdm writes to stderr: the table and the JSON path stay alone on stdout.
@@ -203,6 +232,7 @@ def main(argv=None):
     progress.close()
 
     calibration_end = timing.calibration_gemm_s(dtypes[0])
+    gauge_moved = abs(calibration_end / calibration_start - 1) > GAUGE_TOLERANCE
     rows = ratio_rows(records)
     misses = target_misses(rows)
     load_end = load_average()
@@ -216,7 +246,10 @@ def main(argv=None):
             what=f"best of 5: the 2048^3 {dtypes[0]} base GEMM through the limit path, seconds",
             start=calibration_start,
             end=calibration_end,
+            moved=gauge_moved,
+            tolerance=GAUGE_TOLERANCE,
         ),
+        blas=blas,
         machine=machine_info(),
         versions=versions(),
         settings=dict(
@@ -229,6 +262,7 @@ def main(argv=None):
             max_rounds=args.rounds,
             scale=grids.SCALE,
             plain_layer=_class_name(plain_layer_class()),
+            peft=peft_peer.versions() if with_peft else None,
         ),
         kinds=dict(
             fused="FusedLoRALinear (the fused op)",
@@ -236,11 +270,25 @@ def main(argv=None):
             plain_compiled="the plain layer under mx.compile",
             plain_addmm="AddmmLoRALinear: plain MLX at its best (addmm, adapters in x's dtype)",
             limit="base GEMM alone (forward); x @ W.T and dY @ W (forward_backward)",
+            **(PEFT_KIND_TEXT if with_peft else {}),
+        ),
+        untrusted=dict(
+            tolerance=GAUGE_TOLERANCE,
+            reasons={
+                BELOW_LIMIT: "fused time under the limit's: fused runs the limit's GEMMs and more, so load "
+                "slowed the limit's best round",
+                GAUGE_MOVED: f"the limit's rounds spread by more than {GAUGE_TOLERANCE:.0%} (median over best)",
+                PEFT_BELOW_LIMIT: "PEFT's time under torch's two GEMMs alone: load slowed them",
+            },
+            cells=sum(bool(row["untrusted"]) for row in rows),
         ),
         cases=records,
         ratios=rows,
         targets=dict(
-            shape=list(grids.TARGET_SHAPE), bounds={f"{p} {w}": b for (p, w), b in grids.TARGETS.items()}, misses=misses
+            shape=list(grids.TARGET_SHAPE),
+            bounds={f"{p} {w}": b for (p, w), b in grids.TARGETS.items()},
+            measured=target_status(rows),
+            misses=misses,
         ),
         end_to_end=end_to_end,
     )
@@ -260,15 +308,34 @@ def main(argv=None):
     )
     if end_to_end:
         print(_e2e_text(end_to_end))
-    if any(grids.TARGET_SHAPE == (r["m"], r["k"], r["n"], r["r"], r["dtype"]) for r in rows):
-        print("targets at 2048^3 r16 fp32: " + ("; ".join(misses) if misses else "all met"))
+    untrusted = sum(bool(row["untrusted"]) for row in rows)
+    if untrusted:
+        print(
+            f"untrusted: {untrusted} of {len(rows)} cells (fused below the limit, or the limit's rounds "
+            f"spread more than {GAUGE_TOLERANCE:.0%}: load moved while they ran); read them as noise"
+        )
+    for line in target_lines(rows):
+        print(line)
     print(
         f"load average {_load_text(load_start)} at the start, {_load_text(load_end)} at the end; "
         f"2048^3 GEMM {calibration_start * 1e3:.1f} ms at the start, {calibration_end * 1e3:.1f} ms at the end; "
         f"{report['wall_s']:.0f} s in all"
+        + (" (the gauge moved: absolute times are suspect, compare ratios)" if gauge_moved else "")
     )
     print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""))
     return 0
+
+
+PEFT_KIND_TEXT = dict(
+    peft="PyTorch + PEFT: peft's LoRA Linear over a frozen torch.nn.Linear, same shapes, dtype, r, p, scale; "
+    "forward under no_grad, backward the gradients of x, lora_A, lora_B (peak memory not measured)",
+    peft_limit="torch's own GEMMs alone: x @ W.T (forward); x @ W.T and dY @ W (forward_backward)",
+)
+
+
+def _blas_text(blas):
+    text = f"BLAS: fused {blas['fused']}; plain peers (MLX matmul) {blas['plain_peers']}; limit {blas['limit']}"
+    return text + (f"; PEFT {blas['peft']}" if "peft" in blas else "")
 
 
 def _class_name(cls):

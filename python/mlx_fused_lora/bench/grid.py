@@ -26,11 +26,11 @@ TARGETS = {
     ("forward_backward", "memory"): 1.01,
 }
 
-# On Linux the plain peers run MLX's bundled reference BLAS at ~2 GFLOP/s on this
-# CPU: the full peer grid would take about ten hours there. By default on the CPU
-# the peers run only where the base GEMM is at most this many GFLOP
-# (2 * 512 * 2048 * 2048 or 2 * 2048 * 1024 * 1024, ~1-2 s a call); the fused op
-# and the limit run on every shape. 0 means no cap (the default elsewhere).
+# Where MLX's own matmuls run on the reference BLAS its Linux wheel bundles (~2
+# GFLOP/s here: the fast BLAS turned off), the full peer grid would take about ten
+# hours on 2 cores; there the peers run by default only where the base GEMM is at
+# most this many GFLOP (2 * 512 * 2048 * 2048 or 2 * 2048 * 1024 * 1024, ~1-2 s a
+# call). With a real BLAS under MLX (the default) there is no cap.
 CPU_PEER_MAX_GFLOP = 4.3
 
 
@@ -91,8 +91,13 @@ def device_dtypes(device=None):
 
 
 def default_peer_max_gflop(device=None):
+    """0 (no cap), or CPU_PEER_MAX_GFLOP where MLX's CPU matmuls run on its reference BLAS."""
+    from .. import fast_blas
+
     device = mx.default_device() if device is None else device
-    return CPU_PEER_MAX_GFLOP if device == mx.cpu else 0.0
+    if device == mx.cpu and fast_blas.active_blas() == fast_blas.REFERENCE_BLAS:
+        return CPU_PEER_MAX_GFLOP
+    return 0.0
 
 
 def grid(shapes, dtypes, dropouts=DROPOUTS, passes=PASSES, peer_max_gflop=0.0, extra_kinds=()):

@@ -38,3 +38,46 @@ def load_average():
         return list(os.getloadavg())
     except OSError:
         return None
+
+
+def extension_blas():
+    """The BLAS the fused op's GEMMs (and the limit) run on: the one the extension links."""
+    import sys
+
+    if sys.platform == "darwin":
+        return "accelerate (macOS)"
+    try:
+        return f"openblas (scipy-openblas32 {metadata.version('scipy-openblas32')})"
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def torch_blas():
+    """The BLAS torch's CPU matmuls run on, from its build settings (e.g. "mkl")."""
+    import re
+
+    import torch
+
+    match = re.search(r"BLAS_INFO=([^,\s]+)", torch.__config__.show())
+    return match.group(1) if match else "unknown"
+
+
+def blas_report(limit_path, with_peft):
+    """Which BLAS each kind ran on, measured where it can be (MLX's matmul: fast_blas.active_blas()).
+
+    limit_path: "extension" when the limit runs through the extension's BLAS hook,
+    "mlx" when it is MLX's own matmul.
+    """
+    from .. import fast_blas
+
+    mlx_blas = fast_blas.active_blas() if mx.default_device() == mx.cpu else f"MLX's {mx.default_device()} GEMMs"
+    ext_blas = extension_blas() if mx.default_device() == mx.cpu else mlx_blas
+    report = dict(
+        fused=ext_blas,
+        plain_peers=mlx_blas,
+        limit=ext_blas if limit_path == "extension" else mlx_blas,
+        same_blas=mlx_blas.split(" ")[0] == ext_blas.split(" ")[0],
+    )
+    if with_peft:
+        report["peft"] = f"torch {torch_blas()}"
+    return report
