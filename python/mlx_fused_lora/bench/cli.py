@@ -97,9 +97,9 @@ def parse_args(argv):
         default=2.0,
         metavar="SECONDS",
         help="timed seconds per case after its warm-up: a case gets the rounds that fit, at least "
-        "1 (3 for fused and limit), at most --rounds (default 2)",
+        "1 (3 for fused and limit), at most --rounds (default: 2)",
     )
-    parser.add_argument("--rounds", type=_positive_int, default=10, help="most timed rounds per case (default 10)")
+    parser.add_argument("--rounds", type=_positive_int, default=10, help="most timed rounds per case (default: 10)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step")
     parser.add_argument("--no-chart", action="store_true", help="write no PNG (needs no matplotlib)")
     parser.add_argument("--out", default=".", metavar="DIR", help="folder for the JSON and PNG (default: .)")
