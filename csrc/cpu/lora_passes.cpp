@@ -191,6 +191,8 @@ void forward_onto_impl(const mx::array& x, const mx::array& base, const mx::arra
 }
 
 // dS = scale * dY @ B^T, dB = scale * h^T @ dY: two rank-r GEMMs over dY, no mask.
+// scale multiplies the (small) results, not the BLAS's alpha: with alpha = 0 a BLAS
+// skips the product, and scale = 0 must give 0 * inf = NaN as plain MLX does.
 template <typename T>
 void low_rank_grad_impl(const mx::array& dy, const mx::array& h, const mx::array& b, float scale,
                         mx::array& ds, mx::array& db) {
@@ -200,9 +202,15 @@ void low_rank_grad_impl(const mx::array& dy, const mx::array& h, const mx::array
   float* dsp = ds.data<float>();
   const float* hp = h.data<float>();
   for_each_float_tile(dy.data<T>(), m, n, [&](int64_t row0, int64_t rows, const float* tile) {
-    sgemm(false, true, rows, r, n, scale, tile, n, b32.data(), n, 0.0f, dsp + row0 * r, r);
-    sgemm(true, false, r, n, rows, scale, hp + row0 * r, r, tile, n, 1.0f, db32.data(), n);
+    sgemm(false, true, rows, r, n, 1.0f, tile, n, b32.data(), n, 0.0f, dsp + row0 * r, r);
+    sgemm(true, false, r, n, rows, 1.0f, hp + row0 * r, r, tile, n, 1.0f, db32.data(), n);
   });
+  for (int64_t i = 0; i < m * r; ++i) {
+    dsp[i] *= scale;
+  }
+  for (int64_t i = 0; i < r * n; ++i) {
+    db32[i] *= scale;
+  }
   store_as(db, db32.data());
 }
 
