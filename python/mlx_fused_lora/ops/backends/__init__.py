@@ -2,10 +2,9 @@
 
 A backend offers ``lora_linear(inputs, scale, p)`` over the fixed slots of
 ``layout.Inputs`` (returning y of shape (M, N)) and ``dropout_mask(key, shape, p,
-dtype)``. The CPU runs the C++ extension (``cpu``); a GPU runs the GPU kernels
-(``gpu``) when MLX_FUSED_LORA_GPU_KERNELS=1 (opt-in until measured on GPU
-hardware), else the plain-MLX reference with the same mask (``reference``, one
-warning).
+dtype)``. The CPU runs the C++ extension (``cpu``); a Metal or CUDA device runs the
+GPU kernels (``gpu``, self-checked at first use) unless MLX_FUSED_LORA_GPU_KERNELS=0,
+else the plain-MLX reference with the same mask (``reference``, one warning).
 """
 
 import functools
@@ -13,7 +12,6 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 
-from .. import gpu_kernels
 from . import cpu, gpu, reference
 
 
@@ -21,7 +19,7 @@ from . import cpu, gpu, reference
 def _for_gpu(kernels):
     if kernels is not None:
         return gpu.backend(kernels)
-    hint = f" (set {gpu_kernels.ENABLE_VARIABLE}=1 to try them)"
+    hint = f" ({gpu.ENABLE_VARIABLE}=0 or no Metal/CUDA device)"
     return SimpleNamespace(
         lora_linear=functools.partial(reference.lora_linear, hint=hint),
         dropout_mask=reference.dropout_mask,
@@ -32,4 +30,4 @@ def current():
     """The backend for MLX's default device (and, on a GPU, the kernels setting)."""
     if mx.default_device() == mx.cpu:
         return cpu
-    return _for_gpu(gpu_kernels.gpu_backend())
+    return _for_gpu(gpu.available_backend())

@@ -11,6 +11,8 @@ kernel forgets to write shows up.
 Needs ``pip install "pyopencl[pocl]"`` (the ``test`` extra).
 """
 
+import functools
+
 import mlx.core as mx
 import numpy as np
 
@@ -77,23 +79,30 @@ def opencl_source(name, inputs, outputs, template, element_dtype):
     )
 
 
+@functools.cache
+def _context():
+    import pyopencl as cl
+
+    context = cl.Context([cl.get_platforms()[0].get_devices()[0]])
+    return cl, context, cl.CommandQueue(context)
+
+
+@functools.cache
+def _compiled(name, source):
+    """The cl.Kernel of `source`, built once per process (PoCL also caches on disk)."""
+    cl, context, _ = _context()
+    return cl.Kernel(cl.Program(context, source).build(), f"mfl_{name}")
+
+
 class OpenCLLauncher:
     """A launcher running the kernels on the first OpenCL device (PoCL's CPU device)."""
 
     def __init__(self):
-        import pyopencl as cl
-
-        self.cl = cl
-        self.context = cl.Context([cl.get_platforms()[0].get_devices()[0]])
-        self.queue = cl.CommandQueue(self.context)
-        self._programs = {}  # source -> its compiled cl.Kernel
+        self.cl, self.context, self.queue = _context()
         self.sources = {}  # name -> the last source launched, for inspection
 
     def _kernel(self, name, source):
-        if source not in self._programs:
-            program = self.cl.Program(self.context, source).build()
-            self._programs[source] = self.cl.Kernel(program, f"mfl_{name}")
-        return self._programs[source]
+        return _compiled(name, source)
 
     def launch(self, name, inputs, outputs, template, element_dtype, grid, threadgroup):
         cl = self.cl
