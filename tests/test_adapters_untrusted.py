@@ -289,3 +289,11 @@ def test_load_csm_refuses_integer_or_non_finite_tensors(tmp_path, edit, match):
     edit_weights(tmp_path, "model.safetensors", edit)
     with pytest.raises(CheckpointError, match=match):
         load_csm(tmp_path)
+
+
+def test_an_unwritable_output_is_one_line_naming_the_file(tmp_path, capsys):
+    save_adapters(adapted_csm(), tmp_path / "in", format="mlx-lm")
+    (tmp_path / "out" / "adapter_model.safetensors").mkdir(parents=True)  # a directory where the file goes
+    assert convert_main([str(tmp_path / "in"), str(tmp_path / "out"), "--to", "peft"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "cannot write" in err and "adapter_model.safetensors" in err and "\n" not in err

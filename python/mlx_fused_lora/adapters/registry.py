@@ -134,7 +134,10 @@ def write_adapters(adapters: AdapterSet, path: str | Path, fmt: str) -> Path:
     tensors, config, metadata = format_.write(adapters)
     # safetensors wants contiguous row-major data; transposes are views.
     tensors = {k: mx.contiguous(v) for k, v in tensors.items()}
-    mx.save_safetensors(str(d / format_.weights_file), tensors, metadata=metadata)
+    try:
+        mx.save_safetensors(str(d / format_.weights_file), tensors, metadata=metadata)
+    except RuntimeError as e:  # MLX reports an unwritable file as a RuntimeError
+        raise OSError(f"cannot write {d / format_.weights_file}: {e}") from None
     with open(d / format_.config_file, "w") as f:
         json.dump(config, f, indent=2)
     return d / format_.weights_file
