@@ -297,3 +297,12 @@ def test_an_unwritable_output_is_one_line_naming_the_file(tmp_path, capsys):
     assert convert_main([str(tmp_path / "in"), str(tmp_path / "out"), "--to", "peft"]) == 1
     err = capsys.readouterr().err.strip()
     assert "cannot write" in err and "adapter_model.safetensors" in err and "\n" not in err
+
+
+def test_load_csm_and_save_csm_name_the_file_they_cannot_read_or_write(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors"):
+        load_csm(tmp_path)
+    (tmp_path / "out" / "model.safetensors").mkdir(parents=True)
+    with pytest.raises(OSError, match=r"cannot write .*out/model\.safetensors"):
+        save_csm(base_csm(), tmp_path / "out")

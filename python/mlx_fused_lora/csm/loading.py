@@ -69,7 +69,10 @@ def _weight_files(path: Path) -> list[Path]:
 def _read_weights(path: Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for f in _weight_files(path):
-        part = mx.load(str(f))
+        try:
+            part = mx.load(str(f))
+        except (RuntimeError, ValueError) as e:  # MLX's parse errors are RuntimeErrors
+            raise CheckpointError(f"cannot read {f}: {e}") from None
         clash = set(part) & set(weights)
         if clash:
             raise CheckpointError(f"keys {sorted(clash)[:5]} appear in more than one file ({f})")
@@ -274,7 +277,10 @@ def save_csm(model: CSM, path: str | Path, layout: str | None = None) -> Path:
     else:
         weights_path, cfg_path = path / WEIGHTS_FILE, path / CONFIG_FILE
     weights_path.parent.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(weights_path), out, metadata={"format": "mlx" if layout == "mlx" else "pt"})
+    try:
+        mx.save_safetensors(str(weights_path), out, metadata={"format": "mlx" if layout == "mlx" else "pt"})
+    except RuntimeError as e:  # MLX reports an unwritable file as a RuntimeError
+        raise OSError(f"cannot write {weights_path}: {e}") from None
     cfg = config.to_hf_dict() if layout == "hf" else config.to_dict()
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2)
