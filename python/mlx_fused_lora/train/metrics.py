@@ -42,6 +42,7 @@ class MetricsLog:
 
     def _write(self, mode: str, text: str) -> None:
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, mode) as f:
                 f.write(text)
         except OSError as e:
