@@ -182,3 +182,20 @@ def test_chart_hatches_untrusted_cells_starts_axes_at_zero_and_labels_above_the_
     assert len(label_heights) == len(mark_heights) > 0
     assert all(label >= mark for label, mark in zip(label_heights, mark_heights, strict=True))
     assert any(text.endswith("?") for text, _ in recorder.texts)  # the untrusted value says so
+
+
+def test_the_results_file_keeps_what_the_run_printed(tmp_path, capsys):
+    from mlx_fused_lora.bench import cli
+
+    argv = ["--shapes", "32x64x48x4", "--budget", "0.001", "--rounds", "1", "--passes", "forward", "--dropouts", "0"]
+    argv += ["--no-peft", "--no-chart", "--no-e2e", "--out", str(tmp_path), "--name", "run"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert data["printed"] and data["printed"] in out
+    assert "untrusted" in data["printed"].splitlines()[1]  # the table's header names the column
+    assert "none measured" in data["printed"]
+    (row,) = data["ratios"]
+    assert isinstance(row["untrusted"], list) and row["limit_drift"] >= 0
+    assert data["untrusted"]["cells"] == int(bool(row["untrusted"]))
+    assert data["calibration"]["moved"] in (True, False) and data["targets"]["measured"] == []

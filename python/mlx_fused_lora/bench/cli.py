@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import shlex
 import sys
 import time
 
@@ -23,21 +22,10 @@ from tqdm import tqdm
 
 from .. import fast_blas
 from ..layers import plain_layer_class
-from . import e2e, peft_peer, timing
+from . import e2e, peft_peer, results, timing
 from . import grid as grids
 from .cases import extension_blas_matmul, make_inputs
-from .machine import blas_report, load_average, machine_info, versions
-from .report import (
-    BELOW_LIMIT,
-    GAUGE_MOVED,
-    GAUGE_TOLERANCE,
-    PEFT_BELOW_LIMIT,
-    format_ratio_table,
-    ratio_rows,
-    target_lines,
-    target_misses,
-    target_status,
-)
+from .machine import blas_report, load_average
 
 
 def parse_args(argv):
@@ -101,6 +89,12 @@ def parse_args(argv):
     )
     parser.add_argument("--rounds", type=_positive_int, default=10, help="most timed rounds per case (default: 10)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training step")
+    parser.add_argument(
+        "--e2e-model",
+        choices=("quick", "full"),
+        help="the end-to-end step's model: quick (dim 256, 2 layers) or full (dim 512, 4 layers) "
+        "(default: full for the full grid, quick otherwise)",
+    )
     parser.add_argument("--no-chart", action="store_true", help="write no PNG (needs no matplotlib)")
     parser.add_argument("--out", default=".", metavar="DIR", help="folder for the JSON and PNG (default: .)")
     parser.add_argument("--name", metavar="NAME", help="file name stem (default: bench-<device>-<quick|full|custom>)")
@@ -189,7 +183,8 @@ def main(argv=None):
     peer_max = grids.default_peer_max_gflop(device) if args.peer_max_gflop is None else args.peer_max_gflop
     extra = peft_peer.PEFT_KINDS if with_peft else ()
     groups = grids.grid(shapes, dtypes, args.dropouts, args.passes, peer_max, extra_kinds=extra)
-    e2e_config = None if args.no_e2e else e2e.E2E_QUICK if args.quick or args.shapes else e2e.E2E_FULL
+    e2e_model = args.e2e_model or ("quick" if args.quick or args.shapes else "full")
+    e2e_config = None if args.no_e2e else e2e.E2E_QUICK if e2e_model == "quick" else e2e.E2E_FULL
     name = args.name or f"bench-{device.type.name}-{grid_name}"
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, name + ".json")
@@ -199,10 +194,10 @@ def main(argv=None):
     wall_start = time.perf_counter()
     print(
         f"mlx-fused-lora bench: {len(groups)} comparisons ({grid_name} grid) on {device}, "
-        f"dtypes {','.join(dtypes)}, load average {_load_text(load_start)}",
+        f"dtypes {','.join(dtypes)}, load average {results.load_text(load_start)}",
         flush=True,
     )
-    print(_blas_text(blas), flush=True)
+    print(results.blas_text(blas), flush=True)
     if on_reference_blas:
         print(
             "note: the plain peers run on MLX's reference BLAS, so fused / plain includes the BLAS's "
@@ -232,26 +227,14 @@ def main(argv=None):
     progress.close()
 
     calibration_end = timing.calibration_gemm_s(dtypes[0])
-    gauge_moved = abs(calibration_end / calibration_start - 1) > GAUGE_TOLERANCE
-    rows = ratio_rows(records)
-    misses = target_misses(rows)
     load_end = load_average()
-    report = dict(
-        schema="mlx-fused-lora-bench/1",
-        command=" ".join(["mlx-fused-lora", "bench"] + [shlex.quote(a) for a in argv]),
-        started=started.isoformat(timespec="seconds"),
+    report = results.build(
+        argv=argv,
+        started=started,
         wall_s=time.perf_counter() - wall_start,
-        load_average=dict(start=load_start, end=load_end),
-        calibration=dict(
-            what=f"best of 5: the 2048^3 {dtypes[0]} base GEMM through the limit path, seconds",
-            start=calibration_start,
-            end=calibration_end,
-            moved=gauge_moved,
-            tolerance=GAUGE_TOLERANCE,
-        ),
+        load=(load_start, load_end),
+        calibration=(calibration_start, calibration_end, dtypes[0]),
         blas=blas,
-        machine=machine_info(),
-        versions=versions(),
         settings=dict(
             grid=grid_name,
             dtypes=list(dtypes),
@@ -264,32 +247,7 @@ def main(argv=None):
             plain_layer=_class_name(plain_layer_class()),
             peft=peft_peer.versions() if with_peft else None,
         ),
-        kinds=dict(
-            fused="FusedLoRALinear (the fused op)",
-            plain="mlx-lm's LoRALinear (PlainLoRALinear when mlx-lm is not installed)",
-            plain_compiled="the plain layer under mx.compile",
-            plain_addmm="AddmmLoRALinear: plain MLX at its best (addmm, adapters in x's dtype)",
-            limit="base GEMM alone (forward); x @ W.T and dY @ W (forward_backward)",
-            **(PEFT_KIND_TEXT if with_peft else {}),
-        ),
-        untrusted=dict(
-            tolerance=GAUGE_TOLERANCE,
-            reasons={
-                BELOW_LIMIT: "fused time under the limit's: fused runs the limit's GEMMs and more, so load "
-                "slowed the limit's best round",
-                GAUGE_MOVED: f"the limit's rounds spread by more than {GAUGE_TOLERANCE:.0%} (median over best)",
-                PEFT_BELOW_LIMIT: "PEFT's time under torch's two GEMMs alone: load slowed them",
-            },
-            cells=sum(bool(row["untrusted"]) for row in rows),
-        ),
-        cases=records,
-        ratios=rows,
-        targets=dict(
-            shape=list(grids.TARGET_SHAPE),
-            bounds={f"{p} {w}": b for (p, w), b in grids.TARGETS.items()},
-            measured=target_status(rows),
-            misses=misses,
-        ),
+        records=records,
         end_to_end=end_to_end,
     )
     with open(json_path, "w") as f:
@@ -300,58 +258,10 @@ def main(argv=None):
         write_chart(report, png_path)
 
     print()
-    for line in format_ratio_table(rows):
-        print(line)
-    print(
-        "times: best round, each comparison measured side by side; x/fused > 1 means fused is faster; "
-        "MiB: MLX's peak memory while the case ran, inputs included"
-    )
-    if end_to_end:
-        print(_e2e_text(end_to_end))
-    untrusted = sum(bool(row["untrusted"]) for row in rows)
-    if untrusted:
-        print(
-            f"untrusted: {untrusted} of {len(rows)} cells (fused below the limit, or the limit's rounds "
-            f"spread more than {GAUGE_TOLERANCE:.0%}: load moved while they ran); read them as noise"
-        )
-    for line in target_lines(rows):
-        print(line)
-    print(
-        f"load average {_load_text(load_start)} at the start, {_load_text(load_end)} at the end; "
-        f"2048^3 GEMM {calibration_start * 1e3:.1f} ms at the start, {calibration_end * 1e3:.1f} ms at the end; "
-        f"{report['wall_s']:.0f} s in all"
-        + (" (the gauge moved: absolute times are suspect, compare ratios)" if gauge_moved else "")
-    )
+    print(report["printed"])
     print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""))
     return 0
 
 
-PEFT_KIND_TEXT = dict(
-    peft="PyTorch + PEFT: peft's LoRA Linear over a frozen torch.nn.Linear, same shapes, dtype, r, p, scale; "
-    "forward under no_grad, backward the gradients of x, lora_A, lora_B (peak memory not measured)",
-    peft_limit="torch's own GEMMs alone: x @ W.T (forward); x @ W.T and dY @ W (forward_backward)",
-)
-
-
-def _blas_text(blas):
-    text = f"BLAS: fused {blas['fused']}; plain peers (MLX matmul) {blas['plain_peers']}; limit {blas['limit']}"
-    return text + (f"; PEFT {blas['peft']}" if "peft" in blas else "")
-
-
 def _class_name(cls):
     return f"{cls.__module__}.{cls.__name__}"
-
-
-def _load_text(load):
-    return "unknown" if load is None else "/".join(f"{v:.2f}" for v in load)
-
-
-def _e2e_text(e2e):
-    c, res = e2e["config"], e2e["results"]
-    return (
-        f"end-to-end training step (TinyLlama dim {c['dim']}, {c['layers']} layers, {c['tokens']} tokens, "
-        f"every projection LoRA r={c['r']} p={c['dropout']}, compiled step, Adam): "
-        f"fused {res['fused']['tokens_per_s']:.0f} tok/s {res['fused']['peak_memory'] / 2**20:.0f} MiB, "
-        f"plain {res['plain']['tokens_per_s']:.0f} tok/s {res['plain']['peak_memory'] / 2**20:.0f} MiB "
-        f"({e2e['plain_layer']}): {e2e['speedup']:.2f}x faster, {e2e['memory_ratio']:.2f}x less memory"
-    )
