@@ -306,3 +306,13 @@ def test_load_csm_and_save_csm_name_the_file_they_cannot_read_or_write(tmp_path)
     (tmp_path / "out" / "model.safetensors").mkdir(parents=True)
     with pytest.raises(OSError, match=r"cannot write .*out/model\.safetensors"):
         save_csm(base_csm(), tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "text, match", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object, got list")]
+)
+def test_a_config_that_is_not_a_json_object_names_the_file(tmp_path, text, match):
+    save_adapters(adapted_csm(), tmp_path, format="peft")
+    (tmp_path / "adapter_config.json").write_text(text)
+    with pytest.raises(ValueError, match=r"adapter_config\.json.*" + match):
+        read_adapters(tmp_path)
