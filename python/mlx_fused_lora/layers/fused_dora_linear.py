@@ -81,12 +81,13 @@ class FusedDoRALinear(nn.Module):
             raise ValueError(f"FusedDoRALinear: `dropout` must be in [0, 1), got {dropout}")
         if int(r) < 1:
             raise ValueError(f"FusedDoRALinear: `r` must be >= 1, got {r}")
+        # mlx-lm's order of random draws (base, then lora_a): one seed, the same adapters.
+        self.set_linear(nn.Linear(input_dims, output_dims, bias=bias))
         self.dropout = float(dropout)
         self.scale = scale
         bound = 1 / math.sqrt(input_dims)
         self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r))
         self.lora_b = mx.zeros(shape=(r, output_dims))
-        self.set_linear(nn.Linear(input_dims, output_dims, bias=bias))
 
     def set_linear(self, linear: nn.Module):
         """Set the base layer; recompute its row norms and reset ``m`` to them (as mlx-lm)."""
@@ -99,8 +100,8 @@ class FusedDoRALinear(nn.Module):
         """``||W + scale * (lora_a @ lora_b).T||`` per output row, float32, no gradient."""
         lora_a = mx.stop_gradient(self.lora_a)
         lora_b = mx.stop_gradient(self.lora_b)
-        base_a_t = base_times_lora_a(self.linear.weight, lora_a, **_quantization(self.linear))
-        return mx.stop_gradient(adapted_row_norms(self._base_sq_norms, base_a_t, lora_a, lora_b, self.scale))
+        base_a = base_times_lora_a(self.linear.weight, lora_a, **_quantization(self.linear))
+        return mx.stop_gradient(adapted_row_norms(self._base_sq_norms, base_a, lora_a, lora_b, self.scale))
 
     def __call__(self, x):
         p = self.dropout if self.training else 0.0
