@@ -124,3 +124,44 @@ def check_inputs(x, weight, bias, lora_a, lora_b, scale, dropout, key):
     check_adapters(x, weight.shape[0], bias, lora_a, lora_b)
     scale = check_scale(scale)
     return scale, check_dropout(dropout, key)
+
+
+# What MLX's affine quantization supports (mx.quantize).
+QUANT_BITS = (1, 2, 3, 4, 5, 6, 8)
+QUANT_GROUP_SIZES = (32, 64, 128)
+
+
+def check_quantized_inputs(x, weight, scales, biases, bias, lora_a, lora_b, scale, dropout, key, group_size, bits):
+    """Validates the quantized-base op's inputs (as nn.QuantizedLinear holds them);
+    returns (scale, p) as Python floats."""
+    who = "fused_qlora_linear"
+    check_x(x, who)
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or bits not in QUANT_BITS:
+        fail("bits", f"one of {', '.join(map(str, QUANT_BITS))}", bits, who)
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, numbers.Integral)
+        or group_size not in QUANT_GROUP_SIZES
+    ):
+        fail("group_size", f"one of {', '.join(map(str, QUANT_GROUP_SIZES))}", group_size, who)
+    k = x.shape[-1]
+    if k % group_size:
+        fail("group_size", f"a divisor of K = x.shape[-1] = {k}", group_size, who)
+    if not isinstance(weight, mx.array):
+        fail("weight", "an mx.array", type(weight).__name__, who)
+    packed = k * bits // 32
+    if weight.dtype != mx.uint32 or weight.ndim != 2 or weight.shape[1] != packed:
+        fail(
+            "weight",
+            f"(N, K * bits / 32) = (N, {packed}) uint32 (packed as mx.quantize packs it) for K = {k}, bits = {bits}",
+            f"{weight.dtype} array of shape {tuple(weight.shape)}",
+            who,
+        )
+    n = weight.shape[0]
+    groups = (n, k // group_size)
+    for name, value in (("scales", scales), ("biases", biases)):
+        check_array(name, value, ndim=2, who=who)
+        if tuple(value.shape) != groups:
+            fail(name, f"(N, K / group_size) = {groups}", f"shape {tuple(value.shape)}", who)
+    check_adapters(x, n, bias, lora_a, lora_b, who)
+    return check_scale(scale, who), check_dropout(dropout, key, who)

@@ -12,6 +12,11 @@ Every backend's op takes exactly these six arrays, in this order:
   backend decides again which inputs are present.
 
 The VJP returns one cotangent per slot, in the same order (``cotangents``).
+
+The quantized-base op (``fused_qlora_linear``) has the same slots with the packed
+weight's three arrays in place of ``weight``:
+
+    (x2d, weight, scales, biases, bias, lora_a, lora_b, key)    (``QInputs``)
 """
 
 from typing import NamedTuple
@@ -61,3 +66,31 @@ def cotangents(primals, dy, *, dx, d_lora_a, d_lora_b):
     x, _, bias, _, _, key = primals
     d_bias = dy.sum(axis=0).astype(bias.dtype) if has_bias(bias) else mx.zeros_like(bias)
     return (dx, dy.T @ x, d_bias, d_lora_a, d_lora_b, mx.zeros_like(key))
+
+
+class QInputs(NamedTuple):
+    x: mx.array
+    weight: mx.array  # packed uint32, as nn.QuantizedLinear holds it
+    scales: mx.array
+    biases: mx.array
+    bias: mx.array
+    lora_a: mx.array
+    lora_b: mx.array
+    key: mx.array
+
+
+def q_op_inputs(x2d, weight, scales, biases, bias, lora_a, lora_b, key, p):
+    """The fixed slots of the quantized-base op (``key`` may be None when p = 0)."""
+    dense = op_inputs(x2d, weight, bias, lora_a, lora_b, key, p)
+    return QInputs(x2d, weight, scales, biases, dense.bias, lora_a, lora_b, dense.key)
+
+
+def q_cotangents(primals, dy, *, dx, d_lora_a, d_lora_b, d_scales, d_biases):
+    """The quantized op's cotangents, one per slot of ``primals`` (a ``QInputs``).
+
+    The packed weight's is zeros: MLX defines no gradient for quantized weights.
+    The scales' and biases' are MLX's own (lazy: evaluated only if asked for).
+    """
+    x, weight, _, _, bias, _, _, key = primals
+    d_bias = dy.sum(axis=0).astype(bias.dtype) if has_bias(bias) else mx.zeros_like(bias)
+    return (dx, mx.zeros_like(weight), d_scales, d_biases, d_bias, d_lora_a, d_lora_b, mx.zeros_like(key))

@@ -8,6 +8,15 @@ x's dtype once, so it is the most accurate version of the formula, not the faste
 import mlx.core as mx
 
 
+def _add_bias_and_lora(y, x32, bias, lora_a, lora_b, scale, mask):
+    """y (float32 base product) + bias + scale * ((mask * x) @ lora_a) @ lora_b."""
+    if bias is not None:
+        y = y + bias.astype(mx.float32)
+    dropped = x32 if mask is None else x32 * mask.astype(mx.float32)
+    h = dropped @ lora_a.astype(mx.float32)
+    return y + scale * (h @ lora_b.astype(mx.float32))
+
+
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, mask=None):
     """``y = x @ weight.T + bias + scale * ((mask * x) @ lora_a) @ lora_b``.
 
@@ -16,9 +25,13 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, mask=None):
     """
     x32 = x.astype(mx.float32)
     y = x32 @ weight.astype(mx.float32).T
-    if bias is not None:
-        y = y + bias.astype(mx.float32)
-    dropped = x32 if mask is None else x32 * mask.astype(mx.float32)
-    h = dropped @ lora_a.astype(mx.float32)
-    y = y + scale * (h @ lora_b.astype(mx.float32))
-    return y.astype(x.dtype)
+    return _add_bias_and_lora(y, x32, bias, lora_a, lora_b, scale, mask).astype(x.dtype)
+
+
+def qlora_linear(x, weight, scales, biases, bias, lora_a, lora_b, scale, mask=None, *, group_size, bits):
+    """The same with a quantized base (``weight``, ``scales``, ``biases`` as
+    ``nn.QuantizedLinear`` holds them, affine mode): the base product through MLX's
+    ``quantized_matmul`` on float32 x, the LoRA term as in ``lora_linear``."""
+    x32 = x.astype(mx.float32)
+    y = mx.quantized_matmul(x32, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    return _add_bias_and_lora(y.astype(mx.float32), x32, bias, lora_a, lora_b, scale, mask).astype(x.dtype)

@@ -2,8 +2,8 @@
 
 A backend offers ``lora_linear(inputs, scale, p)`` over the fixed slots of
 ``layout.Inputs`` (returning y of shape (M, N)) and ``dropout_mask(key, shape, p,
-dtype)``. The CPU runs the C++ extension (``cpu``); a Metal or CUDA device runs the
-GPU kernels (``gpu``, self-checked at first use) unless MLX_FUSED_LORA_GPU_KERNELS=0,
+dtype)``; ``current_quantized()`` chooses for the quantized-base op. The CPU runs the
+C++ extension (``cpu``); a Metal or CUDA device runs the GPU kernels (``gpu``, self-checked at first use) unless MLX_FUSED_LORA_GPU_KERNELS=0,
 else the plain-MLX reference with the same mask (``reference``, one warning).
 """
 
@@ -31,3 +31,13 @@ def current():
     if mx.default_device() == mx.cpu:
         return cpu
     return _for_gpu(gpu.available_backend())
+
+
+def current_quantized():
+    """The quantized-base op's backend (``qlora_linear(inputs, scale, p, *,
+    group_size, bits)`` over ``layout.QInputs``): the C++ extension on the CPU; on
+    a GPU the plain-MLX reference for now (the GPU kernels take a dense base only)."""
+    if mx.default_device() == mx.cpu:
+        return cpu
+    hint = " for a quantized base (the GPU kernels take a dense base only, for now)"
+    return SimpleNamespace(qlora_linear=functools.partial(reference.qlora_linear, hint=hint))

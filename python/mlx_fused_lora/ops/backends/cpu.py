@@ -34,6 +34,54 @@ def _op(scale, p):
     return op
 
 
+def quantized_base(x, weight, scales, biases, *, transpose, group_size, bits):
+    """The quantized base's product: x @ W.T (transpose) or dY @ W, by MLX's quantized
+    matmul (never a dequantized copy of W), in x's dtype."""
+    y = mx.quantized_matmul(x, weight, scales, biases, transpose=transpose, group_size=group_size, bits=bits)
+    return y.astype(x.dtype)
+
+
+@functools.cache
+def _qop(scale, p, group_size, bits):
+    """The quantized-base op: the base products by `quantized_base`, the LoRA path
+    through the same primitives and recomputed mask as the dense op (their *_onto
+    forms add it onto the base product)."""
+    base = functools.partial(quantized_base, group_size=group_size, bits=bits)
+
+    @mx.custom_function
+    def op(x, weight, scales, biases, bias, lora_a, lora_b, key):
+        y_base = base(x, weight, scales, biases, transpose=True)
+        return tuple(_ext.lora_forward_onto(x, y_base, bias, lora_a, lora_b, key, scale=scale, dropout=p))
+
+    @op.vjp
+    def op_vjp(primals, cotangents, outputs):
+        x, weight, scales, biases, _, lora_a, lora_b, key = primals
+        dy = cotangents[0].astype(x.dtype)
+        h = outputs[1]
+        ds, d_lora_b = _ext.lora_low_rank_grad(dy, h, lora_b, scale=scale)
+        dx_base = base(dy, weight, scales, biases, transpose=False)
+        dx = _ext.lora_input_grad_onto(dx_base, ds, lora_a, key, dropout=p)
+        d_lora_a = _ext.lora_down_grad(x, ds, lora_a, key, dropout=p)
+        # Lazy: evaluated only if someone asks for the scales' or biases' gradient.
+        _, (d_scales, d_biases) = mx.vjp(lambda s, b: base(x, weight, s, b, transpose=True), [scales, biases], [dy])
+        return layout.q_cotangents(
+            layout.QInputs(*primals),
+            dy,
+            dx=dx,
+            d_lora_a=d_lora_a,
+            d_lora_b=d_lora_b,
+            d_scales=d_scales,
+            d_biases=d_biases,
+        )
+
+    return op
+
+
+def qlora_linear(inputs, scale, p, *, group_size, bits):
+    """y (M, N) for the fixed slots `inputs` (layout.QInputs)."""
+    return _qop(scale, p, group_size, bits)(*inputs)[0]
+
+
 def lora_linear(inputs, scale, p):
     """y (M, N) for the fixed slots `inputs` (layout.Inputs)."""
     return _op(scale, p)(*inputs)[0]
