@@ -3,8 +3,9 @@
 A backend offers ``lora_linear(inputs, scale, p)`` over the fixed slots of
 ``layout.Inputs`` (returning y of shape (M, N)) and ``dropout_mask(key, shape, p,
 dtype)``; ``current_quantized()`` chooses for the quantized-base op. The CPU runs the
-C++ extension (``cpu``); a Metal or CUDA device runs the GPU kernels (``gpu``, self-checked at first use) unless MLX_FUSED_LORA_GPU_KERNELS=0,
-else the plain-MLX reference with the same mask (``reference``, one warning).
+C++ extension (``cpu``); a Metal or CUDA device runs the GPU kernels (``gpu``,
+self-checked at first use) unless MLX_FUSED_LORA_GPU_KERNELS=0, else the plain-MLX
+reference with the same mask (``reference``, one warning).
 """
 
 import functools
