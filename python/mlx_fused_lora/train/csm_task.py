@@ -22,12 +22,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
-from ..csm import save_csm
-from ..layers.tree import lora_layers
-from . import loop
-from .checkpoint import TrainingCheckpointError, atomic_write_dir, load_checkpoint, save_checkpoint
+from . import loop, outputs
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import (
     DataReport,
     DataSpec,
@@ -158,58 +156,22 @@ class CSMLoRATrainer:
     def save_lora_weights(self, path: str | Path, format: str = "csm-cli") -> Path:
         """Write the adapters to directory ``path`` (the original tool's file names by default);
         returns the weights file."""
-        return self._write_lora(path, format)[0]
-
-    def _write_lora(self, path, format: str = "csm-cli") -> list[Path]:
-        from ..adapters import save_adapters
-
-        moved = atomic_write_dir(path, lambda tmp: save_adapters(self.model, tmp, format=format))
-        return sorted(moved, key=lambda p: p.suffix != ".safetensors")  # the weights first
+        return outputs.write_lora(self.model, path, format)[0]
 
     def load_lora_weights(self, path: str | Path) -> None:
         """Load adapters (csm-cli, mlx-lm or PEFT format, or a training checkpoint) into the model."""
-        path = Path(path)
-        if (path / "manifest.json").exists() or (path / "checkpoints").is_dir() or path.name.startswith("step_"):
-            adapters, _, state = load_checkpoint(path)
-            trainable = dict(tree_flatten(self.model.trainable_parameters()))
-            wrong = [k for k, v in trainable.items() if k not in adapters or adapters[k].shape != v.shape]
-            if wrong:  # checked in full before anything is assigned
-                raise TrainingCheckpointError(
-                    f"checkpoint {state['checkpoint_dir']} does not fit this model's adapters: {wrong[:3]}"
-                )
-            self.model.load_weights([(k, adapters[k]) for k in trainable], strict=False)
-        else:
-            from ..adapters import load_adapters
-
-            load_adapters(self.model, path)
-        mx.eval(self.model.parameters())
+        outputs.load_lora(self.model, path)
 
     def save_merged_model(self, path: str | Path) -> Path:
         """The base model with the adapters folded in, as `save_csm` writes it (the model keeps
         its LoRA layers); returns the weights file."""
-        return self._write_merged(path)[0]
-
-    def _write_merged(self, path) -> list[Path]:
-        layers = lora_layers(self.model)
-        fused = [(name, layer.fuse()) for name, layer in layers]
-        self.model.update_modules(tree_unflatten(fused))
-        try:
-            moved = atomic_write_dir(path, lambda tmp: save_csm(self.model, tmp))
-        finally:
-            self.model.update_modules(tree_unflatten(list(layers)))
-        return sorted(moved, key=lambda p: p.suffix != ".safetensors")
+        return outputs.write_merged(self.model, path)[0]
 
     def save_outputs(self, save_mode: str) -> list[Path]:
         """``lora``: ``fine_tuned_model.safetensors`` + ``fine_tuned_model_metadata.json``;
-        ``full``: the merged model as ``model.safetensors`` + ``config.json``; ``both``."""
-        if save_mode not in ("lora", "full", "both"):
-            raise ValueError(f"save_mode must be lora, full or both, got {save_mode!r}")
-        out = []
-        if save_mode in ("lora", "both"):
-            out += self._write_lora(self.output_dir)
-        if save_mode in ("full", "both"):
-            out += self._write_merged(self.output_dir)
-        return out
+        ``full``: the merged model as ``model.safetensors`` + ``config.json``; ``both``.
+        Returns every file written."""
+        return outputs.write_outputs(self.model, self.output_dir, save_mode)
 
     # -- samples --
 
@@ -296,18 +258,24 @@ class CSMLoRATrainer:
         )
         return self.plan
 
+    def _run_facts(self, batch_size: int) -> dict:
+        """What fixes the data order and the schedule (recorded, and compared on resume)."""
+        return {
+            "total_steps": self.plan.total_steps,
+            "batch_size": batch_size,
+            "world_size": self.world.size,
+            "num_train_samples": len(self.train_samples),
+        }
+
     def _trainer_state(self, step: int, batch_size: int) -> dict:
         micro = step * self.settings.grad_accumulation_steps
         per_epoch = self.plan.micro_per_epoch
         return {
             "step": step,
-            "total_steps": self.plan.total_steps,
             "epoch": micro // per_epoch,
             "batch_in_epoch": micro % per_epoch,
             "micro_batches_done": micro,
-            "batch_size": batch_size,
-            "world_size": self.world.size,
-            "num_train_samples": len(self.train_samples),
+            **self._run_facts(batch_size),
             "rng_key": [int(v) for v in np.array(mx.random.state[0]).reshape(-1)],
             "settings": asdict(self.settings),
             "model": self.model_record,
@@ -315,12 +283,7 @@ class CSMLoRATrainer:
 
     def _resume(self, path, optimizer, batch_size: int) -> tuple[int, Path]:
         adapters, opt_state, state = load_checkpoint(path)
-        run = {
-            "total_steps": self.plan.total_steps,
-            "batch_size": batch_size,
-            "world_size": self.world.size,
-            "num_train_samples": len(self.train_samples),
-        }
+        run = self._run_facts(batch_size)
         notes = check_resume(state, asdict(self.settings), self.model_record, run)
         restore(self.model, optimizer, adapters, opt_state, state["checkpoint_dir"])
         if notes and self.world.is_main:
