@@ -4,7 +4,8 @@
   data-parallel averaging, checkpoint/validation/metrics hooks, tqdm progress).
 - `CSMLoRATrainer` (`csm_task.py`): ``prepare_data``, ``train``, ``save_lora_weights``,
   ``load_lora_weights``, ``generate_sample``; `settings.py`: its settings and step count;
-  `resume.py`: the output folder's rules and resume's checks; `model_setup.py`.
+  `resume.py`: the output folder's rules and resume's checks; `model_setup.py`: the model
+  with its LoRA layers; `outputs.py`: adapter and merged-model files; `sampling.py`.
 - `data.py`: files -> segments -> ``[T, 33]`` frames; `loss.py`: the CSM loss;
   `checkpoint.py`: atomic, verified checkpoints; `metrics.py` + `plot.py`: metrics.jsonl
   and the loss curve; `distributed.py`: data parallel.

@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    from .trainer import CSMLoRATrainer
+    from .csm_task import CSMLoRATrainer
 
     trainer = None
     try:
