@@ -161,3 +161,22 @@ def test_tiles_fit_shared_memory_for_any_rank(r):
         outputs = {"down_proj": config["TM"] * r}.get(name)
         if outputs is not None:
             assert config["P"] * geometry.GROUP >= outputs
+
+
+HAS_GPU = mx.default_device() == mx.gpu and (mx.cuda.is_available() or mx.metal.is_available())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="MLX has no Metal or CUDA device here")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("r", [1, 16, 64, 128])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_on_a_gpu_the_kernels_pass_their_self_check(dtype, r, dropout):
+    """Where MLX has a GPU: the MLX-launched kernels, forward and every gradient, against
+    reference.py, and the mask against the CPU's (what the op checks at first use)."""
+    from mlx_fused_lora.ops.backends import gpu
+    from mlx_fused_lora.ops.gpu.self_check import self_check
+
+    backend = gpu.backend(gpu.available_backend() or ("cuda" if mx.cuda.is_available() else "metal"))
+    run = lambda inputs, scale, p: gpu.gpu_op(backend.kernels, scale, p)(*inputs)[0]  # noqa: E731
+    assert self_check(backend.kernels, run, dtype, r, dropout) is None
