@@ -183,3 +183,26 @@ def test_addmm_peer_computes_what_the_plain_layer_does():
     x = mx.ones((256, 64))
     expected = (x @ layer.lora_a).sum(axis=1).mean().item()
     assert abs(layer(x).mean().item() - expected) < 0.1 * abs(expected) + 0.05
+
+
+README_MARKER = "tested-by: tests/test_bench_cli.py (README benchmark commands)"
+
+
+def test_readme_benchmark_commands_run_on_a_tiny_grid(tmp_path):
+    """The README's `mlx-fused-lora bench` lines, each run with a tiny grid appended (argparse keeps the last value)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(rf"<!-- {re.escape(README_MARKER)} -->\n```bash\n(.*?)```", readme, re.S)
+    assert block, "README has no block marked " + README_MARKER
+    commands = [line.split("#")[0].strip() for line in block.group(1).splitlines()]
+    bench_lines = [c for c in commands if c.startswith("mlx-fused-lora bench")]
+    assert len(bench_lines) >= 2
+    for i, command in enumerate(bench_lines):
+        argv = command.split()[1:] + TINY + ["--no-e2e", "--no-chart", "--out", str(tmp_path), "--name", f"r{i}"]
+        result = subprocess.run([sys.executable, "-m", "mlx_fused_lora", *argv], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((tmp_path / f"r{i}.json").read_text())["ratios"]
+    # The other lines install packages or run the test suite: not run here.
+    assert all(c.startswith(("python3 -m pip install", "mlx-fused-lora bench")) for c in commands if c)
