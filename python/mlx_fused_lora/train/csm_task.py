@@ -322,8 +322,8 @@ class CSMLoRATrainer:
         optimizer.init(model.trainable_parameters())
 
         start, resumed = self._resume(resume_from, optimizer, batch_size) if resume_from else (0, None)
-        if world.is_main:
-            log.info("%s", plan.describe())
+        if world.is_main:  # the CLI prints it as the run's first line
+            log.debug("%s", plan.describe())
         ckpt_root = self.output_dir / "checkpoints"
         metrics = MetricsLog(self.output_dir / "metrics.jsonl", start, enabled=world.is_main)
 

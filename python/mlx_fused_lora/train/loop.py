@@ -23,6 +23,7 @@ validation and metrics come in as hooks; the loop owns the order of events:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -39,6 +40,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoint import non_finite_names
 from .distributed import World, init_world
@@ -209,6 +211,9 @@ def train(
         dynamic_ncols=True,
         mininterval=0.1 if tty else 30.0,  # a log file gets a line every 30 s, not a flood
     )
+    # log lines during the loop go through tqdm.write, so they do not cut the bar
+    redirect = logging_redirect_tqdm() if not bar.disable else contextlib.nullcontext()
+    redirect.__enter__()
     mx.reset_peak_memory()
     timed_steps, timed_s, timed_tokens, seen_shapes = 0, 0.0, 0.0, set()
     all_steps, all_s, all_tokens = 0, 0.0, 0.0
@@ -267,6 +272,7 @@ def train(
             if s.save_every and done % s.save_every == 0 and done < s.steps:
                 checkpoint(done)
     finally:
+        redirect.__exit__(None, None, None)
         bar.close()
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
