@@ -190,3 +190,22 @@ def test_bad_quantization_parameters_are_named(arg, value, detail):
         fused_qlora_linear(**kwargs)
     msg = str(info.value)
     assert msg.startswith("fused_qlora_linear:") and f"`{arg}`" in msg and "must be" in msg and detail in msg, msg
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_jvp_matches_reference(p):
+    """Forward mode through the Onto primitive's jvp (x, lora_a, lora_b, bias)."""
+    q, x, a, b = make(64, 24, 3, mx.float32, 4, 32)
+    key = mx.random.key(1)
+    mask = dropout_mask(key, x.shape, p) if p > 0 else None
+    primals = [x, a, b, q.bias]
+    tangents = [mx.random.normal(t.shape, key=mx.random.key(40 + i)) for i, t in enumerate(primals)]
+    _, (ty,) = mx.jvp(lambda x, a, b, bias: op(q, 0.9, p, key)(x, a, b, bias), primals, tangents)
+    _, (ty_ref,) = mx.jvp(
+        lambda x, a, b, bias: reference.qlora_linear(
+            x, q.weight, q.scales, q.biases, bias, a, b, 0.9, mask, group_size=32, bits=4
+        ),
+        primals,
+        tangents,
+    )
+    assert rel_err(ty, ty_ref) < TOL[mx.float32]

@@ -24,7 +24,7 @@ void require(bool ok, const std::string& msg) {
 std::string shape_str(const mx::array& a) {
   std::ostringstream s;
   s << "(";
-  for (int i = 0; i < a.ndim(); ++i) {
+  for (size_t i = 0; i < a.ndim(); ++i) {
     s << (i ? ", " : "") << a.shape(i);
   }
   s << (a.ndim() == 1 ? ",)" : ")");

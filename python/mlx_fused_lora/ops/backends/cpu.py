@@ -48,10 +48,26 @@ def _qop(scale, p, group_size, bits):
     forms add it onto the base product)."""
     base = functools.partial(quantized_base, group_size=group_size, bits=bits)
 
-    @mx.custom_function
-    def op(x, weight, scales, biases, bias, lora_a, lora_b, key):
+    def forward(x, weight, scales, biases, bias, lora_a, lora_b, key):
         y_base = base(x, weight, scales, biases, transpose=True)
         return tuple(_ext.lora_forward_onto(x, y_base, bias, lora_a, lora_b, key, scale=scale, dropout=p))
+
+    op = mx.custom_function(forward)
+
+    @op.jvp
+    def op_jvp(primals, tangents):
+        # Forward mode through the traced primitives, over only the inputs that have a
+        # tangent: MLX's quantized matmul has a jvp for x only, and by default every
+        # input of a custom function would be differentiated.
+        active = [i for i, t in enumerate(tangents) if t is not None]
+
+        def along(*values):
+            args = list(primals)
+            for i, v in zip(active, values, strict=True):
+                args[i] = v
+            return forward(*args)
+
+        return tuple(mx.jvp(along, [primals[i] for i in active], [tangents[i] for i in active])[1])
 
     @op.vjp
     def op_vjp(primals, cotangents, outputs):
