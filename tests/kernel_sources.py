@@ -9,6 +9,11 @@ occurs in the body; CUDA prepends its default header, writes template arguments 
 ``constexpr``/``using`` lines at the top of the body and wraps the kernel in
 ``mlx::core::cu``. Kernel names carry the template (and, on Metal, the dtypes) as MLX's do.
 
+``mlx_metal_source`` gets MLX's own Metal source (its generator runs without Metal under
+export tracing); a test holds ``metal_source`` byte-equal to it. MLX's CPU build has no
+CUDA generator, so ``cuda_source`` follows its code (unchanged from 0.32.1 to 0.32.4's
+successors in MLX's repository).
+
 ``RecordingLauncher`` stands in for a launcher (ops/gpu/kernels.py): it records what
 ``Kernels`` would launch and returns lazy zeros, so real launches can be turned into
 sources (and their grids checked) for any shape, however large.
@@ -159,3 +164,44 @@ def record_op_launches(dtype, m=37, k=150, n=70, r=16, p=0.1):
     ks.low_rank_grad(dy, h, b, 2.0)
     ks.down_grad(x, h, a, key, p)
     return recorder.launches
+
+
+def mlx_metal_source(launch, tmp_dir):
+    """The Metal source MLX 0.32.4 itself generates for `launch`, here without Metal: the
+    kernel is recorded inside mx.export_function's tracing (which MLX allows without a
+    Metal back-end) with verbose=True, and MLX's printout is read back from stdout."""
+    import os
+    import sys
+    import tempfile
+
+    header, body = kernels.kernel_source("metal", launch.name)
+    _, input_names, output_names = bodies.KERNELS[launch.name]
+    kernel = mx.fast.metal_kernel(
+        name=f"mfl_{launch.name}", input_names=input_names, output_names=output_names, source=body, header=header
+    )
+
+    def run(*inputs):
+        return kernel(
+            inputs=list(inputs),
+            template=launch.template,
+            output_shapes=[tuple(s) for s, _ in launch.outputs],
+            output_dtypes=[d for _, d in launch.outputs],
+            grid=launch.grid,
+            threadgroup=launch.threadgroup,
+            verbose=True,
+        )
+
+    arrays = [mx.zeros(shape, dtype=dtype) for dtype, shape in launch.inputs]
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+b") as out:
+        os.dup2(out.fileno(), 1)
+        try:
+            mx.export_function(os.path.join(tmp_dir, f"{launch.name}.mlxfn"), run, *arrays)
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        out.seek(0)
+        printed = out.read().decode()
+    return printed.split("```\n", 1)[1].rsplit("\n```", 1)[0]

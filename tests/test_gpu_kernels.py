@@ -1,7 +1,8 @@
 """The GPU kernels as their two real compilers see them, and their launch geometry.
 
-- Metal: the exact source MLX 0.32.4 builds for each launch, compiled as C++ by clang++
-  against tests/metal_shim.h, which rejects what Metal rejects (tests below prove each).
+- Metal: the exact source MLX 0.32.4 builds for each launch (its own generator, run under
+  export tracing, which needs no Metal), compiled as C++ by clang++ against
+  tests/metal_shim.h, which rejects what Metal rejects (tests below prove each).
 - CUDA: the exact source MLX 0.32.4 hands NVRTC, compiled by nvcc where it is installed,
   with MLX's embedded device header replaced by tests/cuda_stub's declarations.
 - Geometry: the grids Kernels computes for M*K >= 2^31 stay launchable.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from kernel_sources import RecordingLauncher, cuda_source, metal_source, record_op_launches
+from kernel_sources import RecordingLauncher, cuda_source, metal_source, mlx_metal_source, record_op_launches
 from mlx_fused_lora.ops.gpu import bodies, geometry, kernels
 
 HERE = Path(__file__).parent
@@ -41,12 +42,21 @@ def metal_compile(source, tmp_path):
 @needs_clang
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_metal_sources_compile_against_the_strict_shim(dtype, tmp_path):
+    """The sources MLX 0.32.4's own generator writes (recorded under export tracing)."""
     launches = record_op_launches(dtype)
     assert {launch.name for launch in launches} == set(bodies.KERNELS)
     # One Metal library per source, as MLX builds them; the same source twice is one.
-    sources = dict.fromkeys(metal_source(launch) for launch in launches)
+    sources = dict.fromkeys(mlx_metal_source(launch, str(tmp_path)) for launch in launches)
     result = metal_compile("\n".join(sources), tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_metal_replica_is_mlx_own_source(tmp_path):
+    """kernel_sources.metal_source (which can swap a body, for the tests below) writes
+    byte for byte what MLX 0.32.4 generates."""
+    for dtype in (mx.float16, mx.bfloat16):
+        for launch in record_op_launches(dtype):
+            assert metal_source(launch) == mlx_metal_source(launch, str(tmp_path))
 
 
 def bad_metal(snippet, tmp_path):
