@@ -11,8 +11,8 @@ occurs in the body; CUDA prepends its default header, writes template arguments 
 
 ``mlx_metal_source`` gets MLX's own Metal source (its generator runs without Metal under
 export tracing); a test holds ``metal_source`` byte-equal to it. MLX's CPU build has no
-CUDA generator, so ``cuda_source`` follows its code (unchanged from 0.32.1 to 0.32.4's
-successors in MLX's repository).
+CUDA generator, so ``cuda_source`` follows its code (mlx/backend/cuda/custom_kernel.cpp,
+the same at v0.32.1 and at the newest MLX commit read; 0.32.4's own tree was not at hand).
 
 ``RecordingLauncher`` stands in for a launcher (ops/gpu/kernels.py): it records what
 ``Kernels`` would launch and returns lazy zeros, so real launches can be turned into
