@@ -153,6 +153,18 @@ def test_a_nan_at_the_first_step_says_no_checkpoint_holds_progress(setup, tmp_pa
     assert "No checkpoint holds this run's progress yet" in caplog.text
 
 
+def test_a_checkpoint_that_already_diverged_is_not_called_good(setup, tmp_path, caplog):
+    """lr 1e30: step 1's adapters are finite (~1e30) but give a NaN loss at step 2."""
+    _, model, audio = setup
+    out = tmp_path / "out"
+    assert main(_args(model, audio, out, "--max-steps", "4", "--save-every", "1", "--learning-rate", "1e30")) == 1
+    first = out / "checkpoints" / "step_00000001"
+    assert "the loss became nan at step 2" in caplog.text
+    assert f"Checkpoint {first} already gives this loss" in caplog.text
+    assert "No checkpoint holds this run's progress yet" in caplog.text
+    assert "The newest good checkpoint is" not in caplog.text
+
+
 # -- 5: resume refuses other adapters or another model, in one message --
 
 

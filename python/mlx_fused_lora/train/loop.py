@@ -138,22 +138,33 @@ def build_step(model: nn.Module, optimizer, loss_fn: Callable, settings: LoopSet
     return step
 
 
-def _where_good(last_good: Path | None) -> str:
-    if last_good is None:
+def _where_good(checkpoints: list[tuple[int, Path]], up_to: int) -> str:
+    """The newest checkpoint of step <= ``up_to`` (its parameters gave a finite loss)."""
+    good = [path for step, path in checkpoints if step <= up_to]
+    if not good:
         return "No checkpoint holds this run's progress yet (none was written before it went wrong)."
-    return (
-        f"The newest good checkpoint is {last_good} (resume from it with a lower --learning-rate or --max-grad-norm)."
-    )
+    return f"The newest good checkpoint is {good[-1]} (resume from it with a lower --learning-rate or --max-grad-norm)."
 
 
-def _check_finite(model: nn.Module, optimizer, step: int, last_good: Path | None) -> None:
+def _non_finite_loss(loss: float, step: int, checkpoints: list[tuple[int, Path]]) -> NonFiniteLossError:
+    """Step ``step``'s loss came from the parameters after step ``step - 1``: a checkpoint of
+    that step holds finite tensors that already give this loss, so it is not a good one."""
+    msg = f"the loss became {loss} at step {step}; stopping without saving."
+    diverged = [path for k, path in checkpoints if k == step - 1]
+    if diverged:
+        msg += f" Checkpoint {diverged[-1]} already gives this loss (its tensors are finite, the run had diverged)."
+    return NonFiniteLossError(f"{msg} {_where_good(checkpoints, step - 2)}")
+
+
+def _check_finite(model: nn.Module, optimizer, step: int, checkpoints: list[tuple[int, Path]]) -> None:
     tensors = dict(tree_flatten(model.trainable_parameters()))
     tensors.update({f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)})
     bad = non_finite_names(tensors)
     if bad:
         raise NonFiniteLossError(
             f"after step {step}, {len(bad)} of {len(tensors)} trained tensors hold NaN or inf "
-            f"(e.g. {', '.join(bad[:3])}); stopping without writing a checkpoint of them. {_where_good(last_good)}"
+            f"(e.g. {', '.join(bad[:3])}); stopping without writing a checkpoint of them. "
+            + _where_good(checkpoints, step - 1)
         )
 
 
@@ -177,7 +188,8 @@ def train(
 
     ``save(step)`` writes a checkpoint and returns its path (None on ranks that do not
     write); ``evaluate()`` gives the validation loss; ``last_checkpoint`` is the one the
-    run resumed from (the NaN message names it until the run writes a newer one).
+    run resumed from (at ``start_step``). A non-finite loss or trained tensor raises
+    `NonFiniteLossError` naming the newest checkpoint whose parameters gave a finite loss.
     """
     world = world or init_world()
     s, start = settings, settings.start_step
@@ -186,13 +198,15 @@ def train(
     result = TrainResult(steps=start, checkpoint=None)
     model.train()
 
+    checkpoints = [(start, last_checkpoint)] if last_checkpoint is not None else []  # (step, path), oldest first
+
     def checkpoint(step: int) -> None:
-        nonlocal last_checkpoint
-        _check_finite(model, optimizer, step, last_checkpoint)
+        _check_finite(model, optimizer, step, checkpoints)
         if save is not None:
             path = save(step)
             if path is not None:
-                last_checkpoint = result.checkpoint = path
+                checkpoints.append((step, path))
+                result.checkpoint = path
 
     stop = {"now": False}
     previous_handler = None
@@ -237,9 +251,7 @@ def train(
             loss = means[0]
             dt = time.perf_counter() - t0
             if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"the loss became {loss} at step {step + 1}; stopping without saving. {_where_good(last_checkpoint)}"
-                )
+                raise _non_finite_loss(loss, step + 1, checkpoints)
             tokens *= world.size
             all_steps, all_s, all_tokens = all_steps + 1, all_s + dt, all_tokens + tokens
             if all(sh in seen_shapes for sh in shapes):  # steps that compiled a new graph are not timed
