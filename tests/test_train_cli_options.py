@@ -2,12 +2,16 @@
 
 import json
 import re
+import tempfile
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 from mlx_fused_lora.csm import CSMConfig
 from mlx_fused_lora.train.checkpoint import load_checkpoint
 from mlx_fused_lora.train.cli import build_parser, main
+from mlx_fused_lora.train.cli_args import apply_config_file
 from mlx_fused_lora.train.synthetic import write_random_csm, write_synthetic_dataset
 
 K, V = 8, 24
@@ -100,6 +104,18 @@ def test_yaml_config_gives_every_flag_and_the_command_line_overrides_it(setup, t
     with pytest.raises(SystemExit):
         main(["-c", str(config)])
     assert f"config file {config}: lora_r: expected int, got 'many'" in capsys.readouterr().err
+
+
+def test_the_readmes_config_file_is_valid():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    marker = "<!-- tested-by: tests/test_train_cli_options.py (the README's config file) -->"
+    block = readme.split(marker, 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.yaml"
+        config.write_text(textwrap.dedent(block))
+        args = apply_config_file(build_parser(), ["-c", str(config)])
+    assert (args.model_path, args.audio_dir, args.output_dir) == ("csm-1b/", "data/audio", "out/")
+    assert (args.max_steps, args.lora_r, args.target_modules) == (500, 16, ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 def test_help_states_each_default_once(capsys):
