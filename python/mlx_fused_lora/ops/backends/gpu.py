@@ -10,8 +10,8 @@ Forward (c = scale, T = x's dtype):
 Backward:
 
     dS, dB = c dY @ B.T, c h.T @ dY      low_rank_grad kernel, one pass over dY (two GEMMs
-                                         where its partials would outweigh that pass: r > 16
-                                         in 16-bit, r > 32 in float32)
+                                         where its partials would outweigh that pass:
+                                         r > 32, see low_rank_kernel_pays)
     dA, e  = (m * x).T @ dS, m * (dS @ A.T)   down_grad kernel, one pass over x, one hash
                                          per element (p = 0: two GEMMs)
     dX     = addmm(e, dY, W)             an MLX GEMM with e in its epilogue

@@ -32,6 +32,12 @@ def _pick(candidates, shared):
     raise ValueError(f"no tile fits {SHARED_FLOATS} floats of shared memory")
 
 
+def _tiles(widths):
+    """(rows, columns) tiles to try, widest first, keeping at least 8 rows a step (fewer
+    rows mean more barriers per row) until no width fits."""
+    return [(tm, w) for tm in (16, 8) for w in widths] + [(tm, w) for tm in (4, 2, 1) for w in widths]
+
+
 def _grid(groups_x, groups_y=1):
     return (groups_x * GROUP, groups_y, 1), (GROUP, 1, 1)
 
@@ -59,7 +65,7 @@ def down_proj(rows, r, max_groups=MAX_GROUPS):
 def low_rank_grad(rows, cols, r, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS):
     """dS and dB partials: TN columns per group (grid x), row splits (grid y), TM rows a step."""
     tm, tn = _pick(
-        [(tm, tn) for tn in (128, 64, 32, 16, 8, 4, 2, 1) for tm in (16, 8, 4, 2, 1)],
+        _tiles((128, 64, 32, 16, 8, 4, 2, 1)),
         lambda tm, tn: tm * (tn + 1) + tm * r + r * (tn + 1),
     )
     col_groups = max(1, min(max_groups, _ceil(cols, tn)))
@@ -71,7 +77,7 @@ def low_rank_grad(rows, cols, r, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS):
 def down_grad(rows, cols, r, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS):
     """dA partials and e: TK columns per group (grid x), row splits (grid y), TM rows a step."""
     tm, tk = _pick(
-        [(tm, tk) for tk in (32, 16, 8, 4, 2, 1) for tm in (16, 8, 4, 2, 1)],
+        _tiles((32, 16, 8, 4, 2, 1)),
         lambda tm, tk: 2 * tm * (tk + 1) + tm * r + tk * (r + 1),
     )
     col_groups = max(1, min(max_groups, _ceil(cols, tk)))
