@@ -1,10 +1,13 @@
 """The trainer demo (small settings: progress, table, JSON record), the synthetic helpers' defaults, and Ctrl-C handling of the finetune CLI."""
 
 import json
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlx_fused_lora.cli import COMMANDS
@@ -14,12 +17,28 @@ from mlx_fused_lora.train.demo import format_table, record
 from mlx_fused_lora.train.demo import main as demo_main
 from mlx_fused_lora.train.synthetic import small_csm_config, write_random_csm, write_synthetic_dataset
 
+README_DEMO = "tested-by: tests/test_train_demo.py (the README demo command)"
 
-def test_demo_is_the_trainer_demo_and_the_loss_falls_for_both_layers(tmp_path, capsys):
+
+def readme_demo_command() -> list[str]:
+    """The README's demo command line (the one of its Quick start block that is run)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(rf"<!-- {re.escape(README_DEMO)} -->\n```bash\n(.*?)```", readme, re.S)
+    assert block, f"README has no block marked <!-- {README_DEMO} -->"
+    lines = [line for line in block.group(1).splitlines() if "not run by tests:" not in line]
+    (command,) = [shlex.split(line, comments=True) for line in lines if shlex.split(line, comments=True)]
+    return command
+
+
+def test_readme_demo_is_the_trainer_demo_and_the_loss_falls_for_both_layers(tmp_path, capsys):
+    """The README's ``mlx-fused-lora demo``, with small settings appended (argparse keeps the
+    last value): a header and a bar per run, the table, the JSON record, the loss falls."""
     assert COMMANDS["demo"][0] == "mlx_fused_lora.train.demo" and "finetune" in COMMANDS
+    command = readme_demo_command()
+    assert command[:2] == ["mlx-fused-lora", "demo"]
     out = tmp_path / "demo.json"
-    argv = ["--steps", "12", "--width", "64", "--layers", "2", "--target-modules", "q_proj", "v_proj", "codebook0_head"]
-    argv += ["--workdir", str(tmp_path), "--out", str(out)]
+    argv = command[2:] + ["--steps", "12", "--width", "64", "--layers", "2"]
+    argv += ["--target-modules", "q_proj", "v_proj", "codebook0_head", "--workdir", str(tmp_path), "--out", str(out)]
     assert demo_main(argv) == 0  # 0: the loss fell in both runs
     printed = capsys.readouterr()
     # a tqdm bar per run, step by step, on stderr; the table on stdout
