@@ -77,6 +77,10 @@ def test_bad_arguments_are_refused_with_what_was_given(tmp_path, capsys):
     assert f"{tmp_path / 'full'} exists and is not empty" in capsys.readouterr().err
     with pytest.raises(ValueError, match="num_files must be at least 2.*got 1"):
         write_example(tmp_path / "one", num_files=1)
+    with pytest.raises(SystemExit):
+        cli_main(["example", "--help"])
+    help_text = capsys.readouterr().out
+    assert "(default: 16)" in help_text and "(default: None)" not in help_text  # each default once
 
 
 @have_audio

@@ -28,6 +28,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cli_args import DefaultsOnceFormatter
+
 __all__ = ["Example", "write_example", "finetune_command", "main"]
 
 # The example's training run: enough steps for the loss to fall visibly, seconds on 2 cores.
@@ -120,8 +122,10 @@ def finetune_command(example: Example, output_dir: str | Path | None = None) -> 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="mlx-fused-lora example",
-        description=__doc__.split("\n\n")[0].replace("\n", " "),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write a tiny random CSM, a tokenizer, a tiny random Mimi and a small dataset that fit "
+        "each other, and print the finetune command that trains a LoRA adapter on them and writes a sample. "
+        "No downloads.",
+        formatter_class=DefaultsOnceFormatter,
     )
     p.add_argument("dir", help="directory to write (new or empty)")
     p.add_argument("--files", type=int, default=16, help="recordings in the dataset (each becomes two turns)")
