@@ -9,9 +9,9 @@ multiplier), and the same forward and gradients:
 
 What differs is how it is computed:
 
-- ``x W^T + scale * dropout(x) A B`` is one fused op (`ops.fused_lora_linear`, or the
-  quantized op for an ``nn.QuantizedLinear`` base): no dropout mask or dropped copy of x
-  is stored, and the frozen weight's gradient is never formed.
+- ``x W^T + scale * dropout(x) A B`` is one fused op (`lora_product`: `ops.fused_lora_linear`,
+  or `ops.fused_qlora_linear` for an ``nn.QuantizedLinear`` base): no dropout mask or
+  dropped copy of x is stored, and the frozen weight's gradient is never formed.
 - The row norms of the adapted weight come from `ops.dora_norms` without forming the
   N x K adapted weight (mlx-lm builds it on every call): ``||w_n||^2`` of the frozen
   base is computed once, when the base is set, and kept as the non-parameter
@@ -26,11 +26,10 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..ops import dropout_mask, fused_lora_linear
 from ..ops.dora_norms import adapted_row_norms, base_row_sq_norms, base_times_lora_a
 from .base import base_dims
 from .fold import fold_lora
-from .fused_lora_linear import draw_dropout_key
+from .fused_lora_linear import draw_dropout_key, lora_product
 
 __all__ = ["FusedDoRALinear"]
 
@@ -46,16 +45,6 @@ def _quantization(linear):
         bits=linear.bits,
         mode=linear.mode,
     )
-
-
-def _lora_product(linear, x, lora_a, lora_b, *, scale, dropout, key):
-    """``x W^T + scale * dropout(x) @ lora_a @ lora_b`` without the base's bias."""
-    if not isinstance(linear, nn.QuantizedLinear):
-        return fused_lora_linear(x, linear.weight, None, lora_a, lora_b, scale=scale, dropout=dropout, key=key)
-    base = mx.quantized_matmul(x, linear.weight, transpose=True, **_quantization(linear))
-    dropped = x if dropout == 0 else x * dropout_mask(key, x.shape, dropout, dtype=x.dtype)
-    z = (dropped @ lora_a.astype(x.dtype)) @ lora_b.astype(x.dtype)
-    return base + (scale * z).astype(x.dtype)
 
 
 class FusedDoRALinear(nn.Module):
@@ -106,7 +95,9 @@ class FusedDoRALinear(nn.Module):
     def __call__(self, x):
         p = self.dropout if self.training else 0.0
         key = draw_dropout_key() if p > 0 else None
-        out = _lora_product(self.linear, x, self.lora_a, self.lora_b, scale=self.scale, dropout=p, key=key)
+        out = lora_product(
+            self.linear, x, self.lora_a, self.lora_b, scale=self.scale, dropout=p, key=key, with_bias=False
+        )
         out = (self.m / self.adapted_norms()).astype(x.dtype) * out
         if "bias" in self.linear:
             out = out + self.linear.bias

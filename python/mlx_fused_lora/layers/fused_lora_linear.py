@@ -19,13 +19,58 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..ops import dropout_mask, fused_lora_linear
+from ..ops import dropout_mask, fused_lora_linear, fused_qlora_linear
 from .base import LoRALinearBase
 
 
 def draw_dropout_key():
     """A fresh dropout key from MLX's global random state (which mx.compile can thread)."""
     return mx.random.randint(0, 2**31 - 1, shape=(2,), dtype=mx.int32).astype(mx.uint32)
+
+
+def lora_product(linear, x, lora_a, lora_b, *, scale, dropout=0.0, key=None, with_bias=True):
+    """``linear(x) + scale * (dropout(x) @ lora_a) @ lora_b`` on the fused op: the one
+    dispatch from a base layer to an op, for every layer built on it (LoRA, DoRA).
+
+    A dense base takes `fused_lora_linear`; a quantized one (affine, as MLX quantizes
+    by default) `fused_qlora_linear`: no dequantized weight, no stored mask.
+    ``with_bias=False`` leaves the base's bias out (DoRA adds it after its scaling).
+    Other quantization modes (``mxfp4``, ...) have no fused op yet: they take MLX's
+    quantized matmul and the LoRA term in plain MLX with the same mask (stored).
+    """
+    bias = linear.bias if with_bias and "bias" in linear else None
+    if not isinstance(linear, nn.QuantizedLinear):
+        return fused_lora_linear(x, linear.weight, bias, lora_a, lora_b, scale=scale, dropout=dropout, key=key)
+    if linear.mode == "affine":
+        quantized = dict(group_size=linear.group_size, bits=linear.bits)
+        return fused_qlora_linear(
+            x,
+            linear.weight,
+            linear.scales,
+            linear.biases,
+            bias,
+            lora_a,
+            lora_b,
+            **quantized,
+            scale=scale,
+            dropout=dropout,
+            key=key,
+        )
+    y = mx.quantized_matmul(
+        x,
+        linear.weight,
+        linear.scales,
+        linear.get("biases"),
+        transpose=True,
+        group_size=linear.group_size,
+        bits=linear.bits,
+        mode=linear.mode,
+    )
+    if bias is not None:
+        y = y + bias
+    dropped = x if dropout == 0 else x * dropout_mask(key, x.shape, dropout, dtype=x.dtype)
+    z = (dropped @ lora_a.astype(x.dtype)) @ lora_b.astype(x.dtype)
+    return y + (scale * z).astype(x.dtype)
 
 
 class FusedLoRALinear(LoRALinearBase):
@@ -53,15 +98,4 @@ class FusedLoRALinear(LoRALinearBase):
     def __call__(self, x):
         p = self.dropout if self.training else 0.0
         key = draw_dropout_key() if p > 0 else None
-        linear = self.linear
-        if isinstance(linear, nn.QuantizedLinear):
-            return self._quantized_base(x, p, key)
-        bias = linear.bias if "bias" in linear else None
-        return fused_lora_linear(x, linear.weight, bias, self.lora_a, self.lora_b, scale=self.scale, dropout=p, key=key)
-
-    def _quantized_base(self, x, p, key):
-        # QLoRA: the base product stays MLX's quantized matmul; the LoRA term is plain
-        # MLX with the op's own dropout mask until the fused quantized path lands.
-        dropped = x if p == 0 else x * dropout_mask(key, x.shape, p, dtype=x.dtype)
-        z = (dropped @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
-        return self.linear(x) + (self.scale * z).astype(x.dtype)
+        return lora_product(self.linear, x, self.lora_a, self.lora_b, scale=self.scale, dropout=p, key=key)
