@@ -262,6 +262,15 @@ def test_a_write_error_names_the_file(setup, tmp_path, caplog):
     assert len(errors) == 1 and f"cannot write {out / 'metrics.jsonl'}" in errors[0]
 
 
+def test_an_output_file_that_cannot_be_replaced_is_named(setup, tmp_path, caplog):
+    _, model, audio = setup
+    out = tmp_path / "out"
+    (out / "fine_tuned_model.safetensors").mkdir(parents=True)  # a folder where the adapters go
+    assert main(_args(model, audio, out, "--max-steps", "1")) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"cannot write {out / 'fine_tuned_model.safetensors'}" in errors[0], errors
+
+
 @pytest.mark.parametrize(
     "flag, value, expected",
     [

@@ -147,7 +147,10 @@ def atomic_write_dir(target: str | Path, write: Callable[[Path], object]) -> lis
         moved = []
         for f in sorted(tmp.iterdir()):
             _fsync_file(f)
-            os.replace(f, target / f.name)
+            try:
+                os.replace(f, target / f.name)
+            except OSError as e:  # name the file the user sees, not the temporary one
+                raise OSError(e.errno, f"cannot write {target / f.name}: {e.strerror}", str(target / f.name)) from None
             moved.append(target / f.name)
         _fsync_dir(target)
         return moved
