@@ -222,9 +222,11 @@ def main(argv=None) -> int:
     total_s = time.perf_counter() - t0
     print("\n" + table)
     falls = all(x.final_loss < x.losses[0][1] for x in (r["fused"], r["plain"]))
+    load_end = _load()
+    load = f", load average {load_start[0]:.1f} -> {load_end[0]:.1f} on {os.cpu_count()} cores" if load_end else ""
     print(
         f"\nplain: {r['plain_class']}. The loss {'falls' if falls else 'DID NOT FALL'} in both runs. "
-        f"Total {total_s:.0f} s. Speed figures vary from run to run on a shared machine: "
+        f"Total {total_s:.0f} s{load}. Speed figures vary from run to run, most on a busy machine: "
         "compare ratios of one run, and repeat."
     )
     if args.out:
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
         run = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - total_s)),
             "total_s": total_s,
-            "load_average": {"start": load_start, "end": _load()},
+            "load_average": {"start": load_start, "end": load_end},
             "machine": _machine(),
             "plain_layer": r["plain_class"],
             "loss_falls": falls,
