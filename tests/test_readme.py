@@ -18,8 +18,9 @@ Conventions for README.md (every section follows them; this file parses whatever
    the repository root (``benchmarks/results/*.json``); KEY is a dot path: names, list
    indices (``runs.0.total_s``), ``name[field=value,...]`` for the one element of list
    ``name`` whose fields match (``ratios[m=2048,pass_name=forward,dropout=0.1]``), and
-   ``KEY1 / KEY2`` for a ratio of two values. The shown number must equal the value rounded
-   to the decimals shown.
+   ``KEY1 / KEY2`` for a ratio of two values, ``min(KEY)``, ``max(KEY)`` or ``median(KEY)``
+   over a KEY with ``*`` for every element of a list (``max(runs.*.total_s)``). The shown
+   number must equal the value rounded to the decimals shown.
 4. ``<!-- output: FILE KEY -->`` just before a fenced block: the block's text is the string
    at KEY (a printed table the results file keeps verbatim); ``<!-- output: FILE -->``: the
    block is the text file FILE (a committed sample file).
@@ -32,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -68,22 +70,39 @@ def shell_lines(body: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
+AGGREGATES = {"min": min, "max": max, "median": statistics.median}
+
+
 def resolve(data, key: str):
     """The value at ``key`` (see the module docstring) in parsed JSON ``data``."""
     if "/" in key:
         num, den = (resolve(data, k.strip()) for k in key.split("/"))
         return num / den
-    value = data
-    for part in re.findall(r"[^.\[]+(?:\[[^\]]*\])?", key):
+    if m := re.fullmatch(r"(\w+)\((.*)\)", key.strip()):
+        assert m.group(1) in AGGREGATES, f"unknown aggregate {m.group(1)}: use one of {sorted(AGGREGATES)}"
+        return AGGREGATES[m.group(1)](values(data, m.group(2)))
+    (value,) = values(data, key)
+    return value
+
+
+def values(data, key: str) -> list:
+    """Every value at ``key``; a ``*`` part stands for each element of a list."""
+    found = [data]
+    for part in re.findall(r"[^.\[]+(?:\[[^\]]*\])?", key.strip()):
         name, _, selector = part.partition("[")
-        if name:
-            value = value[int(name)] if isinstance(value, list) else value[name]
+        if name == "*":
+            found = [e for v in found for e in (v if isinstance(v, list) else v.values())]
+        elif name:
+            found = [v[int(name)] if isinstance(v, list) else v[name] for v in found]
         if selector:
             wanted = dict(kv.split("=", 1) for kv in selector.rstrip("]").split(","))
-            matches = [e for e in value if all(_same(e.get(k), v) for k, v in wanted.items())]
-            assert len(matches) == 1, f"{part}: {len(matches)} elements match {wanted}"
-            value = matches[0]
-    return value
+            picked = []
+            for v in found:
+                matches = [e for e in v if all(_same(e.get(k), w) for k, w in wanted.items())]
+                assert len(matches) == 1, f"{part}: {len(matches)} elements match {wanted}"
+                picked.append(matches[0])
+            found = picked
+    return found
 
 
 def _same(actual, wanted: str) -> bool:
@@ -143,8 +162,13 @@ FIGURES = [
 @pytest.mark.parametrize("shown, file, key", FIGURES)
 def test_figures_match_their_results_files(shown, file, key):
     value = resolve(json.loads((REPO / file).read_text()), key)
+    assert shows(shown, value), f"README shows {shown}, {file} {key} is {value}"
+
+
+def shows(shown: str, value: float) -> bool:
+    """Whether the text ``shown`` is ``value`` rounded to the decimals ``shown`` has."""
     decimals = len(shown.split(".")[1]) if "." in shown else 0
-    assert f"{value:.{decimals}f}" == shown, f"README shows {shown}, {file} {key} is {value}"
+    return f"{value:.{decimals}f}" == shown
 
 
 OUTPUTS = [
@@ -174,3 +198,20 @@ def test_every_ratio_figure_names_its_results_file(title):
     prose = BLOCK.sub("", section(title))  # code blocks are checked as outputs, not here
     unmarked = re.findall(r"\d+(?:\.\d+)?×", prose)  # a marked one reads 2.35<!-- figure: ... -->×
     assert not unmarked, f"figures in '{title}' without a <!-- figure: FILE KEY --> marker: {unmarked}"
+
+
+def test_figure_keys_resolve_and_figures_compare_as_documented():
+    data = {"runs": [{"t": 2.0, "k": "a"}, {"t": 4.0, "k": "b"}, {"t": 9.0, "k": "c"}], "n": 3}
+    assert resolve(data, "runs.1.t") == 4.0 and resolve(data, "runs[k=c].t") == 9.0
+    assert resolve(data, "runs.2.t / runs.0.t") == 4.5 and resolve(data, "n") == 3
+    assert (resolve(data, "min(runs.*.t)"), resolve(data, "max(runs.*.t)"), resolve(data, "median(runs.*.t)")) == (
+        2,
+        9,
+        4,
+    )
+    with pytest.raises(AssertionError, match="0 elements match"):
+        resolve(data, "runs[k=z].t")
+    with pytest.raises(AssertionError, match="unknown aggregate"):
+        resolve(data, "mean(runs.*.t)")
+    assert shows("2.21", 2.2055) and shows("220", 220.157) and shows("0.92", 0.9202)
+    assert not shows("2.20", 2.2055) and not shows("2.2", 2.26) and not shows("47", 220.1)
