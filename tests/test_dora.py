@@ -124,6 +124,19 @@ def test_row_norms_match_the_adapted_weight_quantized(bits, dtype):
     assert_close(got, explicit_norms(dense(base), a, b, 3.0), 1e-5, 1e-5, "quantized row norms")
 
 
+def test_row_norms_mxfp4():
+    mx.random.seed(12)
+    base = nn.QuantizedLinear.from_linear(nn.Linear(128, 40), group_size=32, bits=4, mode="mxfp4")
+    a, b = 0.1 * mx.random.normal((128, 4)), 0.1 * mx.random.normal((4, 40))
+    q = dict(scales=base.scales, biases=None, group_size=32, bits=4, mode="mxfp4")
+    got = adapted_row_norms(base_row_sq_norms(base.weight, **q), base_times_lora_a(base.weight, a, **q), a, b, 2.0)
+    w = mx.dequantize(base.weight, base.scales, group_size=32, bits=4, mode="mxfp4")
+    assert_close(got, explicit_norms(w, a, b, 2.0), 1e-5, 1e-5, "mxfp4 row norms")
+    layer = FusedDoRALinear.from_base(base, r=4)
+    assert_close(layer.m, mx.linalg.norm(w.astype(mx.float32), axis=1), 1e-5, 1e-6, "mxfp4 m")
+    assert layer(mx.random.normal((3, 128))).shape == (3, 40)
+
+
 def test_row_norms_bf16_dense_within_its_rounding():
     mx.random.seed(2)
     w = mx.random.normal((64, 128)).astype(mx.bfloat16)
@@ -138,10 +151,12 @@ def test_row_norms_bf16_dense_within_its_rounding():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kind", BASES)
 def test_same_parameters_and_init_as_mlx_lm(kind, bias):
-    mx.random.seed(3)
     base = make_base(kind, bias=bias)
+    mx.random.seed(3)
     ref = DoRALinear.from_base(base, r=4, scale=5.0)
+    mx.random.seed(3)
     ours = FusedDoRALinear.from_base(base, r=4, scale=5.0)
+    assert mx.array_equal(ours.lora_a, ref.lora_a).item(), "one seed, the same initial lora_a"
     shapes = {k: (v.shape, v.dtype) for k, v in tree_flatten(ours.parameters())}
     assert shapes == {k: (v.shape, v.dtype) for k, v in tree_flatten(ref.parameters())}
     assert_close(ours.m, ref.m, 1e-6, 1e-6, "m at init")
@@ -253,3 +268,72 @@ def test_compiled_training_step_matches_eager():
     assert_close(traced[0], eager[0], 1e-5, 1e-5, "compiled loss")
     for (k, a), (_, b) in zip(tree_flatten(traced[1]), tree_flatten(eager[1]), strict=True):
         assert_close(a, b, 1e-5, 1e-5, f"compiled d{k}")
+
+
+# -- python -m mlx_fused_lora.lm_lora --fine-tune-type dora, on a 4-bit model --
+
+
+def write_4bit_model_dir(path):
+    """A tiny Llama directory as mlx-lm's convert -q writes it: 4-bit weights + "quantization"."""
+    import json
+
+    from test_mlx_lm_integration import write_tiny_model_dir
+
+    model, words = write_tiny_model_dir(path)
+    nn.quantize(model, group_size=64, bits=4)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization"] = {"group_size": 64, "bits": 4}
+    (path / "config.json").write_text(json.dumps(config))
+    return words
+
+
+def test_lm_lora_fine_tune_type_dora_trains_a_4bit_model(tmp_path, monkeypatch):
+    import json
+
+    import mlx_lm.lora
+    import mlx_lm.tuner.utils as tuner_utils
+    from mlx_fused_lora import lm_lora
+    from mlx_lm.tuner.lora import LoRALinear
+    from test_mlx_lm_integration import write_text_data
+
+    monkeypatch.setattr(tuner_utils, "LoRALinear", LoRALinear)
+    monkeypatch.setattr(tuner_utils, "DoRALinear", DoRALinear)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    words = write_4bit_model_dir(tmp_path / "model")
+    write_text_data(tmp_path / "data", words)
+    seen = {}
+    real_train = mlx_lm.lora.train
+
+    def spy_train(model, **kwargs):
+        seen["layers"] = [m for _, m in model.named_modules() if hasattr(m, "lora_a")]
+        return real_train(model=model, **kwargs)
+
+    monkeypatch.setattr(mlx_lm.lora, "train", spy_train)
+    adapters = tmp_path / "adapters"
+    common = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--batch-size", "2"]
+    lm_lora.main(
+        [*common, "--train", "--fine-tune-type", "dora", "--iters", "3", "--num-layers", "1"]
+        + ["--val-batches", "1", "--learning-rate", "1e-3", "--adapter-path", str(adapters)]
+    )
+    layers = seen["layers"]
+    assert layers and all(type(m) is FusedDoRALinear for m in layers)
+    assert all(isinstance(m.linear, nn.QuantizedLinear) for m in layers)
+    saved = mx.load(str(adapters / "adapters.safetensors"))
+    leaves = {k.rsplit(".", 1)[1] for k in saved}
+    assert leaves == {"lora_a", "lora_b", "m"}
+    assert len(saved) == 3 * len(layers)
+    assert json.loads((adapters / "adapter_config.json").read_text())["fine_tune_type"] == "dora"
+    # --test: mlx-lm's load_adapters rebuilds the DoRA layers (ours) and loads m.
+    seen.clear()
+    real_evaluate = mlx_lm.lora.evaluate
+
+    def spy_evaluate(model, **kwargs):
+        seen["m"] = {p: m.m for p, m in model.named_modules() if isinstance(m, FusedDoRALinear)}
+        return real_evaluate(model=model, **kwargs)
+
+    monkeypatch.setattr(mlx_lm.lora, "evaluate", spy_evaluate)
+    lm_lora.main([*common, "--test", "--test-batches", "1", "--adapter-path", str(adapters)])
+    assert len(seen["m"]) == len(layers)
+    for path, m in seen["m"].items():
+        assert mx.array_equal(m, saved[f"{path}.m"]).item(), path

@@ -43,8 +43,9 @@ LORA_TYPES = (LoRALinear, FusedLoRALinear, DoRALinear, LoRAEmbedding)
 
 @pytest.fixture
 def real_mlx_lm(monkeypatch):
-    """mlx-lm's tuner with its own LoRALinear; whatever a test patches is undone after it."""
+    """mlx-lm's tuner with its own LoRALinear and DoRALinear; whatever a test patches is undone after it."""
     monkeypatch.setattr(tuner_utils, "LoRALinear", LoRALinear)
+    monkeypatch.setattr(tuner_utils, "DoRALinear", DoRALinear)
     return tuner_utils
 
 

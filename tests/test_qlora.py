@@ -141,3 +141,92 @@ def test_fuse_warns_when_the_delta_is_below_the_step():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours.fuse(dequantize=True)  # nothing is rounded away: no warning
+
+
+# -- a 4-bit model through mlx-lm's trainer, on fused layers --
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_mlx_lm_trainer_trains_a_4bit_model_on_fused_layers(monkeypatch, tmp_path, use_dora):
+    import mlx.optimizers as optim
+    import mlx_lm.tuner.utils as tuner_utils
+    from mlx_fused_lora.layers.fused_dora_linear import FusedDoRALinear
+    from mlx_fused_lora.lm_lora import patch_mlx_lm
+    from mlx_lm.tuner.dora import DoRALinear
+    from mlx_lm.tuner.trainer import TrainingArgs, default_loss, iterate_batches, train
+    from test_mlx_lm_integration import make_llama, synthetic_dataset
+
+    # mlx-lm's own classes come back after the test, whatever patch_mlx_lm changed.
+    monkeypatch.setattr(tuner_utils, "LoRALinear", LoRALinear)
+    monkeypatch.setattr(tuner_utils, "DoRALinear", DoRALinear)
+    patch_mlx_lm()
+    model = make_llama(num_hidden_layers=2)
+    nn.quantize(model, group_size=64, bits=4)
+    model.freeze()
+    mx.random.seed(5)
+    tuner_utils.linear_to_lora_layers(model, 2, {"rank": 8, "scale": 10.0, "dropout": 0.1}, use_dora=use_dora)
+    expected = FusedDoRALinear if use_dora else FusedLoRALinear
+    adapted = [m for _, m in model.named_modules() if isinstance(m, (FusedLoRALinear, FusedDoRALinear))]
+    assert len(adapted) == 2 * 7 and all(type(m) is expected for m in adapted)
+    assert all(isinstance(m.linear, nn.QuantizedLinear) and m.linear.bits == 4 for m in adapted)
+    trainable = {k.rsplit(".", 1)[1] for k, _ in tree_flatten(model.trainable_parameters())}
+    assert trainable == ({"lora_a", "lora_b", "m"} if use_dora else {"lora_a", "lora_b"})
+
+    data = synthetic_dataset()
+    batch, lengths = next(iterate_batches(data, batch_size=len(data), max_seq_length=64))
+
+    def loss_on_fixed_batch():
+        model.eval()
+        return float(default_loss(model, batch, lengths)[0])
+
+    initial = loss_on_fixed_batch()
+    args = TrainingArgs(
+        batch_size=4,
+        iters=24,
+        steps_per_report=8,
+        steps_per_eval=1000,
+        steps_per_save=1000,
+        max_seq_length=64,
+        adapter_file=str(tmp_path / "adapters.safetensors"),
+    )
+    mx.random.seed(0)
+    train(model=model, optimizer=optim.Adam(learning_rate=1e-3), train_dataset=data, args=args)
+    final = loss_on_fixed_batch()
+    assert final < 0.7 * initial, (initial, final)
+    saved = mx.load(str(tmp_path / "adapters.safetensors"))
+    assert saved.keys() == dict(tree_flatten(model.trainable_parameters())).keys()
+
+
+def test_fused_path_stores_no_mask(monkeypatch):
+    """An affine base runs fused_qlora_linear: the plain path's dropout_mask is never called."""
+    import mlx_fused_lora.layers.fused_lora_linear as layer_module
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("a dropout mask was materialized")
+
+    monkeypatch.setattr(layer_module, "dropout_mask", no_mask)
+    mx.random.seed(7)
+    _, ours = paired(4, dropout=0.5)
+    y, gx, gp = grads(ours, mx.random.normal((4, 128)), 0)
+    mx.eval(y, gx, gp)
+
+
+def test_other_quantization_modes_match_mlx_lm():
+    """mxfp4 has no fused op: MLX's quantized matmul + the LoRA term with the same mask."""
+    mx.random.seed(8)
+    base = nn.QuantizedLinear.from_linear(nn.Linear(128, 96), group_size=32, bits=4, mode="mxfp4")
+    ref = LoRALinear.from_base(base, r=4, dropout=0.25, scale=2.0)
+    ours = FusedLoRALinear.from_base(base, r=4, dropout=0.25, scale=2.0)
+    ref.lora_b = 0.1 * mx.random.normal(ref.lora_b.shape)
+    ours.update({"lora_a": ref.lora_a, "lora_b": ref.lora_b})
+    for layer in (ref, ours):
+        layer.freeze()
+        layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+    x = mx.random.normal((5, 128))
+    ref.dropout = FixedMask(mask_for(3, x.shape, 0.25))
+    y_ref, gx_ref, gp_ref = grads(ref, x, 3)
+    y, gx, gp = grads(ours, x, 3)
+    assert_close(y, y_ref, 1e-5, 1e-5, "mxfp4 y")
+    assert_close(gx, gx_ref, 1e-5, 1e-5, "mxfp4 dx")
+    for name in gp:
+        assert_close(gp[name], gp_ref[name], 1e-4, 1e-5, f"mxfp4 d{name}")

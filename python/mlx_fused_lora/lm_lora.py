@@ -2,8 +2,9 @@
 
 ``python -m mlx_fused_lora.lm_lora --model ... --train --data ...`` takes exactly
 ``mlx_lm.lora``'s arguments; every linear layer mlx-lm would wrap in its
-``LoRALinear`` becomes a ``FusedLoRALinear`` instead (same parameter names, so
-adapters are interchangeable with plain mlx-lm's).
+``LoRALinear`` becomes a ``FusedLoRALinear`` instead, and with ``--fine-tune-type dora``
+every ``DoRALinear`` a ``FusedDoRALinear`` (same parameter names, so adapters are
+interchangeable with plain mlx-lm's).
 """
 
 import sys
@@ -14,10 +15,12 @@ if __name__ == "__main__":  # `python -m`: MLX's matmuls on OpenBLAS, before .la
     sys.argv[1:] = enable_for_cli(sys.argv[1:])
 
 from .layers import FusedLoRALinear  # noqa: E402
+from .layers.fused_dora_linear import FusedDoRALinear  # noqa: E402
 
 
 def patch_mlx_lm():
-    """Make mlx-lm build FusedLoRALinear wherever it would build its LoRALinear.
+    """Make mlx-lm build FusedLoRALinear (FusedDoRALinear) wherever it would build its
+    LoRALinear (DoRALinear).
 
     mlx-lm's ``linear_to_lora_layers`` (used by its trainer, ``load_adapters`` and
     ``fuse``) and its ``remove_lora_layers`` look the class up in
@@ -28,6 +31,7 @@ def patch_mlx_lm():
     except ImportError as e:
         raise ImportError("patch_mlx_lm needs mlx-lm: pip install mlx-lm") from e
     tuner_utils.LoRALinear = FusedLoRALinear
+    tuner_utils.DoRALinear = FusedDoRALinear
     return tuner_utils
 
 

@@ -41,12 +41,16 @@ def base_row_sq_norms(weight, scales=None, biases=None, *, group_size=None, bits
         if scales is None:
             block = weight[rows]
         else:
-            # float32 scales: the exact quantized values, as quantized_matmul sees them
-            # with float32 inputs (dequantizing in bf16 would round them).
+            block_scales, block_biases = scales[rows], None if biases is None else biases[rows]
+            if mode == "affine":
+                # float32 scales: the exact quantized values, as quantized_matmul sees them
+                # with float32 inputs (dequantizing in bf16 would round them).
+                block_scales = block_scales.astype(_F32)
+                block_biases = block_biases.astype(_F32)
             block = mx.dequantize(
                 weight[rows],
-                scales[rows].astype(_F32),
-                None if biases is None else biases[rows].astype(_F32),
+                block_scales,
+                block_biases,
                 group_size=group_size,
                 bits=bits,
                 mode=mode,
