@@ -337,3 +337,41 @@ def test_lm_lora_fine_tune_type_dora_trains_a_4bit_model(tmp_path, monkeypatch):
     assert len(seen["m"]) == len(layers)
     for path, m in seen["m"].items():
         assert mx.array_equal(m, saved[f"{path}.m"]).item(), path
+
+
+# -- fuse --
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", BASES)
+def test_fuse_matches_mlx_lm_and_the_layer(kind, bias):
+    mx.random.seed(13)
+    ref, ours = paired(kind, bias=bias, scale=4.0)
+    ours.eval()
+    x = mx.random.normal((5, 128))
+    exact = ours.fuse(dequantize=True)
+    assert type(exact) is nn.Linear and ("bias" in exact) == bias
+    assert_close(exact.weight, ref.fuse(dequantize=True).weight, 1e-5, 1e-6, "fused weight vs mlx-lm")
+    assert_close(exact(x), ours(x), 1e-5, 1e-5, "fuse(dequantize=True) output vs the layer")
+    # Each fused row has the learned magnitude as its norm.
+    assert_close(mx.linalg.norm(exact.weight.astype(mx.float32), axis=1), ours.m, 1e-5, 1e-6, "row norms = m")
+    if kind != "dense":
+        requantized = ours.fuse()
+        assert isinstance(requantized, nn.QuantizedLinear) and requantized.bits == int(kind[1:])
+        expected = nn.QuantizedLinear.from_linear(exact, ours.linear.group_size, requantized.bits)
+        assert mx.array_equal(requantized.weight, expected.weight).item()
+        assert mx.array_equal(requantized.scales, expected.scales).item()
+
+
+def test_fuse_bf16_keeps_the_base_dtype():
+    mx.random.seed(14)
+    _, ours = paired("dense", dtype=mx.bfloat16)
+    assert ours.fuse().weight.dtype == mx.bfloat16
+
+
+def test_fuse_warns_when_the_change_is_below_the_step():
+    mx.random.seed(15)
+    _, ours = paired("q4", scale=1e-5)
+    ours.m = mx.sqrt(ours._base_sq_norms)  # m at its initial value: the fold changes ~nothing
+    with pytest.warns(UserWarning, match="quantization step"):
+        ours.fuse()

@@ -54,6 +54,7 @@ def fold_lora(
     lora_b: mx.array,
     scale: float,
     *,
+    magnitude: mx.array | None = None,
     dequantize: bool = False,
     name: str = "fuse",
     stacklevel: int = 2,
@@ -62,7 +63,10 @@ def fold_lora(
 
     ``linear`` is an ``nn.Linear`` or ``nn.QuantizedLinear`` (``lora_a (in, r)``,
     ``lora_b (r, out)``). The bias, if any, is kept as is. A quantized base comes back
-    re-quantized unless ``dequantize``; ``name`` labels the warning.
+    re-quantized unless ``dequantize``; ``name`` labels the warning. With ``magnitude``
+    (DoRA's ``m``, shape (out,)) each folded row is then rescaled to that norm,
+    ``W'[n] * m[n] / ||W'[n]||``, as mlx-lm's ``DoRALinear.fuse`` does (bias unscaled;
+    the result keeps the base's dtype).
     """
     quantized = isinstance(linear, nn.QuantizedLinear)
     weight = dense_weight(linear)
@@ -70,7 +74,12 @@ def fold_lora(
     output_dims, input_dims = weight.shape
     has_bias = "bias" in linear
     fused = nn.Linear(input_dims, output_dims, bias=has_bias)
-    fused.weight = (weight.astype(mx.float32) + delta).astype(weight.dtype)
+    base32 = weight.astype(mx.float32)
+    folded = base32 + delta
+    if magnitude is not None:
+        folded = (magnitude.astype(mx.float32) / mx.linalg.norm(folded, axis=1))[:, None] * folded
+        delta = folded - base32  # the change re-quantizing has to keep
+    fused.weight = folded.astype(weight.dtype)
     if has_bias:
         fused.bias = linear.bias
     if not quantized or dequantize:
