@@ -38,23 +38,23 @@ def rel_err(got, want):
 
 
 @pytest.mark.parametrize(
-    "dtype,r,p,with_bias",
+    "dtype,r,p,with_bias,k,n",
     [
-        (mx.float32, 16, 0.0, True),
-        (mx.float32, 16, 0.1, False),
-        (mx.float32, 64, 0.5, True),  # dS, dB by two GEMMs (the kernel's partials cost more)
-        (mx.float32, 1, 0.1, True),
-        (mx.float16, 16, 0.5, True),
-        (mx.bfloat16, 16, 0.1, True),
-        (mx.bfloat16, 16, 0.0, False),
+        (mx.float32, 16, 0.0, True, 150, 70),
+        (mx.float32, 16, 0.1, False, 148, 68),  # rows of a multiple of 4: 4-wide accesses
+        (mx.float32, 64, 0.5, True, 150, 70),  # dS, dB by two GEMMs (the kernel's partials cost more)
+        (mx.float32, 1, 0.1, True, 148, 68),
+        (mx.float16, 16, 0.5, True, 148, 68),
+        (mx.bfloat16, 16, 0.1, True, 150, 70),
+        (mx.bfloat16, 16, 0.0, False, 148, 68),
     ],
     ids=str,
 )
-def test_gpu_op_matches_reference(monkeypatch, dtype, r, p, with_bias):
+def test_gpu_op_matches_reference(monkeypatch, dtype, r, p, with_bias, k, n):
     """fused_lora_linear itself, with backends.current() giving the PoCL-run GPU backend."""
     backend = opencl_backend()
     monkeypatch.setattr(backends, "current", lambda: backend)
-    x, w, b, a, bb, ct = make(dtype, r)
+    x, w, b, a, bb, ct = make(dtype, r, k=k, n=n)
     b = b if with_bias else None
     key = mx.random.key(3)
     mask = cpu.dropout_mask(key, (x.size // x.shape[-1], x.shape[-1]), p, mx.float32) if p > 0 else None

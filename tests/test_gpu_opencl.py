@@ -16,6 +16,9 @@ from mlx_fused_lora.ops.gpu import geometry, kernels, opencl  # noqa: E402
 
 KEY = mx.array(np.array([123456789, 987654321], dtype=np.uint32))
 M, K, N = 37, 150, 70  # tails against every tile size (16/32/64 rows, 32/64/128 columns)
+# Rows of 150 and 70 elements take the scalar loads; rows of 148 and 68 (multiples of 4,
+# still with tails) the 4-wide loads and stores.
+SHAPES = [(M, K, N), (M, 148, 68)]
 CONFIGS = [(mx.float32, 1), (mx.float32, 16), (mx.float32, 64), (mx.float32, 128), (mx.float16, 16), (mx.bfloat16, 16)]
 IDS = [f"{str(d).split('.')[-1]}-r{r}" for d, r in CONFIGS]
 
@@ -53,14 +56,15 @@ def numpy_mask(indices, p):
     return np.where(bits < threshold, np.float32(1) / (np.float32(1) - np.float32(p)), np.float32(0))
 
 
-def inputs(dtype, r, seed=0):
+def inputs(dtype, r, shape=(M, K, N), seed=0):
     """x, dy exactly representable in `dtype` (so numpy sees the kernel's values); a, b, ds float32."""
     rng = np.random.default_rng(seed)
+    m, k, n = shape
 
     def arr(shape, dt=mx.float32):
         return mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dt)
 
-    return arr((M, K), dtype), arr((K, r)), arr((r, N)), arr((M, N), dtype), arr((M, r))
+    return arr((m, k), dtype), arr((k, r)), arr((r, n)), arr((m, n), dtype), arr((m, r))
 
 
 def f32(a):
@@ -85,29 +89,34 @@ def test_numpy_mask_equals_the_cpu_extensions():
     assert np.array_equal(numpy_mask(np.arange(M * K, dtype=np.uint64), 0.3).view(np.uint32), want.view(np.uint32))
 
 
-def test_flat_indices_past_2_to_the_32(gpu):
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_flat_indices_past_2_to_the_32(gpu, shape):
     """Elements whose flat index is past 2^32 (index_base stands in for the rows before):
     the high word reaches the hash, as the numpy mask says it must."""
+    m, k, _ = shape
     base = 2**32 - 1000  # the window straddles 2^32
-    got = np.array(gpu.dropout_mask(KEY, (M, K), 0.5, index_base=base)).reshape(-1)
-    want = numpy_mask(np.arange(M * K, dtype=np.uint64) + np.uint64(base), 0.5)
+    indices = np.arange(m * k, dtype=np.uint64) + np.uint64(base)
+    got = np.array(gpu.dropout_mask(KEY, (m, k), 0.5, index_base=base)).reshape(-1)
+    want = numpy_mask(indices, 0.5)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
-    low = numpy_mask(np.arange(M * K, dtype=np.uint64) + np.uint64(base - 2**32 + 2**31), 0.5)
-    assert not np.array_equal(got, low)
-    x, a = inputs(mx.float32, 16)[:2]
+    wrapped = numpy_mask(indices & np.uint64(0xFFFFFFFF), 0.5)  # what a 32-bit index would give
+    assert np.array_equal(got[:1000], wrapped[:1000]) and not np.array_equal(got[1000:], wrapped[1000:])
+    want = want.reshape(m, k)
+    x, a = inputs(mx.float32, 16, shape)[:2]
     h = np.array(gpu.down_proj(x, a, KEY, 0.5, index_base=base))
-    close(h, (f32(x) * want.reshape(M, K)) @ f32(a), 1e-5)
+    close(h, (f32(x) * want) @ f32(a), 1e-5)
     da, e = gpu.down_grad(x, mx.array(h), a, KEY, 0.5, index_base=base)
-    close(np.array(da), (f32(x) * want.reshape(M, K)).T @ h, 1e-5)
-    close(np.array(e), want.reshape(M, K) * (h @ f32(a).T), 1e-5)
+    close(np.array(da), (f32(x) * want).T @ h, 1e-5)
+    close(np.array(e), want * (h @ f32(a).T), 1e-5)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype,r", CONFIGS, ids=IDS)
-def test_kernels_match_numpy(gpu, dtype, r):
-    x, a, b, dy, ds = inputs(dtype, r)
+def test_kernels_match_numpy(gpu, dtype, r, shape):
+    x, a, b, dy, ds = inputs(dtype, r, shape)
     xn, an, bn, dyn, dsn = f32(x), f32(a), f32(b), f32(dy), f32(ds)
     for p in (0.0, 0.1, 0.5):
-        mask = cpu_mask((M, K), p) if p > 0 else np.ones((M, K), np.float32)
+        mask = cpu_mask(x.shape, p) if p > 0 else np.ones(x.shape, np.float32)
         h = gpu.down_proj(x, a, KEY, p)
         close(np.array(h), (xn * mask) @ an, 1e-5)
         d_s, d_b = gpu.low_rank_grad(dy, h, b, 1.5)
@@ -119,17 +128,19 @@ def test_kernels_match_numpy(gpu, dtype, r):
         close(f32(e), mask * (dsn @ an.T), 1e-5 if dtype == mx.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
-def test_half_and_bfloat16_stores_round_as_mlx_does(gpu, dtype):
+def test_half_and_bfloat16_stores_round_as_mlx_does(gpu, dtype, shape):
     """e in T is the float32 kernel's e rounded to nearest even, bit for bit as MLX's astype."""
-    x, a, _, _, ds = inputs(dtype, 16)
+    x, a, _, _, ds = inputs(dtype, 16, shape)
     _, e32 = gpu.down_grad(x.astype(mx.float32), ds, a, KEY, 0.1)
     _, e = gpu.down_grad(x, ds, a, KEY, 0.1)
     assert np.array_equal(np.array(e.view(mx.uint16)), np.array(e32.astype(dtype).view(mx.uint16)))
 
 
-def test_bitwise_deterministic_across_runs(gpu):
-    x, a, b, dy, ds = inputs(mx.bfloat16, 16)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bitwise_deterministic_across_runs(gpu, shape):
+    x, a, b, dy, ds = inputs(mx.bfloat16, 16, shape)
     runs = []
     for _ in range(2):
         h = gpu.down_proj(x, a, KEY, 0.1)
@@ -138,12 +149,13 @@ def test_bitwise_deterministic_across_runs(gpu):
         assert np.array_equal(opencl.to_numpy(first), opencl.to_numpy(second))
 
 
-def test_group_stride_loops_cover_every_tile(launcher):
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_group_stride_loops_cover_every_tile(launcher, shape):
     """With the grid capped at 2 groups in x, the bodies walk the remaining tiles."""
     few = kernels.Kernels(launcher, max_groups=2)
-    x, a, b, dy, ds = inputs(mx.float32, 16)
-    mask = cpu_mask((M, K), 0.1)
-    assert np.array_equal(np.array(few.dropout_mask(KEY, (M, K), 0.1)), mask)
+    x, a, b, dy, ds = inputs(mx.float32, 16, shape)
+    mask = cpu_mask(x.shape, 0.1)
+    assert np.array_equal(np.array(few.dropout_mask(KEY, x.shape, 0.1)), mask)
     h = few.down_proj(x, a, KEY, 0.1)
     close(np.array(h), (f32(x) * mask) @ f32(a), 1e-5)
     d_s, d_b = few.low_rank_grad(dy, h, b, 1.0)
@@ -154,10 +166,11 @@ def test_group_stride_loops_cover_every_tile(launcher):
     close(np.array(e), mask * (f32(ds) @ f32(a).T), 1e-5)
 
 
-def test_every_output_element_is_written(launcher):
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_every_output_element_is_written(launcher, shape):
     """Outputs start as NaN bytes in the OpenCL runner: one element left unwritten shows."""
     gpu = kernels.Kernels(launcher)
-    x, a, b, dy, ds = inputs(mx.float32, 1)
+    x, a, b, dy, ds = inputs(mx.float32, 1, shape)
     for out in (gpu.down_proj(x, a, KEY, 0.0), *gpu.low_rank_grad(dy, ds, b, 1.0), *gpu.down_grad(x, ds, a, KEY, 0.0)):
         assert np.isfinite(np.array(out)).all()
 

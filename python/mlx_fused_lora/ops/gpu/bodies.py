@@ -6,6 +6,8 @@ The names a body may use are listed in ``dialects.py``. Every body:
   what a group cannot finish alone goes to a partial buffer that ``SUM_PARTS`` adds up
   in order (no float atomics, so the same inputs give bitwise the same outputs);
 - accumulates in float32 and indexes memory with 64-bit integers;
+- reads and writes the M x K and M x N arrays coalesced, 4 elements per thread
+  (``MFL_LOAD4``/``MFL_STORE4``) when rows are a multiple of 4 long, else one;
 - walks its tiles with a group-stride loop, so the grid (``geometry.py``) stays small
   for any M*K, N or K;
 - applies dropout by recomputing the mask from ``(key, index_base + flat index)`` with
@@ -53,6 +55,7 @@ const uint32_t tid = MFL_TID;
 MFL_SHARED float xs[TM * (TK + 1)];
 MFL_SHARED float as_tile[TK * R];
 const int64_t tiles = (rows + TM - 1) / TM;
+const bool vec4 = ((cols % 4) | (TK % 4)) == 0;  // 4-wide loads keep to rows
 for (int64_t tile = MFL_GROUP_X; tile < tiles; tile += MFL_GROUPS_X) {
   const int64_t row0 = tile * TM;
   float acc[P];
@@ -60,15 +63,24 @@ for (int64_t tile = MFL_GROUP_X; tile < tiles; tile += MFL_GROUPS_X) {
     acc[o] = 0.0f;
   }
   for (int64_t k0 = 0; k0 < cols; k0 += TK) {
-    for (uint32_t s = tid; s < TM * TK; s += TG) {
+    for (uint32_t s = tid * (vec4 ? 4 : 1); s < TM * TK; s += TG * (vec4 ? 4 : 1)) {
       const int64_t i = row0 + s / TK;
       const int64_t k = k0 + s % TK;
-      float v = 0.0f;
+      float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (i < rows && k < cols) {
         const uint64_t index = (uint64_t)(i * cols + k);
-        v = MFL_LOAD(x, index) * MFL_MULT(index);
+        if (vec4) {
+          MFL_LOAD4(x, index, v);
+        } else {
+          v[0] = MFL_LOAD(x, index);
+        }
+        for (int q = 0; q < (vec4 ? 4 : 1); ++q) {
+          v[q] *= MFL_MULT(index + q);
+        }
       }
-      xs[(s / TK) * (TK + 1) + s % TK] = v;
+      for (int q = 0; q < (vec4 ? 4 : 1); ++q) {
+        xs[(s / TK) * (TK + 1) + s % TK + q] = v[q];
+      }
     }
     for (uint32_t s = tid; s < TK * R; s += TG) {
       const int64_t k = k0 + s / R;
@@ -120,6 +132,7 @@ const int64_t splits = MFL_GROUPS_Y;
 const int64_t rows_per_split = ((rows + splits * TM - 1) / (splits * TM)) * TM;
 const int64_t r0 = split * rows_per_split;
 const int64_t r1 = r0 + rows_per_split < rows ? r0 + rows_per_split : rows;
+const bool vec4 = ((cols % 4) | (TN % 4)) == 0;  // 4-wide loads keep to rows
 for (int64_t cb = MFL_GROUP_X; cb < blocks; cb += MFL_GROUPS_X) {
   const int64_t n0 = cb * TN;
   MFL_BARRIER();
@@ -132,10 +145,20 @@ for (int64_t cb = MFL_GROUP_X; cb < blocks; cb += MFL_GROUPS_X) {
     acc[o] = 0.0f;
   }
   for (int64_t row0 = r0; row0 < r1; row0 += TM) {
-    for (uint32_t s = tid; s < TM * TN; s += TG) {
+    for (uint32_t s = tid * (vec4 ? 4 : 1); s < TM * TN; s += TG * (vec4 ? 4 : 1)) {
       const int64_t i = row0 + s / TN;
       const int64_t n = n0 + s % TN;
-      dys[(s / TN) * (TN + 1) + s % TN] = (i < r1 && n < cols) ? MFL_LOAD(dy, (uint64_t)(i * cols + n)) : 0.0f;
+      float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (i < r1 && n < cols) {
+        if (vec4) {
+          MFL_LOAD4(dy, (uint64_t)(i * cols + n), v);
+        } else {
+          v[0] = MFL_LOAD(dy, (uint64_t)(i * cols + n));
+        }
+      }
+      for (int q = 0; q < (vec4 ? 4 : 1); ++q) {
+        dys[(s / TN) * (TN + 1) + s % TN + q] = v[q];
+      }
     }
     for (uint32_t s = tid; s < TM * R; s += TG) {
       const int64_t i = row0 + s / R;
@@ -202,6 +225,8 @@ const int64_t splits = MFL_GROUPS_Y;
 const int64_t rows_per_split = ((rows + splits * TM - 1) / (splits * TM)) * TM;
 const int64_t r0 = split * rows_per_split;
 const int64_t r1 = r0 + rows_per_split < rows ? r0 + rows_per_split : rows;
+const bool vec4 = ((cols % 4) | (TK % 4)) == 0;  // 4-wide accesses keep to rows
+const uint32_t width = vec4 ? 4 : 1;
 for (int64_t cb = MFL_GROUP_X; cb < blocks; cb += MFL_GROUPS_X) {
   const int64_t k0 = cb * TK;
   MFL_BARRIER();
@@ -214,18 +239,26 @@ for (int64_t cb = MFL_GROUP_X; cb < blocks; cb += MFL_GROUPS_X) {
     acc[o] = 0.0f;
   }
   for (int64_t row0 = r0; row0 < r1; row0 += TM) {
-    for (uint32_t s = tid; s < TM * TK; s += TG) {
+    for (uint32_t s = tid * width; s < TM * TK; s += TG * width) {
       const int64_t i = row0 + s / TK;
       const int64_t k = k0 + s % TK;
-      float mult = 0.0f;
-      float v = 0.0f;
+      float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      float mult[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (i < r1 && k < cols) {
         const uint64_t index = (uint64_t)(i * cols + k);
-        mult = MFL_MULT(index);
-        v = MFL_LOAD(x, index) * mult;
+        if (vec4) {
+          MFL_LOAD4(x, index, v);
+        } else {
+          v[0] = MFL_LOAD(x, index);
+        }
+        for (uint32_t q = 0; q < width; ++q) {
+          mult[q] = MFL_MULT(index + q);
+        }
       }
-      xs[(s / TK) * (TK + 1) + s % TK] = v;
-      ms[(s / TK) * (TK + 1) + s % TK] = mult;
+      for (uint32_t q = 0; q < width; ++q) {
+        xs[(s / TK) * (TK + 1) + s % TK + q] = v[q] * mult[q];
+        ms[(s / TK) * (TK + 1) + s % TK + q] = mult[q];
+      }
     }
     for (uint32_t s = tid; s < TM * R; s += TG) {
       const int64_t i = row0 + s / R;
@@ -244,18 +277,25 @@ for (int64_t cb = MFL_GROUP_X; cb < blocks; cb += MFL_GROUPS_X) {
         acc[o] = sum;
       }
     }
-    for (int o = 0; o < P2; ++o) {
-      const uint32_t out = tid + o * TG;
+    for (uint32_t out = tid * width; out < TM * TK; out += TG * width) {
       const uint32_t li = out / TK;
       const uint32_t kk = out % TK;
       const int64_t i = row0 + li;
       const int64_t k = k0 + kk;
-      if (out < TM * TK && i < r1 && k < cols) {
-        float dot = 0.0f;
-        for (int j = 0; j < R; ++j) {
-          dot += dss[li * R + j] * as_tile[kk * (R + 1) + j];
+      if (i < r1 && k < cols) {
+        float v[4];
+        for (uint32_t q = 0; q < width; ++q) {
+          float dot = 0.0f;
+          for (int j = 0; j < R; ++j) {
+            dot += dss[li * R + j] * as_tile[(kk + q) * (R + 1) + j];
+          }
+          v[q] = ms[li * (TK + 1) + kk + q] * dot;
         }
-        MFL_STORE(e, (uint64_t)(i * cols + k), ms[li * (TK + 1) + kk] * dot);
+        if (vec4) {
+          MFL_STORE4(e, (uint64_t)(i * cols + k), v);
+        } else {
+          MFL_STORE(e, (uint64_t)(i * cols + k), v[0]);
+        }
       }
     }
     MFL_BARRIER();

@@ -82,7 +82,7 @@ def down_grad(rows, cols, r, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS):
     )
     col_groups = max(1, min(max_groups, _ceil(cols, tk)))
     splits = _splits(rows, tm, col_groups, max_splits)
-    template = {"R": r, "TG": GROUP, "TM": tm, "TK": tk, "P1": _ceil(tk * r, GROUP), "P2": _ceil(tm * tk, GROUP)}
+    template = {"R": r, "TG": GROUP, "TM": tm, "TK": tk, "P1": _ceil(tk * r, GROUP)}
     return template, *_grid(col_groups, splits)
 
 

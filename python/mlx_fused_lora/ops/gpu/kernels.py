@@ -30,7 +30,7 @@ def mask_header():
 
 def kernel_source(dialect, name):
     """(header, body) of kernel `name` as MLX (cuda, metal) or the OpenCL runner takes them."""
-    header = dialects.HEADER_DEFINES[dialect] + mask_header()
+    header = dialects.HEADER_DEFINES[dialect] + mask_header() + dialects.HEADER_HELPERS[dialect]
     return header, dialects.BODY_PRELUDE[dialect] + bodies.KERNELS[name][0]
 
 
