@@ -375,3 +375,18 @@ def test_fuse_warns_when_the_change_is_below_the_step():
     ours.m = mx.sqrt(ours._base_sq_norms)  # m at its initial value: the fold changes ~nothing
     with pytest.warns(UserWarning, match="quantization step"):
         ours.fuse()
+
+
+def test_linear_to_lora_layers_use_dora_builds_fused_dora_and_trains_m():
+    from mlx_fused_lora.layers import freeze_all_but_lora, linear_to_lora_layers
+    from test_mlx_lm_integration import make_llama
+
+    model = make_llama(num_hidden_layers=2)
+    nn.quantize(model, group_size=64, bits=4)
+    model.freeze()
+    linear_to_lora_layers(model, 1, {"rank": 4, "scale": 2.0, "dropout": 0.0}, use_dora=True)
+    dora = [m for _, m in model.named_modules() if isinstance(m, FusedDoRALinear)]
+    assert len(dora) == 7 and all(isinstance(m.linear, nn.QuantizedLinear) for m in dora)
+    freeze_all_but_lora(model)
+    trainable = {k.rsplit(".", 1)[1] for k, _ in tree_flatten(model.trainable_parameters())}
+    assert trainable == {"lora_a", "lora_b", "m"}

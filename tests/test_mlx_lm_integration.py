@@ -22,6 +22,7 @@ pytest.importorskip("mlx_lm")
 import mlx_fused_lora  # noqa: E402
 import mlx_lm.tuner.utils as tuner_utils  # noqa: E402
 from mlx_fused_lora import FusedLoRALinear, lm_lora, patch_mlx_lm  # noqa: E402
+from mlx_fused_lora.layers.fused_dora_linear import FusedDoRALinear  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 from mlx_lm.tuner.dora import DoRALinear  # noqa: E402
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear  # noqa: E402
@@ -38,7 +39,7 @@ LLAMA = dict(
     vocab_size=128,
     tie_word_embeddings=False,
 )
-LORA_TYPES = (LoRALinear, FusedLoRALinear, DoRALinear, LoRAEmbedding)
+LORA_TYPES = (LoRALinear, FusedLoRALinear, DoRALinear, FusedDoRALinear, LoRAEmbedding)
 
 
 @pytest.fixture
@@ -125,7 +126,7 @@ def convert_both(real, config, num_layers, use_dora=False, prepare=None, **overr
         (["self_attn.q_proj", "self_attn.v_proj"], 1, False),
         # keys outside the blocks: a linear head and an embedding (mlx-lm's LoRAEmbedding)
         (["mlp.down_proj", "lm_head", "model.embed_tokens"], 2, False),
-        (None, 2, True),  # DoRA: mlx-lm's own DoRALinear in both
+        (None, 2, True),  # DoRA: FusedDoRALinear where mlx-lm builds its DoRALinear
     ],
 )
 def test_linear_to_lora_layers_converts_like_mlx_lm(real_mlx_lm, keys, num_layers, use_dora):
@@ -143,6 +144,9 @@ def test_linear_to_lora_layers_converts_like_mlx_lm(real_mlx_lm, keys, num_layer
             assert type(o) is FusedLoRALinear, path
             assert o.scale == r.scale and abs(o.dropout - (1 - r.dropout._p_1)) < 1e-12
             assert o.linear is not None and type(o.linear) is type(r.linear)
+        elif type(r) is DoRALinear:
+            assert type(o) is FusedDoRALinear, path
+            assert o.scale == r.scale and o.linear is not None and type(o.linear) is type(r.linear)
         else:
             assert type(o) is type(r), path
     # Which layers: the last num_layers blocks only.

@@ -3,6 +3,7 @@
 from .base import LoRALinearBase, base_dims
 from .convert import linear_to_lora_layers
 from .fold import fold_lora
+from .fused_dora_linear import FusedDoRALinear
 from .fused_lora_linear import FusedLoRALinear
 from .plain_lora_linear import PlainLoRALinear, plain_layer_class
 from .tree import (
@@ -17,6 +18,7 @@ from .tree import (
 
 __all__ = [
     "FusedLoRALinear",
+    "FusedDoRALinear",
     "PlainLoRALinear",
     "LoRALinearBase",
     "linear_to_lora_layers",

@@ -2,14 +2,15 @@
 
 An mlx-lm user switches by one import:
 ``from mlx_fused_lora import linear_to_lora_layers``. Linear and quantized linear
-layers become FusedLoRALinear; layer types the fused op does not cover yet
-(mixture-of-experts SwitchLinear, embeddings) and DoRA get mlx-lm's own layers, so
-a model converts exactly as mlx-lm would convert it.
+layers become FusedLoRALinear (FusedDoRALinear with ``use_dora``); layer types the
+fused op does not cover yet (mixture-of-experts SwitchLinear, embeddings) get mlx-lm's
+own layers, so a model converts exactly as mlx-lm would convert it.
 """
 
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .fused_dora_linear import FusedDoRALinear
 from .fused_lora_linear import FusedLoRALinear
 
 
@@ -25,14 +26,12 @@ def _to_lora(layer, config, use_dora):
     kwargs = dict(r=config["rank"], scale=config["scale"], dropout=config["dropout"])
     if not use_dora and hasattr(layer, "to_lora"):
         return layer.to_lora(**kwargs)
-    if not use_dora and isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
-        return FusedLoRALinear.from_base(layer, **kwargs)
+    if isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
+        return (FusedDoRALinear if use_dora else FusedLoRALinear).from_base(layer, **kwargs)
     lora, dora = _mlx_lm_tuner()
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-    if isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
-        cls = dora.DoRALinear
-    elif isinstance(layer, (SwitchLinear, QuantizedSwitchLinear)):
+    if isinstance(layer, (SwitchLinear, QuantizedSwitchLinear)):
         if use_dora:
             raise ValueError(f"{type(layer).__name__} doesn't support DoRA yet.")
         cls = lora.LoRASwitchLinear

@@ -57,10 +57,11 @@ def lora_dropout_p(layer) -> float:
 
 
 def freeze_all_but_lora(model: nn.Module, train_bias: bool = False) -> None:
-    """Freeze every parameter except the LoRA layers' ``lora_a``/``lora_b`` (and biases)."""
+    """Freeze every parameter except the LoRA layers' ``lora_a``/``lora_b`` (DoRA's ``m``
+    too), and the adapted layers' biases with ``train_bias``."""
     model.freeze()
     for _, layer in lora_layers(model):
-        layer.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+        layer.unfreeze(keys=[k for k in ("lora_a", "lora_b", "m") if k in layer], recurse=False)
         if train_bias and "bias" in layer.linear:
             layer.linear.unfreeze(keys=["bias"], recurse=False)
 
