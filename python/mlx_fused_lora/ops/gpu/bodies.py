@@ -55,7 +55,7 @@ const uint32_t tid = MFL_TID;
 MFL_SHARED float xs[TM * (TK + 1)];
 MFL_SHARED float as_tile[TK * R];
 const int64_t tiles = (rows + TM - 1) / TM;
-const bool vec4 = ((cols % 4) | (TK % 4)) == 0;  // 4-wide loads keep to rows
+const bool vec4 = ((cols % 4) | (TK % 4)) == 0 && MFL_VEC_ALIGNED(x);  // 4-wide loads keep to rows
 for (int64_t tile = MFL_GROUP_X; tile < tiles; tile += MFL_GROUPS_X) {
   const int64_t row0 = tile * TM;
   float acc[P];
@@ -132,7 +132,7 @@ const int64_t splits = MFL_GROUPS_Y;
 const int64_t rows_per_split = ((rows + splits * TM - 1) / (splits * TM)) * TM;
 const int64_t r0 = split * rows_per_split;
 const int64_t r1 = r0 + rows_per_split < rows ? r0 + rows_per_split : rows;
-const bool vec4 = ((cols % 4) | (TN % 4)) == 0;  // 4-wide loads keep to rows
+const bool vec4 = ((cols % 4) | (TN % 4)) == 0 && MFL_VEC_ALIGNED(dy);  // 4-wide loads keep to rows
 for (int64_t cb = MFL_GROUP_X; cb < blocks; cb += MFL_GROUPS_X) {
   const int64_t n0 = cb * TN;
   MFL_BARRIER();
@@ -225,7 +225,7 @@ const int64_t splits = MFL_GROUPS_Y;
 const int64_t rows_per_split = ((rows + splits * TM - 1) / (splits * TM)) * TM;
 const int64_t r0 = split * rows_per_split;
 const int64_t r1 = r0 + rows_per_split < rows ? r0 + rows_per_split : rows;
-const bool vec4 = ((cols % 4) | (TK % 4)) == 0;  // 4-wide accesses keep to rows
+const bool vec4 = ((cols % 4) | (TK % 4)) == 0 && MFL_VEC_ALIGNED(x) && MFL_VEC_ALIGNED(e);  // keep to rows
 const uint32_t width = vec4 ? 4 : 1;
 for (int64_t cb = MFL_GROUP_X; cb < blocks; cb += MFL_GROUPS_X) {
   const int64_t k0 = cb * TK;

@@ -16,6 +16,9 @@ prelude defines at the top of the body:
     MFL_LOAD4(p, i, v)      elements i..i+3 of a T array into float v[4], i a multiple
                             of 4 (one 16-byte load of float32, 8-byte of 16-bit types)
     MFL_STORE4(p, i, v)     float v[4] into elements i..i+3 as T, i a multiple of 4
+    MFL_VEC_ALIGNED(p)      whether p may take MFL_LOAD4/STORE4 (CUDA's wide accesses
+                            need 4-element alignment; a row-contiguous view may start
+                            anywhere)
     uint32_t, int64_t, uint64_t
 
 and C casts (``(int64_t)(x)``), never C++ ones, because OpenCL C is C. Template
@@ -109,6 +112,7 @@ _CUDA = """
 #define MFL_STORE(p, i, v) ((p)[i] = (T)(v))
 #define MFL_LOAD4(p, i, v) mfl_load4((p), (i), (v))
 #define MFL_STORE4(p, i, v) mfl_store4((p), (i), (v))
+#define MFL_VEC_ALIGNED(p) ((size_t)(p) % (4 * sizeof(*(p))) == 0)
 """
 
 _METAL = """
@@ -124,6 +128,7 @@ _METAL = """
 #define MFL_STORE(p, i, v) ((p)[i] = (T)(v))
 #define MFL_LOAD4(p, i, v) mfl_load4((p), (i), (v))
 #define MFL_STORE4(p, i, v) mfl_store4((p), (i), (v))
+#define MFL_VEC_ALIGNED(p) true
 """
 
 _OPENCL = """
@@ -135,6 +140,7 @@ _OPENCL = """
 #define MFL_SHARED __local
 #define MFL_BARRIER() barrier(CLK_LOCAL_MEM_FENCE)
 #define MFL_SCALAR(name) (name[0])
+#define MFL_VEC_ALIGNED(p) ((size_t)(p) % sizeof(*(p)) == 0)
 """
 
 BODY_PRELUDE = {"cuda": _CUDA, "metal": _METAL, "opencl": _OPENCL}
