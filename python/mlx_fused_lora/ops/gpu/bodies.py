@@ -74,11 +74,13 @@ for (int64_t tile = MFL_GROUP_X; tile < tiles; tile += MFL_GROUPS_X) {
         } else {
           v[0] = MFL_LOAD(x, index);
         }
-        for (int q = 0; q < (vec4 ? 4 : 1); ++q) {
+        for (int q = 0; q < 4; ++q) {  // unrolled: v[] stays in registers
+          if (q >= (vec4 ? 4 : 1)) break;
           v[q] *= MFL_MULT(index + q);
         }
       }
-      for (int q = 0; q < (vec4 ? 4 : 1); ++q) {
+      for (int q = 0; q < 4; ++q) {  // unrolled: v[] stays in registers
+        if (q >= (vec4 ? 4 : 1)) break;
         xs[(s / TK) * (TK + 1) + s % TK + q] = v[q];
       }
     }
@@ -156,7 +158,8 @@ for (int64_t cb = MFL_GROUP_X; cb < blocks; cb += MFL_GROUPS_X) {
           v[0] = MFL_LOAD(dy, (uint64_t)(i * cols + n));
         }
       }
-      for (int q = 0; q < (vec4 ? 4 : 1); ++q) {
+      for (int q = 0; q < 4; ++q) {  // unrolled: v[] stays in registers
+        if (q >= (vec4 ? 4 : 1)) break;
         dys[(s / TN) * (TN + 1) + s % TN + q] = v[q];
       }
     }
@@ -251,11 +254,13 @@ for (int64_t cb = MFL_GROUP_X; cb < blocks; cb += MFL_GROUPS_X) {
         } else {
           v[0] = MFL_LOAD(x, index);
         }
-        for (uint32_t q = 0; q < width; ++q) {
+        for (int q = 0; q < 4; ++q) {  // unrolled: v[] stays in registers
+          if (q >= (int)width) break;
           mult[q] = MFL_MULT(index + q);
         }
       }
-      for (uint32_t q = 0; q < width; ++q) {
+      for (int q = 0; q < 4; ++q) {  // unrolled: v[] stays in registers
+        if (q >= (int)width) break;
         xs[(s / TK) * (TK + 1) + s % TK + q] = v[q] * mult[q];
         ms[(s / TK) * (TK + 1) + s % TK + q] = mult[q];
       }
@@ -284,7 +289,8 @@ for (int64_t cb = MFL_GROUP_X; cb < blocks; cb += MFL_GROUPS_X) {
       const int64_t k = k0 + kk;
       if (i < r1 && k < cols) {
         float v[4];
-        for (uint32_t q = 0; q < width; ++q) {
+        for (int q = 0; q < 4; ++q) {  // unrolled: v[] stays in registers
+          if (q >= (int)width) break;
           float dot = 0.0f;
           for (int j = 0; j < R; ++j) {
             dot += dss[li * R + j] * as_tile[(kk + q) * (R + 1) + j];
