@@ -68,19 +68,19 @@ def _check_shape(kernels, run_op, dtype, r, dropout, shape):
     mask = _cpu_mask(key, (m, k), p) if dropout else None
     slot_key = key if dropout else layout.no_key()
 
-    def fused(x, b, a, bb):
+    def fused(x, w, b, a, bb):
         return run_op(layout.Inputs(x, w, b, a, bb, slot_key), SCALE, p)
 
-    def plain(x, b, a, bb):
+    def plain(x, w, b, a, bb):
         return reference.lora_linear(x, w, b, a, bb, SCALE, mask)
 
-    primals = [x, b, a, bb]
+    primals = [x, w, b, a, bb]
     cotangent = [ct.astype(dtype)]
     (y, *grads) = _evaluated(fused, primals, cotangent)
     (y_ref, *grads_ref) = _evaluated(plain, primals, cotangent)
     tolerance = TOLERANCE[dtype]
     for name, got, want in zip(
-        ["y", "dx", "d_bias", "d_lora_a", "d_lora_b"], [y, *grads], [y_ref, *grads_ref], strict=True
+        ["y", "dx", "d_weight", "d_bias", "d_lora_a", "d_lora_b"], [y, *grads], [y_ref, *grads_ref], strict=True
     ):
         err = _worst(got, want)
         if not err <= tolerance:
