@@ -156,3 +156,19 @@ def test_a_gpu_device_takes_the_kernels_unless_turned_off(monkeypatch):
     monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     assert gpu.available_backend() == "metal"
+
+
+def test_the_self_check_runs_when_first_use_is_inside_mx_compile():
+    """The trainer compiles its step, so the first call (and self-check) may come while
+    mx.compile traces: the check evaluates arrays of its own, which MLX allows there."""
+    backend = opencl_backend()
+
+    @mx.compile
+    def step(x):
+        passed = backend._passes((mx.bfloat16, 16, True), mx.bfloat16, 16, True)
+        return x * (2.0 if passed else 3.0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(np.array(step(mx.ones(3))), np.full(3, 2.0, np.float32))
+    assert backend.checked == {(mx.bfloat16, 16, True): None}
