@@ -58,11 +58,15 @@ def line_of(pos: int) -> int:
 
 
 def blocks(langs: tuple[str, ...]) -> list:
-    return [
-        pytest.param(m.group("body"), m.group("marker") or "", id=f"line{line_of(m.start('body'))}")
-        for m in BLOCK.finditer(README)
-        if m.group("lang") in langs
-    ]
+    """The README's fenced blocks in ``langs``; ids name the line and the block's first words."""
+    params = []
+    for m in BLOCK.finditer(README):
+        if m.group("lang") in langs:
+            words = re.sub(r"[^\w.-]+", "-", " ".join(m.group("body").split()[:3])).strip("-")
+            params.append(
+                pytest.param(m.group("body"), m.group("marker") or "", id=f"line{line_of(m.start('body'))}-{words}")
+            )
+    return params
 
 
 def shell_lines(body: str) -> list[str]:
