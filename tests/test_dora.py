@@ -390,3 +390,115 @@ def test_linear_to_lora_layers_use_dora_builds_fused_dora_and_trains_m():
     freeze_all_but_lora(model)
     trainable = {k.rsplit(".", 1)[1] for k, _ in tree_flatten(model.trainable_parameters())}
     assert trainable == {"lora_a", "lora_b", "m"}
+
+
+# -- adapters with m: mlx-lm and PEFT formats --
+
+
+def dora_llama(seed=0, quantize=False):
+    from mlx_fused_lora.layers import linear_to_lora_layers
+    from test_mlx_lm_integration import make_llama
+
+    model = make_llama(seed=0, num_hidden_layers=2)
+    if quantize:
+        nn.quantize(model, group_size=64, bits=4)
+    model.freeze()
+    mx.random.seed(seed)
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 3.0, "dropout": 0.0}, use_dora=True)
+    return model
+
+
+def randomized(model, seed):
+    mx.random.seed(seed)
+    params = dict(tree_flatten(model.trainable_parameters()))
+    new = {k: (v * (1 + 0.1 * mx.random.normal(v.shape)) if k.endswith(".m") else 0.05 * mx.random.normal(v.shape))
+           for k, v in params.items()}  # fmt: skip
+    model.load_weights(list(new.items()), strict=False)
+    mx.eval(model.parameters())
+    return new
+
+
+@pytest.mark.parametrize("fmt", ["mlx-lm", "peft"])
+@pytest.mark.parametrize("quantize", [False, True])
+def test_dora_adapters_round_trip(tmp_path, fmt, quantize):
+    from mlx_fused_lora.adapters import load_adapters, read_adapters, save_adapters
+
+    trained = dora_llama(quantize=quantize)
+    saved = randomized(trained, seed=1)
+    save_adapters(trained, tmp_path, format=fmt)
+    adapters, detected = read_adapters(tmp_path)
+    assert detected == fmt and adapters.use_dora
+    fresh = dora_llama(seed=9, quantize=quantize)  # other adapters, same base
+    load_adapters(fresh, tmp_path)
+    loaded = dict(tree_flatten(fresh.trainable_parameters()))
+    assert loaded.keys() == saved.keys()
+    for k, v in saved.items():
+        assert mx.array_equal(loaded[k], v).item(), k
+    tokens = mx.array([[1, 5, 9, 3]])
+    assert_close(fresh(tokens), trained(tokens), 0.0, 1e-5, "logits after the round trip")
+    # A plain model (no LoRA layers yet) gets FusedDoRALinear layers from the file.
+    from test_mlx_lm_integration import make_llama
+
+    plain = make_llama(seed=0, num_hidden_layers=2)
+    if quantize:
+        nn.quantize(plain, group_size=64, bits=4)
+    load_adapters(plain, tmp_path)
+    assert sum(isinstance(m, FusedDoRALinear) for _, m in plain.named_modules()) == 14
+    assert_close(plain(tokens), trained(tokens), 0.0, 1e-5, "logits, adapters loaded into a plain model")
+
+
+def test_dora_file_names_and_mlx_lm_reads_ours(tmp_path):
+    import json
+
+    from mlx_fused_lora.adapters import convert_adapter, save_adapters
+    from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
+    from test_mlx_lm_integration import make_llama
+
+    trained = dora_llama()
+    saved = randomized(trained, seed=2)
+    save_adapters(trained, tmp_path / "mlx", format="mlx-lm")
+    config = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "dora"
+    # PEFT names: lora_magnitude_vector beside lora_A / lora_B, use_dora in the config.
+    convert_adapter(tmp_path / "mlx", tmp_path / "peft", to="peft")
+    peft = mx.load(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    q = "base_model.model.model.layers.1.self_attn.q_proj"
+    assert mx.array_equal(peft[f"{q}.lora_magnitude_vector"], saved["model.layers.1.self_attn.q_proj.m"]).item()
+    assert peft[f"{q}.lora_A.weight"].shape == (4, 64)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"] is True
+    # Back to mlx-lm, and mlx-lm's own loader (its DoRALinear) reads it.
+    convert_adapter(tmp_path / "peft", tmp_path / "back", to="mlx-lm")
+    model = make_llama(seed=0, num_hidden_layers=2)
+    model.freeze()
+    mlx_lm_load_adapters(model, str(tmp_path / "back"))
+    assert sum(isinstance(m, DoRALinear) for _, m in model.named_modules()) == 14
+    for k, v in dict(tree_flatten(model.trainable_parameters())).items():
+        assert mx.array_equal(v, saved[k]).item(), k
+    tokens = mx.array([[1, 5, 9, 3]])
+    assert_close(model(tokens), trained(tokens), 1e-5, 1e-5, "mlx-lm's DoRALinear on our saved adapters")
+
+
+def test_bad_dora_files_are_named(tmp_path):
+    import json
+
+    from mlx_fused_lora.adapters import AdapterError, read_adapters, save_adapters
+
+    save_adapters(dora_llama(), tmp_path, format="mlx-lm")
+    weights = tmp_path / "adapters.safetensors"
+    good = mx.load(str(weights))
+    key = "model.layers.0.self_attn.q_proj.m"
+
+    def write(tensors):
+        mx.save_safetensors(str(weights), tensors)
+
+    write({k: v for k, v in good.items() if k != key})
+    with pytest.raises(AdapterError, match=f"no '{key}'"):
+        read_adapters(tmp_path)
+    write({**good, key: good[key][:5]})
+    with pytest.raises(AdapterError, match=r"shape \(64,\)"):
+        read_adapters(tmp_path)
+    write(good)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "fine_tune_type": "lora"}))
+    with pytest.raises(AdapterError, match="not DoRA"):
+        read_adapters(tmp_path)

@@ -3,20 +3,22 @@
 An `AdapterSet` maps a module path (``model.layers.3.self_attn.q_proj``,
 ``backbone.layers.0.mlp.up_proj``) to ``lora_a (in, r)``, ``lora_b (r, out)`` and the
 multiplier ``scale``, so the module's output is ``x @ W.T + scale * (x @ lora_a) @ lora_b``.
+A DoRA adapter also has ``magnitude`` (mlx-lm's ``m``, PEFT's ``lora_magnitude_vector``,
+shape (out,)): that output is then rescaled per row to ``magnitude / ||W + scale * (A B)^T||``.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 
 from ..layers.tree import alpha_for, lora_scale
 from .checks import AdapterError
 
-__all__ = ["ModuleAdapter", "AdapterSet", "lora_pairs", "most_common"]
+__all__ = ["ModuleAdapter", "AdapterSet", "lora_pairs", "split_magnitudes", "attach_magnitudes", "most_common"]
 
 
 @dataclass
@@ -25,6 +27,7 @@ class ModuleAdapter:
     lora_b: mx.array  # (r, out)
     scale: float
     alpha: float | None = None  # as recorded by the source, when it recorded one
+    magnitude: mx.array | None = None  # DoRA's m (out,); None for plain LoRA
 
     @property
     def r(self) -> int:
@@ -45,6 +48,14 @@ class AdapterSet:
     num_layers: int | None = None  # mlx-lm's: adapted blocks counted from the last
     extra: dict = field(default_factory=dict)  # passed through (e.g. model_type)
 
+    @property
+    def use_dora(self) -> bool:
+        """True when the modules are DoRA adapters (each has a magnitude); raises if mixed."""
+        kinds = {m.magnitude is not None for m in self.modules.values()}
+        if len(kinds) > 1:
+            raise AdapterError("an adapter set mixes DoRA modules (with a magnitude) and LoRA ones")
+        return kinds == {True}
+
     def renamed(self, modules: dict[str, ModuleAdapter]) -> AdapterSet:
         """The same settings over other modules (what a rename hook returns)."""
         return AdapterSet(modules, self.dropout, self.use_rslora, self.num_layers, dict(self.extra))
@@ -63,6 +74,42 @@ def lora_pairs(tensors: dict, key_re: re.Pattern, fmt: str, where: str) -> dict[
             missing = "lora_b" if "a" in ab else "lora_a"
             raise AdapterError(f"{where}: {fmt} adapter has no {missing} for {path}")
     return pairs
+
+
+def split_magnitudes(tensors: dict, suffix: str) -> tuple[dict, dict]:
+    """(the other tensors, ``{module path: magnitude}`` of the keys ending in ``suffix``)."""
+    magnitudes = {k[: -len(suffix)]: v for k, v in tensors.items() if k.endswith(suffix)}
+    rest = {k: v for k, v in tensors.items() if not k.endswith(suffix)}
+    return rest, magnitudes
+
+
+def attach_magnitudes(modules: dict, magnitudes: dict, use_dora: bool, name: str, where: str) -> dict:
+    """``modules`` with their DoRA magnitudes (named ``{path}{name}`` in the file), checked:
+    with ``use_dora`` every module needs a finite float vector of shape (out,), else none may have one."""
+    if not use_dora:
+        if magnitudes:
+            key = next(iter(magnitudes)) + name
+            raise AdapterError(f"{where}: tensor {key!r} is a DoRA magnitude but the config is not DoRA")
+        return modules
+    extra = sorted(set(magnitudes) - set(modules))
+    if extra:
+        raise AdapterError(f"{where}: tensor {extra[0] + name!r} has no lora_a/lora_b beside it")
+    out = {}
+    for path, m in modules.items():
+        key = path + name
+        if path not in magnitudes:
+            raise AdapterError(f"{where}: DoRA adapter has no {key!r}")
+        v = magnitudes[path]
+        expected = (m.lora_b.shape[1],)
+        if v.dtype not in (mx.float16, mx.bfloat16, mx.float32) or tuple(v.shape) != expected:
+            raise AdapterError(
+                f"{where}: tensor {key!r} must be a float vector of shape {expected}, "
+                f"got {str(v.dtype).rsplit('.', 1)[-1]} of shape {tuple(v.shape)}"
+            )
+        if not mx.all(mx.isfinite(v)).item():
+            raise AdapterError(f"{where}: tensor {key!r} holds non-finite values (NaN or inf)")
+        out[path] = replace(m, magnitude=v)
+    return out
 
 
 def most_common(values):

@@ -1,7 +1,8 @@
 """The mlx-lm adapter format, and the CSM fine-tuning CLI's (mlx-lm's under other names).
 
 - ``mlx-lm``: ``adapters.safetensors`` with ``{path}.lora_a (in, r)``,
-  ``{path}.lora_b (r, out)``; ``adapter_config.json`` with ``fine_tune_type: "lora"``,
+  ``{path}.lora_b (r, out)`` (and ``{path}.m (out,)`` for DoRA);
+  ``adapter_config.json`` with ``fine_tune_type: "lora"`` (or ``"dora"``),
   ``num_layers`` and ``lora_parameters {rank, scale, dropout, keys}`` as mlx-lm reads
   them. Extra fields mlx-lm ignores keep what its schema cannot say: ``lora_parameters.alpha``,
   ``use_rslora``, and ``scale_pattern`` / ``alpha_pattern`` (exact module paths, never
@@ -17,7 +18,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .adapter_set import AdapterSet, ModuleAdapter, lora_pairs, most_common
+from .adapter_set import AdapterSet, ModuleAdapter, attach_magnitudes, lora_pairs, most_common, split_magnitudes
 from .checks import AdapterError, check_lora_pair, config_field
 from .registry import AdapterFormat, load_tensors, read_json, register_format
 
@@ -39,8 +40,8 @@ def _read(d: Path, fmt: AdapterFormat) -> AdapterSet:
     where = str(d / fmt.config_file)
     config = read_json(d / fmt.config_file)
     ftype = config_field(config, "fine_tune_type", "str", where, "lora")
-    if ftype != "lora":
-        raise AdapterError(f"{where}: fine_tune_type {ftype!r} is not supported (lora only)")
+    if ftype not in ("lora", "dora"):
+        raise AdapterError(f"{where}: fine_tune_type {ftype!r} is not supported (lora or dora)")
     if "lora_parameters" not in config:
         raise KeyError(f"{where}: lora_parameters.scale is missing")
     params = config_field(config, "lora_parameters", "dict", where)
@@ -55,12 +56,14 @@ def _read(d: Path, fmt: AdapterFormat) -> AdapterSet:
     scale_pattern = _number_map(config, "scale_pattern", where)
     alpha_pattern = _number_map(config, "alpha_pattern", where)
     tensors_where = str(d / fmt.weights_file)
+    tensors, magnitudes = split_magnitudes(load_tensors(d / fmt.weights_file), ".m")
     modules = {}
-    for path, ab in lora_pairs(load_tensors(d / fmt.weights_file), _MLX_KEY, fmt.name, tensors_where).items():
+    for path, ab in lora_pairs(tensors, _MLX_KEY, fmt.name, tensors_where).items():
         check_lora_pair(path, ab["a"], ab["b"], tensors_where)
         modules[path] = ModuleAdapter(
             ab["a"], ab["b"], float(scale_pattern.get(path, scale)), alpha_pattern.get(path, default_alpha)
         )
+    modules = attach_magnitudes(modules, magnitudes, ftype == "dora", ".m", tensors_where)
     extra = {"model_type": config_field(config, "model_type", "str", where)} if "model_type" in config else {}
     return AdapterSet(modules, float(dropout), use_rslora, num_layers, extra)
 
@@ -87,7 +90,7 @@ def _config(adapters: AdapterSet) -> dict:
     alpha = most_common(alphas.values())
     keys, num_layers = _mlx_lm_keys(mods)
     config = {
-        "fine_tune_type": "lora",
+        "fine_tune_type": "dora" if adapters.use_dora else "lora",
         "num_layers": adapters.num_layers if adapters.num_layers is not None else num_layers,
         "lora_parameters": {
             "rank": rank,
@@ -113,6 +116,8 @@ def _tensors(adapters: AdapterSet) -> dict:
     for p, m in adapters.modules.items():
         tensors[f"{p}.lora_a"] = m.lora_a
         tensors[f"{p}.lora_b"] = m.lora_b
+        if m.magnitude is not None:
+            tensors[f"{p}.m"] = m.magnitude
     return tensors
 
 

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..layers import FusedLoRALinear
+from ..layers import FusedDoRALinear, FusedLoRALinear
 from ..layers.base import base_dims
 from ..layers.tree import freeze_all_but_lora, is_lora_layer, lora_dropout_p, lora_layers
 from .adapter_set import AdapterSet, ModuleAdapter
@@ -78,7 +78,10 @@ def _adapter_set_of(model: nn.Module) -> AdapterSet:
     ]
     if trained_biases:
         warnings.warn(f"trainable biases ({trained_biases[0]}, ...) are not saved with the adapters", stacklevel=3)
-    modules = {name: ModuleAdapter(layer.lora_a, layer.lora_b, float(layer.scale), alpha) for name, layer in layers}
+    modules = {
+        name: ModuleAdapter(layer.lora_a, layer.lora_b, float(layer.scale), alpha, layer.get("m"))
+        for name, layer in layers
+    }
     num_layers = None
     if hasattr(model, "layers") and isinstance(model.layers, list):
         idx = [int(p.split("layers.", 1)[1].split(".", 1)[0]) for p in modules if "layers." in p]
@@ -124,8 +127,9 @@ def load_adapters(model: nn.Module, path: str | Path, *, rename: Rename | None =
     All or nothing: the files are read and every tensor and config field checked (names,
     shapes, dtypes, finiteness, field types), and every adapter is matched to its module,
     before the model is touched; any problem raises and leaves the model as it was.
-    Each adapted module is wrapped in `FusedLoRALinear` (or, if it already is a LoRA
-    layer, has its ``lora_a``/``lora_b``/``scale`` replaced). The base is frozen and the
+    Each adapted module is wrapped in `FusedLoRALinear` (`FusedDoRALinear` for DoRA
+    adapters), or, if it already is a LoRA layer of that kind, has its
+    ``lora_a``/``lora_b``/``scale`` (and ``m``) replaced. The base is frozen and the
     adapters left trainable. ``rename`` maps the file's module paths to the model's
     (default: the hook registered for the model's class, if any). Raises KeyError naming
     an adapter module the model lacks, ValueError naming a module or tensor that does
@@ -137,8 +141,12 @@ def load_adapters(model: nn.Module, path: str | Path, *, rename: Rename | None =
         adapters = rename(adapters, model)
     plan = _plan(model, adapters)
     # Build every new layer before assigning anything: constructing one cannot fail halfway.
+    # A LoRA layer of the other kind (LoRA <-> DoRA) is rebuilt around its base.
+    cls = FusedDoRALinear if adapters.use_dora else FusedLoRALinear
     layers = [
-        module if is_lora_layer(module) else FusedLoRALinear.from_base(base, r=m.r, dropout=adapters.dropout)
+        module
+        if is_lora_layer(module) and ("m" in module) == adapters.use_dora
+        else cls.from_base(base, r=m.r, dropout=adapters.dropout)
         for _, module, base, m in plan
     ]
     replacements = []
@@ -146,6 +154,8 @@ def load_adapters(model: nn.Module, path: str | Path, *, rename: Rename | None =
         layer.lora_a = m.lora_a
         layer.lora_b = m.lora_b
         layer.scale = m.scale
+        if m.magnitude is not None:
+            layer.m = m.magnitude
         if layer is not module:
             replacements.append((p, layer))
     if replacements:

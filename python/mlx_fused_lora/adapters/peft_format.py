@@ -3,7 +3,9 @@
 ``adapter_model.safetensors`` with ``base_model.model.{path}.lora_A.weight (r, in)`` and
 ``...lora_B.weight (out, r)`` (the transposes of ours); ``adapter_config.json`` with
 ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
-``target_modules``, ``rank_pattern``, ``alpha_pattern``. Per module
+``target_modules``, ``rank_pattern``, ``alpha_pattern``. DoRA (``use_dora: true``) adds
+``base_model.model.{path}.lora_magnitude_vector (out,)``, the name PEFT saves it under
+(our ``m``). Per module
 ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), with ``r`` and ``alpha``
 taken from the patterns where one matches.
 
@@ -23,13 +25,14 @@ import re
 from pathlib import Path
 
 from ..layers.tree import lora_scale
-from .adapter_set import AdapterSet, ModuleAdapter, lora_pairs, most_common
+from .adapter_set import AdapterSet, ModuleAdapter, attach_magnitudes, lora_pairs, most_common, split_magnitudes
 from .checks import AdapterError, check_lora_tensor, config_field
 from .registry import AdapterFormat, load_tensors, read_json, register_format
 
 __all__ = ["PEFT", "ModulePattern", "parse_pattern"]
 
 _PREFIX = "base_model.model."
+_MAGNITUDE = ".lora_magnitude_vector"  # PEFT drops the ".weight" of its DoRA module when saving
 _KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
 MAX_PATTERN_CHARS = 512
 _DIGITS = object()  # a component matching any run of decimal digits
@@ -108,8 +111,7 @@ def _read(d: Path) -> AdapterSet:
     peft_type = config_field(config, "peft_type", "str", where, "LORA")
     if peft_type != "LORA":
         raise AdapterError(f"{where}: peft_type {peft_type!r} is not LORA")
-    if config_field(config, "use_dora", "bool", where, False, nullable=True):
-        raise AdapterError(f"{where}: DoRA adapters are not supported")
+    use_dora = bool(config_field(config, "use_dora", "bool", where, False, nullable=True))
     default_r = config_field(config, "r", "int", where)
     default_alpha = config_field(config, "lora_alpha", "number", where)
     dropout = config_field(config, "lora_dropout", "number", where, 0.0)
@@ -120,6 +122,7 @@ def _read(d: Path) -> AdapterSet:
     alpha_pattern = _patterns(config, "alpha_pattern", "number", where)
     weights = d / PEFT.weights_file
     tensors = {(k[len(_PREFIX) :] if k.startswith(_PREFIX) else k): v for k, v in load_tensors(weights).items()}
+    tensors, magnitudes = split_magnitudes(tensors, _MAGNITUDE)
     modules = {}
     for path, ab in lora_pairs(tensors, _KEY, "peft", str(weights)).items():
         A, B = ab["a"], ab["b"]  # (r, in), (out, r)
@@ -135,6 +138,7 @@ def _read(d: Path) -> AdapterSet:
             raise ValueError(f"{path}.lora_A.weight has rank {r} but the config (r / rank_pattern) says {expected_r}")
         alpha = float(_pattern_value(alpha_pattern, path, default_alpha))
         modules[path] = ModuleAdapter(A.T, B.T, lora_scale(r, alpha, use_rslora), alpha)
+    modules = attach_magnitudes(modules, magnitudes, use_dora, _MAGNITUDE, str(weights))
     return AdapterSet(modules=modules, dropout=float(dropout), use_rslora=use_rslora)
 
 
@@ -157,7 +161,7 @@ def _config(adapters: AdapterSet) -> dict:
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": adapters.use_dora,
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -172,6 +176,8 @@ def _write(adapters: AdapterSet):
     for p, m in adapters.modules.items():
         tensors[f"{_PREFIX}{p}.lora_A.weight"] = m.lora_a.T
         tensors[f"{_PREFIX}{p}.lora_B.weight"] = m.lora_b.T
+        if m.magnitude is not None:
+            tensors[f"{_PREFIX}{p}{_MAGNITUDE}"] = m.magnitude
     return tensors, _config(adapters), {"format": "pt"}
 
 

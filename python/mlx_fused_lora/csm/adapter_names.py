@@ -37,8 +37,9 @@ def csm_native_paths(adapters: AdapterSet, model) -> AdapterSet:
             raise KeyError(f"adapter module {path!r} ({layout} names) has no counterpart in CSM")
         heads = qk_heads(native, model.config) if layout == "hf" else None
         if heads is not None:
-            # rows of delta W are lora_b's columns
-            m = ModuleAdapter(m.lora_a, permute_rows_from_hf(m.lora_b.T, heads).T, m.scale, m.alpha)
+            # rows of delta W are lora_b's columns (and DoRA's magnitude entries)
+            magnitude = None if m.magnitude is None else permute_rows_from_hf(m.magnitude, heads)
+            m = ModuleAdapter(m.lora_a, permute_rows_from_hf(m.lora_b.T, heads).T, m.scale, m.alpha, magnitude)
         modules[native[: -len(".weight")]] = m
     return adapters.renamed(modules)
 
