@@ -70,6 +70,16 @@ def test_without_the_audio_extra_it_falls_back_and_says_so(tmp_path, monkeypatch
         write_example(tmp_path / "wav", audio_format="wav")
 
 
+@have_audio
+def test_without_tokenizers_the_model_takes_the_byte_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.setattr(example_module, "_have", lambda module: module != "tokenizers")
+    ex = write_example(tmp_path / "ex", num_files=2, audio_format="codes")
+    config = json.loads((ex.model / "config.json").read_text())
+    assert ex.tokenizer == "byte" and config["text_vocab_size"] == 258 and ex.codec is not None
+    cmd = finetune_command(ex)
+    assert cmd[cmd.index("--tokenizer") + 1] == "byte" and "--codec-path" in cmd
+
+
 def test_bad_arguments_are_refused_with_what_was_given(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
