@@ -502,3 +502,34 @@ def test_bad_dora_files_are_named(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "fine_tune_type": "lora"}))
     with pytest.raises(AdapterError, match="not DoRA"):
         read_adapters(tmp_path)
+
+
+def test_csm_apply_lora_use_dora_trains_m_and_merges(tmp_path):
+    from mlx_fused_lora.adapters import load_adapters, save_adapters
+    from mlx_fused_lora.csm import CSM, CSMConfig, apply_lora, merge_lora
+    from test_csm_lora import frames, outputs
+
+    mx.random.seed(3)
+    model = CSM(CSMConfig.tiny())
+    mx.eval(model.parameters())
+    report = apply_lora(model, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8.0, use_dora=True)
+    layers = [m for _, m in model.named_modules() if isinstance(m, FusedDoRALinear)]
+    assert len(layers) == len(report.modules) and model.lora_settings.use_dora
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    assert {k.rsplit(".", 1)[1] for k in trainable} == {"lora_a", "lora_b", "m"}
+    for layer in layers:
+        layer.lora_b = 0.05 * mx.random.normal(layer.lora_b.shape)
+        layer.m = layer.m * 1.1
+    model.eval()
+    tokens, mask = frames(model.config)
+    before = outputs(model, tokens, mask)
+    save_adapters(model, tmp_path, format="peft")
+    mx.random.seed(3)
+    other = CSM(CSMConfig.tiny())
+    load_adapters(other, tmp_path)
+    other.eval()
+    assert sum(isinstance(m, FusedDoRALinear) for _, m in other.named_modules()) == len(layers)
+    assert abs(outputs(other, tokens, mask) - before).max() < 1e-4
+    merge_lora(model)
+    assert not any(isinstance(m, FusedDoRALinear) for _, m in model.named_modules())
+    assert abs(outputs(model, tokens, mask) - before).max() < 1e-4

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..layers import FusedLoRALinear
+from ..layers import FusedDoRALinear, FusedLoRALinear
 from ..layers.tree import (
     freeze_all_but_lora,
     fuse_lora_layers,
@@ -72,6 +72,7 @@ class LoRASettings:
     bias: bool
     target_modules: list[str]
     target_layers: object = None
+    use_dora: bool = False
 
     @property
     def scale(self) -> float:
@@ -145,8 +146,10 @@ def apply_lora(
     dropout: float = 0.0,
     bias: bool = False,
     use_rslora: bool = False,
+    use_dora: bool = False,
 ) -> LoRAReport:
-    """Replace the targeted linears of a CSM by `FusedLoRALinear` and freeze the rest.
+    """Replace the targeted linears of a CSM by `FusedLoRALinear` (`FusedDoRALinear` with
+    ``use_dora``: DoRA's magnitude ``m`` is trained too) and freeze the rest.
 
     ``target_layers``: None (every layer of both stacks), a list of layer indices (applied
     to each stack where the index exists), or ``{"backbone": [...], "decoder": [...]}``
@@ -160,6 +163,7 @@ def apply_lora(
     targets = _normalize_targets(target_modules)
     layers = _layers_per_stack(model, target_layers)
     scale = lora_scale(r, alpha, use_rslora)
+    layer_class = FusedDoRALinear if use_dora else FusedLoRALinear
 
     paths = []
     for t in targets:
@@ -178,7 +182,7 @@ def apply_lora(
             raise ValueError(f"{p} already has a LoRA adapter")
         if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
             raise ValueError(f"{p} is a {type(base).__name__}, not a linear layer")
-        replacements.append((p, FusedLoRALinear.from_base(base, r=r, dropout=dropout, scale=scale)))
+        replacements.append((p, layer_class.from_base(base, r=r, dropout=dropout, scale=scale)))
     model.update_modules(tree_unflatten(replacements))
     freeze_all_but_lora(model, train_bias=bias)
     if bias and not any("bias" in m.linear for _, m in replacements):
@@ -191,6 +195,7 @@ def apply_lora(
         bias=bias,
         target_modules=targets,
         target_layers=target_layers,
+        use_dora=use_dora,
     )
     report = LoRAReport(
         trainable=sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
