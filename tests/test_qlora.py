@@ -230,3 +230,30 @@ def test_other_quantization_modes_match_mlx_lm():
     assert_close(gx, gx_ref, 1e-5, 1e-5, "mxfp4 dx")
     for name in gp:
         assert_close(gp[name], gp_ref[name], 1e-4, 1e-5, f"mxfp4 d{name}")
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (dict(bits=7), "bits"),
+        (dict(bits=4.0), "bits"),
+        (dict(group_size=48), "group_size"),
+        (dict(group_size=256), "group_size"),
+        (dict(bits=8), "weight"),  # the packed width no longer fits K
+        (dict(scales=lambda q: q.scales[:, :1]), "scales"),
+        (dict(biases=lambda q: None), "biases"),  # affine needs them
+    ],
+)
+def test_bad_quantization_parameters_are_named(change, named):
+    from mlx_fused_lora.ops import fused_qlora_linear
+
+    base = make_base("q4", input_dims=128, output_dims=32)
+    args = dict(weight=base.weight, scales=base.scales, biases=base.biases, group_size=64, bits=4)
+    for k, v in change.items():
+        args[k] = v(base) if callable(v) else v
+    a, b = mx.zeros((128, 4)), mx.zeros((4, 32))
+    with pytest.raises(ValueError, match=f"`{named}`"):
+        fused_qlora_linear(
+            mx.zeros((2, 128)), args["weight"], args["scales"], args["biases"], None, a, b,
+            group_size=args["group_size"], bits=args["bits"], scale=1.0,
+        )  # fmt: skip
