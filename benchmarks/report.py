@@ -2,8 +2,8 @@
 
     python benchmarks/report.py benchmarks/results/cpu-fp32-full.json
 
-What the README's "Benchmark suite" section shows is this script's output for the
-committed results: no number is typed by hand. The ratios are computed again from the
+The README's "Benchmark suite" shows the committed files' printed summaries and figures
+read from them (checked by tests/test_readme.py): no number is typed by hand. The ratios are computed again from the
 file's cases (so files written before a cell could be marked untrusted get the marks
 too); a cell the run cannot trust carries a "?" and its reason.
 """
