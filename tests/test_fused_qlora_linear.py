@@ -209,3 +209,22 @@ def test_jvp_matches_reference(p):
         tangents,
     )
     assert rel_err(ty, ty_ref) < TOL[mx.float32]
+
+
+@pytest.mark.parametrize("m,k,n", [(0, 64, 8), (3, 64, 0), (3, 0, 8)])
+def test_empty_dimensions_do_not_crash(m, k, n):
+    """MLX 0.32.4's quantized_matmul dies of SIGFPE on an empty dimension; the op gives
+    the empty product (y = bias for K = 0) and gradients of the right shapes."""
+    x = mx.random.normal((m, k))
+    weight = mx.zeros((n, k * 4 // 32), dtype=mx.uint32)
+    scales = biases = mx.zeros((n, k // 32))
+    bias = mx.ones((n,))
+    a, b = mx.ones((k, 2)), mx.ones((2, n))
+
+    def f(x, a, b):
+        return fused_qlora_linear(x, weight, scales, biases, bias, a, b, group_size=32, bits=4, scale=1.0)
+
+    assert mx.array_equal(f(x, a, b), mx.ones((m, n)))
+    grads = mx.grad(lambda *args: f(*args).sum(), argnums=(0, 1, 2))(x, a, b)
+    assert [g.shape for g in grads] == [(m, k), (k, 2), (2, n)]
+    mx.eval(grads)

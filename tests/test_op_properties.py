@@ -65,7 +65,9 @@ def cases(draw, special=False):
         # them, and 0 * inf is NaN in IEEE (the op, OpenBLAS, Accelerate) while
         # MLX's Linux reference BLAS skips zero terms.
         p=0.0 if special else draw(st.one_of(st.sampled_from([0.0, 0.5]), st.floats(0.0, 0.95))),
-        scale=draw(st.floats(-8.0, 8.0, width=32)),
+        # Zero or of a size where scale * dY cannot underflow: the op applies scale to
+        # the rank-r products, plain MLX to dY, and the two differ only there.
+        scale=draw(st.one_of(st.just(0.0), st.floats(2**-10, 8.0, width=32), st.floats(-8.0, -(2**-10), width=32))),
         bias=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
         special=None,
@@ -109,7 +111,8 @@ def build(case):
 
 def assert_matches(actual, expected, tol, name):
     """Same shape, same NaN / +inf / -inf positions, finite values within tol of the
-    largest finite magnitude."""
+    largest finite magnitude, or of 1 (the inputs' scale: a small output is the
+    cancellation of terms of that size, and carries their rounding)."""
     assert actual.shape == expected.shape, name
     a = np.array(actual.astype(mx.float32))
     e = np.array(expected.astype(mx.float32))
@@ -118,7 +121,7 @@ def assert_matches(actual, expected, tol, name):
     finite = np.isfinite(e)
     if finite.any():
         err = np.abs(a[finite] - e[finite]).max()
-        assert err <= tol * max(np.abs(e[finite]).max(), 1e-6), (name, err)
+        assert err <= tol * max(np.abs(e[finite]).max(), 1.0), (name, err)
 
 
 def plain_mlx(x, w, b, a, bb, scale, mask):
@@ -205,3 +208,64 @@ def test_scale_is_checked_in_float32(scale):
         return
     assert ok, scale
     mx.eval(y)
+
+
+@bounded(30)
+@given(
+    st.sampled_from([1, 2, 3, 4, 5, 6, 8]),
+    st.sampled_from([32, 64, 128]),
+    st.integers(1, 3),
+    st.integers(1, 24),
+    st.integers(1, 8),
+    st.sampled_from(DTYPES),
+    st.one_of(st.just(0.0), st.floats(0.0, 0.9)),
+    st.lists(st.integers(0, 5), max_size=2),
+    st.integers(0, 2**31 - 1),
+)
+def test_quantized_base_matches_reference(bits, group_size, groups, n, r, dtype, p, lead, seed):
+    """fused_qlora_linear over every bits / group size MLX supports, against
+    reference.qlora_linear (plain MLX over the same quantized weight)."""
+    from mlx_fused_lora.ops import fused_qlora_linear
+
+    k = groups * group_size
+    keys = mx.random.split(mx.random.key(seed), 4)
+    weight, scales, biases = mx.quantize(
+        mx.random.normal((n, k), key=keys[0]) / k**0.5, group_size=group_size, bits=bits
+    )
+    scales, biases = scales.astype(dtype), biases.astype(dtype)
+    x = mx.random.normal((*lead, k), key=keys[1]).astype(dtype)
+    a = mx.random.normal((k, r), key=keys[2]) / k**0.5
+    bb = mx.random.normal((r, n), key=keys[3]) / r**0.5
+    key = mx.random.key(seed // 2)
+    mask = dropout_mask(key, x.shape, p) if p > 0 else None
+    q = dict(group_size=group_size, bits=bits)
+
+    def fused(x, a, bb):
+        return fused_qlora_linear(x, weight, scales, biases, None, a, bb, **q, scale=1.5, dropout=p, key=key)
+
+    def mlx_lm(x, a, bb):
+        # mlx-lm's LoRALinear over a QuantizedLinear: the quantized matmul in x's dtype.
+        dropped = x if mask is None else x * mask.astype(x.dtype)
+        base = mx.quantized_matmul(x, weight, scales, biases, **q) if x.size else mx.zeros((*x.shape[:-1], n), x.dtype)
+        return (base + 1.5 * ((dropped @ a) @ bb)).astype(x.dtype)
+
+    def ref(x, a, bb):
+        return reference.qlora_linear(x, weight, scales, biases, None, a, bb, 1.5, mask, **q)
+
+    ct = mx.random.normal((*x.shape[:-1], n), key=mx.random.key(seed // 3))
+
+    def loss(f):
+        return lambda *args: (f(*args).astype(mx.float32) * ct).sum()
+
+    # Against mlx-lm's formula (the same quantized matmul, in x's dtype) in every dtype;
+    # against the float32 reference in float32 only: in half precision MLX's quantized
+    # matmul itself is off the float32 product by more than a rounding (7 % of the
+    # output's size seen in bfloat16, K = 384), for mlx-lm as for this op.
+    peers = [(mlx_lm, 2 * TOL[dtype])] + ([(ref, TOL[dtype])] if dtype == mx.float32 else [])
+    y = fused(x, a, bb)
+    grads = mx.grad(loss(fused), argnums=(0, 1, 2))(x, a, bb)
+    for peer, tol in peers:
+        assert_matches(y, peer(x, a, bb), tol, "y")
+        peer_grads = mx.grad(loss(peer), argnums=(0, 1, 2))(x, a, bb)
+        for g, g_peer, name in zip(grads, peer_grads, ("x", "lora_a", "lora_b"), strict=True):
+            assert_matches(g, g_peer, tol, name)

@@ -28,10 +28,21 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, mask=None):
     return _add_bias_and_lora(y, x32, bias, lora_a, lora_b, scale, mask).astype(x.dtype)
 
 
+def quantized_matmul(x, weight, scales, biases, *, transpose, group_size, bits):
+    """MLX's ``quantized_matmul``, with an empty dimension giving the empty product
+    (zeros): MLX 0.32.4's dies of SIGFPE on any empty M, N or K."""
+    n = weight.shape[0]
+    k = weight.shape[1] * 32 // bits
+    out = (*x.shape[:-1], n if transpose else k)
+    if x.size == 0 or n == 0 or k == 0:
+        return mx.zeros(out, dtype=x.dtype if x.dtype == scales.dtype else mx.float32)
+    return mx.quantized_matmul(x, weight, scales, biases, transpose=transpose, group_size=group_size, bits=bits)
+
+
 def qlora_linear(x, weight, scales, biases, bias, lora_a, lora_b, scale, mask=None, *, group_size, bits):
     """The same with a quantized base (``weight``, ``scales``, ``biases`` as
     ``nn.QuantizedLinear`` holds them, affine mode): the base product through MLX's
     ``quantized_matmul`` on float32 x, the LoRA term as in ``lora_linear``."""
     x32 = x.astype(mx.float32)
-    y = mx.quantized_matmul(x32, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    y = quantized_matmul(x32, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
     return _add_bias_and_lora(y.astype(mx.float32), x32, bias, lora_a, lora_b, scale, mask).astype(x.dtype)
