@@ -346,20 +346,24 @@ void input_grad_onto(const mx::array& base, const mx::array& ds, const mx::array
 }
 
 void dropout_mask(const mx::array* key, float p, mx::array& out) {
+  // The mask depends on the flat index only: chunks of the flattened output, so the
+  // scratch is small whatever the shape.
+  constexpr int64_t kChunk = 4096;
   const Dropout d = dropout_from(p, key);
   const int64_t size = out.size();
-  const int64_t row = out.ndim() ? std::max<int64_t>(out.shape(-1), 1) : 1;
+  const int64_t chunks = (size + kChunk - 1) / kChunk;
   dispatch_float(out.dtype(), [&](auto tag) {
     using T = decltype(tag);
     T* dst = out.data<T>();
-    parallel_for(size / row, kRowGrain, [&](int64_t i0, int64_t i1, int) {
-      Scratch ones(row, 1.0f);
-      Scratch mask(row, 1.0f);
-      for (int64_t i = i0; i < i1; ++i) {
+    parallel_for(chunks, 4, [&](int64_t c0, int64_t c1, int) {
+      Scratch ones(kChunk, 1.0f);
+      Scratch mask(kChunk, 1.0f);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t begin = c * kChunk, len = std::min(kChunk, size - begin);
         if (d.active) {
-          dropout_row(mask.data(), ones.data(), row, uint64_t(i) * uint64_t(row), d);
+          dropout_row(mask.data(), ones.data(), len, uint64_t(begin), d);
         }
-        store_row(dst + i * row, mask.data(), row);
+        store_row(dst + begin, mask.data(), len);
       }
     });
   });
