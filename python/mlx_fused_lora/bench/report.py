@@ -1,12 +1,12 @@
 """Ratios of a run: fused / limit, peer / fused, peak memory per kind; which cells to distrust; the targets; the text table."""
 
-import statistics
-
 from .grid import PEERS, TARGET_SHAPE, TARGETS
 
-# A cell is distrusted when the limit's own rounds disagree by more than this (median
-# over best): the machine's load moved while the cell ran. Fused and the limit are a
-# few per cent apart, so a gauge that moves more than that hides the difference.
+# A cell is distrusted when the limit's two fastest rounds disagree by more than this:
+# its best round, which the ratios use, was not reproduced, so the machine's load moved
+# under it. (Rounds slowed by load elsewhere in the cell do not enter the best-round
+# ratios, so they alone do not distrust it.) Fused and the limit are a few per cent
+# apart: a gauge that moves more than that hides the difference.
 GAUGE_TOLERANCE = 0.10
 
 BELOW_LIMIT = "fused below the limit"
@@ -27,9 +27,9 @@ def _group_key(record):
 
 
 def limit_drift(limit_record):
-    """How far the limit's timed rounds spread: median / best - 1 (0 for one round)."""
-    times = limit_record.get("times_s") or [limit_record["time_s"]]
-    return statistics.median(times) / min(times) - 1
+    """How far the limit's best round was from being reproduced: second best / best - 1 (0 for one round)."""
+    times = sorted(limit_record.get("times_s") or [limit_record["time_s"]])
+    return times[1] / times[0] - 1 if len(times) > 1 else 0.0
 
 
 def untrusted_reasons(kinds):
@@ -37,7 +37,7 @@ def untrusted_reasons(kinds):
 
     - fused below the limit: fused runs the limit's GEMMs and more, so a fused time under
       the limit's means load slowed the limit's best round, not that fused beat it;
-    - gauge moved: the limit's repeated rounds drifted apart by more than GAUGE_TOLERANCE.
+    - gauge moved: the limit's two fastest rounds differ by more than GAUGE_TOLERANCE.
     """
     reasons = []
     if kinds["fused"]["time_s"] < kinds["limit"]["time_s"]:

@@ -38,7 +38,7 @@ PEFT_KIND_TEXT = dict(
 UNTRUSTED_TEXT = {
     BELOW_LIMIT: "fused time under the limit's: fused runs the limit's GEMMs and more, so load slowed the "
     "limit's best round",
-    GAUGE_MOVED: f"the limit's rounds spread by more than {GAUGE_TOLERANCE:.0%} (median over best)",
+    GAUGE_MOVED: f"the limit's two fastest rounds differ by more than {GAUGE_TOLERANCE:.0%}: its best was not reproduced",
     PEFT_BELOW_LIMIT: "PEFT's time under torch's two GEMMs alone: load slowed them",
 }
 
@@ -100,8 +100,8 @@ def summary_lines(report):
     untrusted = report["untrusted"]["cells"]
     if untrusted:
         lines.append(
-            f"untrusted: {untrusted} of {len(rows)} cells (fused below the limit, or the limit's rounds "
-            f"spread more than {GAUGE_TOLERANCE:.0%}: load moved while they ran); read them as noise"
+            f"untrusted: {untrusted} of {len(rows)} cells (fused below the limit, or the limit's two fastest "
+            f"rounds more than {GAUGE_TOLERANCE:.0%} apart: load moved while they ran); read them as noise"
         )
     lines += target_lines(rows)
     cal, load = report["calibration"], report["load_average"]
