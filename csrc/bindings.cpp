@@ -6,6 +6,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "cpu/ops.h"
+#include "cpu/quantized_base.h"
 #include "cpu/testing.h"
 
 namespace nb = nanobind;
@@ -32,6 +33,10 @@ NB_MODULE(_ext, m) {
   m.def("lora_input_grad_onto", &mfl::lora_input_grad_onto, "base"_a, "ds"_a, "lora_a"_a, "key"_a,
         nb::kw_only(), "dropout"_a, "stream"_a = nb::none(),
         "Returns dX = base + mask * (dS @ A^T).");
+  m.def("quantized_base_matmul", &mfl::quantized_base_matmul, "x"_a, "weight"_a, "scales"_a,
+        "biases"_a, nb::kw_only(), "group_size"_a, "bits"_a, "transpose"_a, "stream"_a = nb::none(),
+        "x @ W.T (transpose) or x @ W for an affine-quantized W, dequantized a tile of rows "
+        "at a time into the BLAS (csrc/cpu/quantized_base.h).");
   m.def(
       "dropout_mask",
       [](const mx::array& key, const std::vector<int>& shape, float dropout, mx::Dtype dtype,

@@ -85,13 +85,23 @@ def test_outputs_and_grads_match_reference(bits, dropout):
 
 
 def test_bf16_base_and_activations_match_mlx_lm():
+    """MLX's CPU quantized_matmul (mlx-lm's path) rounds a bf16 base product in bf16; ours
+    accumulates in float32 (tiles of W dequantized into BLAS GEMMs). So y is held to the
+    float32 oracle, and to mlx-lm within mlx-lm's own distance from that oracle (measured
+    0.053 at |y| ~ 2, ours 0.007)."""
     mx.random.seed(3)
     ref, ours = paired(4, dtype=mx.bfloat16)
     x = mx.random.normal((6, 128)).astype(mx.bfloat16)
     y_ref, gx_ref, gp_ref = grads(ref, x, 0)
     y, gx, gp = grads(ours, x, 0)
     assert y.dtype == mx.bfloat16 and gx.dtype == mx.bfloat16
-    assert_close(y, y_ref, 2e-2, 1e-2, "bf16 y")
+    f32 = mx.float32
+    y_exact = reference.lora_linear(
+        x.astype(f32), dense(ref.linear), ref.linear.bias, ref.lora_a, ref.lora_b, ref.scale
+    )
+    assert_close(y, y_exact, 1e-2, 1e-2, "bf16 y against the float32 oracle")
+    mlx_lm_error = mx.abs(y_ref.astype(f32) - y_exact).max().item()
+    assert_close(y, y_ref, 2e-2, 1e-2 + mlx_lm_error, "bf16 y")
     assert_close(gx, gx_ref, 2e-2, 1e-2, "bf16 dx")
     for name in gp:
         assert_close(gp[name], gp_ref[name], 2e-2, 1e-2, f"bf16 d{name}")

@@ -5,10 +5,11 @@ DoRA divides each output ``n`` by ``||W[n] + c * A @ B[:, n]||``. Expanding the 
     ||w_n||^2  +  2c * (W A)[n] . B[:, n]  +  c^2 * B[:, n]^T (A^T A) B[:, n]
 
 The first term is fixed for a frozen W: `base_row_sq_norms` computes it once. The cross
-term needs ``W A`` (N x r, one pass over W: a quantized W goes through MLX's
-``quantized_matmul``, never dequantized) and the rank-r term the r x r Gram matrix
-``A^T A``: O(N K r) work and O(N r) memory, where forming the adapted weight costs
-O(N K) memory on every call (mlx-lm's ``DoRALinear``).
+term needs ``W A`` (N x r, one pass over W: a quantized W goes through
+``backends.quantized_matmul``, on the CPU a tile of rows dequantized at a time, never
+the whole W) and the rank-r term the r x r Gram matrix ``A^T A``: O(N K r) work and
+O(N r) memory, where forming the adapted weight costs O(N K) memory on every call
+(mlx-lm's ``DoRALinear``).
 
 Everything is float32. A dense weight stored in a narrower dtype is multiplied in its
 own dtype (A cast down), so no float32 copy of W is made; the cross term then carries
@@ -16,6 +17,8 @@ that dtype's rounding, which is the precision the frozen weight has anyway.
 """
 
 import mlx.core as mx
+
+from . import backends
 
 __all__ = ["base_row_sq_norms", "base_times_lora_a", "adapted_row_norms"]
 
@@ -65,9 +68,16 @@ def base_times_lora_a(weight, lora_a, scales=None, biases=None, *, group_size=No
     if scales is None:
         # W @ A, not A^T @ W^T: BLAS runs this (N x K) x (K x r) shape ~10x faster.
         return (weight @ lora_a.astype(weight.dtype)).astype(_F32)
-    out = mx.quantized_matmul(
-        lora_a.T.astype(_F32), weight, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
-    )
+    if mode == "affine":
+        # The CPU's tiled dequantize + BLAS (MLX's CPU quantized_matmul was ~20x slower
+        # for these r rows), MLX's quantized_matmul on a GPU.
+        out = backends.quantized_matmul(
+            lora_a.T.astype(_F32), weight, scales, biases, transpose=True, group_size=group_size, bits=bits
+        )
+    else:
+        out = mx.quantized_matmul(
+            lora_a.T.astype(_F32), weight, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
+        )
     return out.T.astype(_F32)
 
 

@@ -42,3 +42,13 @@ def current_quantized():
         return cpu
     hint = " for a quantized base (the GPU kernels take a dense base only, for now)"
     return SimpleNamespace(qlora_linear=functools.partial(reference.qlora_linear, hint=hint))
+
+
+def quantized_matmul(x, weight, scales, biases, *, transpose, group_size, bits):
+    """An affine-quantized W's product ``x @ W.T`` (transpose) or ``x @ W``, 2-D x, in x's
+    dtype: the extension's tiled dequantize + BLAS on the CPU (MLX's CPU quantized_matmul
+    runs no BLAS), MLX's quantized_matmul on a GPU."""
+    if mx.default_device() == mx.cpu:
+        return cpu.quantized_base(x, weight, scales, biases, transpose=transpose, group_size=group_size, bits=bits)
+    y = reference.quantized_matmul(x, weight, scales, biases, transpose=transpose, group_size=group_size, bits=bits)
+    return y.astype(x.dtype)
