@@ -202,3 +202,17 @@ def test_the_results_file_keeps_what_the_run_printed(tmp_path, capsys):
     assert isinstance(row["untrusted"], list) and row["limit_drift"] >= 0
     assert data["untrusted"]["cells"] == int(bool(row["untrusted"]))
     assert data["calibration"]["moved"] in (True, False) and data["targets"]["measured"] == []
+
+
+def test_kinds_of_similar_cost_run_the_same_rounds_and_a_much_slower_one_fewer():
+    import time
+
+    from mlx_fused_lora.bench import timing
+
+    fns = {"fast": lambda: time.sleep(0.01), "similar": lambda: time.sleep(0.02), "slow": lambda: time.sleep(0.3)}
+    result = timing.measure_interleaved(fns, budget_s=0.2, max_rounds=10, min_rounds={})
+    rounds = {name: r["rounds"] for name, r in result.items()}
+    # Same rounds: their rounds span the same stretch of time, so a quiet spell reaches both.
+    assert rounds["fast"] == rounds["similar"] == 10
+    assert 1 <= rounds["slow"] < 10
+    assert all(len(r["times_s"]) == r["rounds"] for r in result.values())

@@ -16,6 +16,10 @@ FOREIGN_KINDS = ("peft", "peft_limit")
 MIN_ROUNDS = {"fused": 3, "limit": 3, "peft": 3, "peft_limit": 3}
 
 
+# A kind up to this many times slower than the fastest still runs every round of its comparison.
+SLOW_FACTOR = 4
+
+
 def timed_call(fn):
     """(seconds, peak bytes MLX held, inputs included) of one evaluated call."""
     mx.synchronize()
@@ -39,10 +43,22 @@ def measure_interleaved(fns, budget_s=2.0, max_rounds=10, min_rounds=None):
     burst of load on a shared machine lands on every case alike. time_s is the
     best round; peak_memory the smallest peak of the timed rounds. min_rounds:
     {name: at least this many rounds} (default MIN_ROUNDS).
+
+    Kinds of similar cost run the same number of rounds, so their rounds span the same
+    stretch of time and a quiet spell reaches them all: the most any kind's budget
+    allows. A kind much slower than that (a peer on MLX's reference BLAS) stops once
+    SLOW_FACTOR budgets are spent on it, after at least its min_rounds.
     """
     min_rounds = MIN_ROUNDS if min_rounds is None else min_rounds
     warm = {name: timed_call(fn)[0] for name, fn in fns.items()}
-    rounds = {name: rounds_for(warm[name], budget_s, max_rounds, min_rounds.get(name, 1)) for name in fns}
+    common = max(
+        (rounds_for(warm[name], budget_s, max_rounds, min_rounds.get(name, 1)) for name in fns),
+        default=0,
+    )
+    rounds = {
+        name: min(common, rounds_for(warm[name], SLOW_FACTOR * budget_s, max_rounds, min_rounds.get(name, 1)))
+        for name in fns
+    }
     times = {name: [] for name in fns}
     peaks = {name: [] for name in fns}
     for i in range(max(rounds.values(), default=0)):
