@@ -8,6 +8,7 @@
 #include <functional>
 #include <sstream>
 #include <stdexcept>
+#include <vector>
 
 #include "cpu/tiling.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -30,6 +31,11 @@ constexpr int64_t kWeightTileElements = 1 << 18;
 constexpr int64_t kInputBlockElements = 1 << 19;
 // Rows of W per thread when dequantizing a tile.
 constexpr int64_t kDequantizeGrain = 8;
+// Up to this many rows of x (decode, DoRA's r rows of A^T) skip the BLAS: each thread
+// dequantizes its own rows (or columns) of W and multiplies them in, one parallel pass
+// in all. Measured here: OpenBLAS's threaded GEMM took ~55 ms per call for these small
+// shapes when the 2 cores were shared with other processes (16 calls per product).
+constexpr int64_t kDirectRows = 16;
 
 // One row of W: out[k] = scales[k / group_size] * q[k] + biases[k / group_size], the q
 // read LSB-first from the row's bytes `packed`. 4 and 8 bits (the common cases) have
@@ -65,6 +71,25 @@ void dequantize_row(const uint8_t* packed, const S* scales, const S* biases, int
       }
     }
   }
+}
+
+// sum_k a[k] * b[k], in 8 independent partial sums so the compiler vectorizes it.
+inline float dot(const float* a, const float* b, int64_t k) {
+  float part[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    for (int l = 0; l < 8; ++l) {
+      part[l] += a[i + l] * b[i + l];
+    }
+  }
+  float sum = 0.0f;
+  for (; i < k; ++i) {
+    sum += a[i] * b[i];
+  }
+  for (int l = 0; l < 8; ++l) {
+    sum += part[l];
+  }
+  return sum;
 }
 
 struct Quantized {
@@ -103,6 +128,65 @@ void product(const Quantized& q, bool transpose, const float* x32, int64_t rows,
   }
 }
 
+// c (rows x out_cols) = x32 (rows x in_cols) @ op(W) for a few rows, without the BLAS.
+// x @ W^T: each thread takes rows of W, dequantizes one at a time and dots it with the
+// rows of x. dY @ W: each thread takes groups of columns of W and adds dY[:, n] times
+// that slice of row n for every n. Extra memory: one row (or slice) of W per thread.
+template <typename S>
+void direct_product(const Quantized& q, bool transpose, const float* x32, int64_t rows, float* c) {
+  const int64_t n = q.n(), k = q.k(), gs = q.group_size, groups = k / gs;
+  const int64_t row_bytes = int64_t(q.weight.shape(1)) * 4;
+  const auto* packed = reinterpret_cast<const uint8_t*>(q.weight.data<uint32_t>());
+  const S* sc = q.scales.data<S>();
+  const S* bi = q.biases.data<S>();
+  if (transpose) {
+    parallel_for(n, kDequantizeGrain, [&](int64_t n0, int64_t n1, int) {
+      std::vector<float> w_row(k);
+      for (int64_t j = n0; j < n1; ++j) {
+        dequantize_row(packed + j * row_bytes, sc + j * groups, bi + j * groups, k, q.group_size,
+                       q.bits, w_row.data());
+        for (int64_t i = 0; i < rows; ++i) {
+          c[i * n + j] = dot(x32 + i * k, w_row.data(), k);
+        }
+      }
+    });
+    return;
+  }
+  // Column slices start on a group, so on a byte of the packed row (group_size * bits
+  // is a multiple of 32 bits).
+  parallel_for(groups, std::max<int64_t>(1, 256 / gs), [&](int64_t g0, int64_t g1, int) {
+    const int64_t k0 = g0 * gs, width = (g1 - g0) * gs;
+    std::vector<float> w_slice(width);
+    for (int64_t i = 0; i < rows; ++i) {
+      std::fill(c + i * k + k0, c + i * k + k0 + width, 0.0f);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      dequantize_row(packed + j * row_bytes + k0 * q.bits / 8, sc + j * groups + g0,
+                     bi + j * groups + g0, width, q.group_size, q.bits, w_slice.data());
+      for (int64_t i = 0; i < rows; ++i) {
+        const float d = x32[i * n + j];
+        float* ci = c + i * k + k0;
+        for (int64_t l = 0; l < width; ++l) {
+          ci[l] += d * w_slice[l];
+        }
+      }
+    }
+  });
+}
+
+// The product by whichever path suits the number of rows (see kDirectRows); x32 and
+// c dense (leading dims in_cols and out_cols).
+void multiply(const Quantized& q, bool transpose, const float* x32, int64_t rows, float* c,
+              int64_t tile, float* w_tile) {
+  const int64_t in_cols = transpose ? q.k() : q.n(), out_cols = transpose ? q.n() : q.k();
+  if (rows <= kDirectRows) {
+    dispatch_float(q.scales.dtype(),
+                   [&](auto tag) { direct_product<decltype(tag)>(q, transpose, x32, rows, c); });
+  } else {
+    product(q, transpose, x32, rows, std::max<int64_t>(in_cols, 1), c, out_cols, tile, w_tile);
+  }
+}
+
 }  // namespace
 
 void dequantize_rows(const mx::array& weight, const mx::array& scales, const mx::array& biases,
@@ -135,15 +219,14 @@ void quantized_base_matmul(const mx::array& x, const mx::array& weight, const mx
   const int64_t m = x.shape(0), in_cols = x.shape(1), out_cols = out.shape(1);
   const int64_t tile =
       std::max<int64_t>(1, std::min(q.n(), kWeightTileElements / std::max<int64_t>(q.k(), 1)));
-  Scratch w_tile(tile * q.k());
+  Scratch w_tile(m <= kDirectRows ? 0 : tile * q.k());
   dispatch_float(x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* xs = x.data<T>();
     T* ys = out.data<T>();
     if constexpr (std::is_same_v<T, float>) {
       // Straight from x into out: the tile is the only temporary.
-      product(q, transpose, xs, m, std::max<int64_t>(in_cols, 1), ys, out_cols, tile,
-              w_tile.data());
+      multiply(q, transpose, xs, m, ys, tile, w_tile.data());
     } else {
       // No half-precision GEMM in the BLAS: a block of rows is widened, multiplied into
       // a float32 accumulator and narrowed into out.
@@ -156,8 +239,7 @@ void quantized_base_matmul(const mx::array& x, const mx::array& weight, const mx
         parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
           load_row(x32.data() + i0 * in_cols, xs + (r0 + i0) * in_cols, (i1 - i0) * in_cols);
         });
-        product(q, transpose, x32.data(), rows, std::max<int64_t>(in_cols, 1), acc.data(), out_cols,
-                tile, w_tile.data());
+        multiply(q, transpose, x32.data(), rows, acc.data(), tile, w_tile.data());
         parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
           store_row(ys + (r0 + i0) * out_cols, acc.data() + i0 * out_cols, (i1 - i0) * out_cols);
         });
