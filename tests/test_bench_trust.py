@@ -54,7 +54,12 @@ def test_a_limit_whose_rounds_drift_is_marked_gauge_moved():
     (row,) = report.ratio_rows(_group(fused=[0.110, 0.111, 0.3], limit=[0.200, 0.100, 0.102, 0.250]))
     assert row["untrusted"] == [] and row["limit_drift"] == pytest.approx(0.02)
     both = report.ratio_rows(_group(fused=[0.095, 0.2, 0.2], limit=[0.100, 0.130, 0.150]))[0]
-    assert both["untrusted"] == [report.BELOW_LIMIT, report.GAUGE_MOVED]
+    assert both["untrusted"] == [report.BELOW_LIMIT, report.GAUGE_MOVED, report.FUSED_UNSTEADY]
+
+
+def test_a_fused_best_round_not_reproduced_is_marked():
+    (row,) = report.ratio_rows(_group(fused=[0.110, 0.150, 0.152], limit=[0.100, 0.101, 0.102]))
+    assert row["untrusted"] == [report.FUSED_UNSTEADY]
 
 
 def test_the_table_shows_why_a_cell_is_untrusted():

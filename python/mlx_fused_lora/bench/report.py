@@ -12,6 +12,7 @@ GAUGE_TOLERANCE = 0.10
 BELOW_LIMIT = "fused below the limit"
 GAUGE_MOVED = "gauge moved"
 PEFT_BELOW_LIMIT = "PEFT below its limit"
+FUSED_UNSTEADY = "fused not reproduced"
 
 
 def _group_key(record):
@@ -26,9 +27,9 @@ def _group_key(record):
     )
 
 
-def limit_drift(limit_record):
-    """How far the limit's best round was from being reproduced: second best / best - 1 (0 for one round)."""
-    times = sorted(limit_record.get("times_s") or [limit_record["time_s"]])
+def limit_drift(record):
+    """How far a kind's best round was from being reproduced: second best / best - 1 (0 for one round)."""
+    times = sorted(record.get("times_s") or [record["time_s"]])
     return times[1] / times[0] - 1 if len(times) > 1 else 0.0
 
 
@@ -37,13 +38,17 @@ def untrusted_reasons(kinds):
 
     - fused below the limit: fused runs the limit's GEMMs and more, so a fused time under
       the limit's means load slowed the limit's best round, not that fused beat it;
-    - gauge moved: the limit's two fastest rounds differ by more than GAUGE_TOLERANCE.
+    - gauge moved: the limit's two fastest rounds differ by more than GAUGE_TOLERANCE;
+    - fused not reproduced: the same for the fused op's rounds (its best came from a
+      quieter moment than the rest, or the rest were slowed).
     """
     reasons = []
     if kinds["fused"]["time_s"] < kinds["limit"]["time_s"]:
         reasons.append(BELOW_LIMIT)
     if limit_drift(kinds["limit"]) > GAUGE_TOLERANCE:
         reasons.append(GAUGE_MOVED)
+    if limit_drift(kinds["fused"]) > GAUGE_TOLERANCE:
+        reasons.append(FUSED_UNSTEADY)
     if {"peft", "peft_limit"} <= kinds.keys() and kinds["peft"]["time_s"] < kinds["peft_limit"]["time_s"]:
         reasons.append(PEFT_BELOW_LIMIT)
     return reasons

@@ -10,6 +10,7 @@ from . import grid as grids
 from .machine import machine_info, versions
 from .report import (
     BELOW_LIMIT,
+    FUSED_UNSTEADY,
     GAUGE_MOVED,
     GAUGE_TOLERANCE,
     PEFT_BELOW_LIMIT,
@@ -40,6 +41,7 @@ UNTRUSTED_TEXT = {
     "limit's best round",
     GAUGE_MOVED: f"the limit's two fastest rounds differ by more than {GAUGE_TOLERANCE:.0%}: its best was not reproduced",
     PEFT_BELOW_LIMIT: "PEFT's time under torch's two GEMMs alone: load slowed them",
+    FUSED_UNSTEADY: f"the fused op's two fastest rounds differ by more than {GAUGE_TOLERANCE:.0%}",
 }
 
 
@@ -100,8 +102,8 @@ def summary_lines(report):
     untrusted = report["untrusted"]["cells"]
     if untrusted:
         lines.append(
-            f"untrusted: {untrusted} of {len(rows)} cells (fused below the limit, or the limit's two fastest "
-            f"rounds more than {GAUGE_TOLERANCE:.0%} apart: load moved while they ran); read them as noise"
+            f"untrusted: {untrusted} of {len(rows)} cells (fused below the limit, or the limit's or fused's two "
+            f"fastest rounds more than {GAUGE_TOLERANCE:.0%} apart: load moved while they ran); read them as noise"
         )
     lines += target_lines(rows)
     cal, load = report["calibration"], report["load_average"]
