@@ -21,8 +21,10 @@ def fused_qlora_linear(
         group_size: 32, 64 or 128; bits: 1, 2, 3, 4, 5, 6 or 8 (what MLX supports).
         bias, lora_a, lora_b, scale, dropout, key: as in ``fused_lora_linear``.
 
-    The base products ``x @ W.T`` (forward) and ``dY @ W`` (backward) are MLX's
-    ``quantized_matmul``: no dequantized copy of the weight is made or kept. The
+    The base products ``x @ W.T`` (forward) and ``dY @ W`` (backward) are, on the CPU,
+    the extension's tiled product (a tile of W's rows dequantized into a reused 1 MiB
+    float32 buffer, then a BLAS GEMM; csrc/cpu/quantized_base.h), on a GPU MLX's
+    ``quantized_matmul``: no dequantized copy of the whole weight is made or kept. The
     LoRA path is the dense op's: the same fused rank-r passes, onto the base
     product, with the same mask recomputed from ``key`` (never stored). The output
     has x's dtype (the base product is cast to it when the scales are wider).
