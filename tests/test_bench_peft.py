@@ -101,3 +101,15 @@ def test_without_torch_or_peft_the_bench_leaves_the_peer_out(tmp_path, monkeypat
     assert {case["kind"] for case in report["cases"]} == {"fused", "plain", "plain_compiled", "plain_addmm", "limit"}
     assert "peft" not in report["blas"] and report["settings"]["peft"] is None
     assert "peft/f" not in printed
+
+
+@needs_peft
+def test_torch_is_imported_with_its_openmp_threads_sleeping_when_idle():
+    # A subprocess: the first import of torch decides, and this process may have imported it.
+    import subprocess
+    import sys
+
+    code = "import os; from mlx_fused_lora.bench import peft_peer; peft_peer.import_torch(); print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "PASSIVE"

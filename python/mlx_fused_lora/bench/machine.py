@@ -56,9 +56,9 @@ def torch_blas():
     """The BLAS torch's CPU matmuls run on, from its build settings (e.g. "mkl")."""
     import re
 
-    import torch
+    from .peft_peer import import_torch
 
-    match = re.search(r"BLAS_INFO=([^,\s]+)", torch.__config__.show())
+    match = re.search(r"BLAS_INFO=([^,\s]+)", import_torch().__config__.show())
     return match.group(1) if match else "unknown"
 
 
