@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_fused_lora.csm import CSM, CheckpointError, CSMConfig, apply_lora, load_csm, save_csm
-from mlx_fused_lora.csm.loading import detect_layout, permute_rows_from_hf, permute_rows_to_hf
+from mlx_fused_lora.csm.layouts import detect_layout, permute_rows_from_hf, permute_rows_to_hf
 from mlx_fused_lora.csm.model import llama3_rope_frequencies
 
 LAYOUTS = ("torchtune", "mlx", "hf")

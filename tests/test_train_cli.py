@@ -3,49 +3,24 @@
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_fused_lora.csm import CSMConfig, load_csm
+from mlx_fused_lora.csm import load_csm
 from mlx_fused_lora.train.checkpoint import load_checkpoint
 from mlx_fused_lora.train.cli import build_parser, main
-from mlx_fused_lora.train.synthetic import write_random_csm, write_synthetic_dataset
-
-K, V = 8, 24
+from train_helpers import K, finetune_args, finetune_command, write_tiny_run
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune")
-    model = write_random_csm(root / "model", CSMConfig.tiny(text_vocab_size=260))
-    audio = write_synthetic_dataset(root / "data", num_files=6, num_codebooks=K, audio_vocab_size=V)
-    return root, model, audio
+    return write_tiny_run(tmp_path_factory.mktemp("finetune"), num_files=6)
 
 
 def _args(model, audio, out, *extra):
-    return [
-        "--model-path",
-        str(model),
-        "--audio-dir",
-        str(audio),
-        "--output-dir",
-        str(out),
-        "--tokenizer",
-        "byte",
-        "--batch-size",
-        "2",
-        "--learning-rate",
-        "5e-3",
-        "--lora-dropout",
-        "0.1",
-        "--no-progress",
-        "--log-level",
-        "WARNING",
-        *extra,
-    ]
+    return finetune_args(model, audio, out, "--lora-dropout", "0.1", *extra)
 
 
 def test_help_documents_every_flag(capsys):
@@ -163,18 +138,14 @@ def test_non_finite_loss_stops_with_a_clear_message(setup, tmp_path, caplog):
     assert "the loss became nan at step 1" in caplog.text
 
 
-def _cli(args):
-    return [sys.executable, "-m", "mlx_fused_lora", "finetune", *args]
-
-
 def test_sigkill_then_resume_gives_bitwise_equal_adapters(setup, tmp_path):
     root, model, audio = setup
     common = ["--epochs", "0", "--max-steps", "40", "--save-every", "3", "--val-every", "0", "--val-split", "0.2"]
     ref = tmp_path / "ref"
-    subprocess.run(_cli(_args(model, audio, ref, *common)), check=True, timeout=300)
+    subprocess.run(finetune_command(*_args(model, audio, ref, *common)), check=True, timeout=300)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(_args(model, audio, killed, *common)))
+    proc = subprocess.Popen(finetune_command(*_args(model, audio, killed, *common)))
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (killed / "checkpoints" / "latest").exists():
@@ -186,7 +157,9 @@ def test_sigkill_then_resume_gives_bitwise_equal_adapters(setup, tmp_path):
     assert 0 < state["step"] < 40
     assert not (killed / "fine_tuned_model.safetensors").exists()
 
-    subprocess.run(_cli(_args(model, audio, killed, *common, "--resume-from", str(killed))), check=True, timeout=300)
+    subprocess.run(
+        finetune_command(*_args(model, audio, killed, *common, "--resume-from", str(killed))), check=True, timeout=300
+    )
     a = mx.load(str(ref / "fine_tuned_model.safetensors"))
     b = mx.load(str(killed / "fine_tuned_model.safetensors"))
     assert sorted(a) == sorted(b) and len(a) > 0

@@ -8,45 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mlx_fused_lora.csm import CSMConfig
 from mlx_fused_lora.train.checkpoint import load_checkpoint
 from mlx_fused_lora.train.cli import build_parser, main
 from mlx_fused_lora.train.cli_args import apply_config_file
-from mlx_fused_lora.train.synthetic import write_random_csm, write_synthetic_dataset
-
-K, V = 8, 24
+from mlx_fused_lora.train.synthetic import write_synthetic_dataset
+from train_helpers import K, V, finetune_args, write_tiny_run
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("options")
-    model = write_random_csm(root / "model", CSMConfig.tiny(text_vocab_size=260))
     # 4 files of two turns each: 8 samples, 1 held out, 7 to train on: 4 batches of 2 per epoch
-    audio = write_synthetic_dataset(root / "data", num_files=4, num_codebooks=K, audio_vocab_size=V)
-    return root, model, audio
+    return write_tiny_run(tmp_path_factory.mktemp("options"), num_files=4)
 
 
 def _args(model, audio, out, *extra):
-    return [
-        "--model-path",
-        str(model),
-        "--audio-dir",
-        str(audio),
-        "--output-dir",
-        str(out),
-        "--tokenizer",
-        "byte",
-        "--batch-size",
-        "2",
-        "--learning-rate",
-        "5e-3",
-        "--val-split",
-        "0.125",
-        "--no-progress",
-        "--log-level",
-        "WARNING",
-        *extra,
-    ]
+    return finetune_args(model, audio, out, "--val-split", "0.125", *extra)
 
 
 def _train_steps(out):

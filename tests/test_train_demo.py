@@ -5,17 +5,16 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlx_fused_lora.cli import COMMANDS
-from mlx_fused_lora.csm import CSMConfig
 from mlx_fused_lora.train.checkpoint import load_checkpoint
 from mlx_fused_lora.train.demo import format_table, record
 from mlx_fused_lora.train.demo import main as demo_main
 from mlx_fused_lora.train.synthetic import small_csm_config, write_random_csm, write_synthetic_dataset
+from train_helpers import finetune_command, run_paths, write_tiny_run
 
 README_DEMO = "tested-by: tests/test_train_demo.py (the README demo command)"
 
@@ -78,21 +77,11 @@ def test_default_random_model_fits_the_default_dataset(tmp_path):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    model = write_random_csm(tmp_path / "model", CSMConfig.tiny(text_vocab_size=260))
-    audio = write_synthetic_dataset(tmp_path / "data", num_files=4, num_codebooks=8, audio_vocab_size=24)
+    _, model, audio = write_tiny_run(tmp_path, num_files=4)
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlx_fused_lora",
-            "finetune",
-            "--model-path",
-            str(model),
-            "--audio-dir",
-            str(audio),
-            "--output-dir",
-            str(out),
+        finetune_command(
+            *run_paths(model, audio, out),
             "--tokenizer",
             "byte",
             "--epochs",
@@ -102,7 +91,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
             "--save-every",
             "0",
             "--no-progress",
-        ]
+        )
     )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120

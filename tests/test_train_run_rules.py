@@ -3,7 +3,6 @@
 import json
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,39 +16,15 @@ from mlx_fused_lora.train.checkpoint import load_checkpoint, resolve_checkpoint,
 from mlx_fused_lora.train.cli import main
 from mlx_fused_lora.train.data import DataMismatchError, DataSpec, build_dataset
 from mlx_fused_lora.train.loop import LoopSettings, NonFiniteLossError, train
-from mlx_fused_lora.train.synthetic import write_random_csm, write_synthetic_dataset
+from mlx_fused_lora.train.synthetic import write_random_csm
 from mlx_fused_lora.train.tokenizer import ByteTokenizer
-
-K, V = 8, 24
+from train_helpers import K, V, finetune_command, write_tiny_run
+from train_helpers import finetune_args as _args
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rules")
-    model = write_random_csm(root / "model", CSMConfig.tiny(text_vocab_size=260))
-    audio = write_synthetic_dataset(root / "data", num_files=4, num_codebooks=K, audio_vocab_size=V)
-    return root, model, audio
-
-
-def _args(model, audio, out, *extra):
-    return [
-        "--model-path",
-        str(model),
-        "--audio-dir",
-        str(audio),
-        "--output-dir",
-        str(out),
-        "--tokenizer",
-        "byte",
-        "--batch-size",
-        "2",
-        "--learning-rate",
-        "5e-3",
-        "--no-progress",
-        "--log-level",
-        "WARNING",
-        *extra,
-    ]
+    return write_tiny_run(tmp_path_factory.mktemp("rules"), num_files=4)
 
 
 def _steps(out):
@@ -212,9 +187,7 @@ def test_load_codes_refuses_codes_that_would_wrap(tmp_path):
 
 
 def _cli(*args):
-    proc = subprocess.run(
-        [sys.executable, "-m", "mlx_fused_lora", "finetune", *args], capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run(finetune_command(*args), capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stderr.strip().splitlines()
 
 

@@ -18,94 +18,18 @@ pytest.importorskip("mlx_audio")
 
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
-from mlx_audio.codec.models.mimi.mimi import Mimi, MimiConfig  # noqa: E402
-from mlx_audio.codec.models.mimi.modules import SeanetConfig, TransformerConfig  # noqa: E402
-from mlx_audio.codec.models.mimi.modules.quantization import EuclideanCodebook  # noqa: E402
+from mlx_audio.codec.models.mimi.mimi import Mimi  # noqa: E402
 from mlx_fused_lora.csm import CSMConfig  # noqa: E402
 from mlx_fused_lora.train.audio import MIMI_CONFIG_KEY, MimiCodec, save_mimi, write_wav  # noqa: E402
 from mlx_fused_lora.train.cli import main  # noqa: E402
-from mlx_fused_lora.train.synthetic import write_random_csm  # noqa: E402
+from mlx_fused_lora.train.synthetic import random_mimi, write_random_csm  # noqa: E402
 from mlx_fused_lora.train.trainer import CSMLoRATrainer  # noqa: E402
+from train_helpers import run_paths  # noqa: E402
 
 K = 8  # codebooks, the tiny CSM's and the tiny Mimi's
 BINS = 21  # Mimi codes per codebook
 V = BINS + 3  # the CSM's audio vocabulary is larger than Mimi's codebooks, as 2051 vs 2048
 SAMPLES_PER_FRAME = 1920  # 24 kHz / 12.5 frames/s
-
-
-def tiny_mimi_config(num_codebooks: int = K) -> MimiConfig:
-    """The released Mimi's structure (same strides: 24 kHz, 12.5 frames/s) at a tiny width."""
-    seanet = SeanetConfig(
-        dimension=16,
-        channels=1,
-        causal=True,
-        nfilters=2,
-        nresidual_layers=1,
-        ratios=[8, 6, 5, 4],
-        ksize=7,
-        residual_ksize=3,
-        last_ksize=3,
-        dilation_base=2,
-        pad_mode="constant",
-        true_skip=True,
-        compress=2,
-    )
-    transformer = TransformerConfig(
-        d_model=16,
-        num_heads=2,
-        num_layers=1,
-        causal=True,
-        norm_first=True,
-        bias_ff=False,
-        bias_attn=False,
-        layer_scale=0.01,
-        positional_embedding="rope",
-        use_conv_bias=True,
-        gating=False,
-        norm="layer_norm",
-        context=250,
-        max_period=10000,
-        max_seq_len=8192,
-        kv_repeat=1,
-        dim_feedforward=32,
-        conv_layout=True,
-        use_conv_block=False,
-        cross_attention=False,
-        conv_kernel_size=3,
-    )
-    return MimiConfig(
-        channels=1,
-        sample_rate=24000,
-        frame_rate=12.5,
-        renormalize=True,
-        seanet=seanet,
-        transformer=transformer,
-        quantizer_nq=num_codebooks,
-        quantizer_bins=BINS,
-        quantizer_dim=8,
-    )
-
-
-def tiny_random_mimi(seed: int = 0) -> Mimi:
-    mx.random.seed(seed)
-    model = Mimi(tiny_mimi_config())
-    # mlx-audio's conv init (uniform, +-1/fan_in) shrinks the signal ~1e6-fold through the
-    # encoder and a fresh codebook is all zeros, so every frame would get one code: draw
-    # convolutions with unit gain and codebooks at the latents' scale instead
-    convs = [
-        (k, mx.random.normal(v.shape) / math.sqrt(math.prod(v.shape[1:])))
-        for k, v in tree_flatten(model.parameters())
-        if k.endswith("weight") and v.ndim == 3
-    ]
-    model.load_weights(convs, strict=False)
-    for m in model.modules():
-        if isinstance(m, EuclideanCodebook):
-            m.embedding_sum = mx.random.normal(m.embedding_sum.shape)
-            m.cluster_usage = mx.ones(m.cluster_usage.shape)
-        if hasattr(m, "update_in_place"):  # derived arrays (codebook lookup, expanded conv weights)
-            m.update_in_place()
-    mx.eval(model.parameters())
-    return model
 
 
 def _kyutai_name(name: str) -> str:
@@ -175,7 +99,7 @@ def expected_frames(seconds: float, rate: int) -> int:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("wav")
-    mimi = tiny_random_mimi()
+    mimi = random_mimi(K, BINS)
     codec_file = save_kyutai_checkpoint(mimi, root / "tokenizer-tiny.safetensors", mx.bfloat16)
     model = write_random_csm(
         root / "model", CSMConfig.tiny(text_vocab_size=260, audio_vocab_size=V, audio_num_codebooks=K)
@@ -246,12 +170,7 @@ def test_finetune_cli_trains_on_wavs_and_writes_a_wav_sample(tiny, tmp_path, cap
     out = tmp_path / "out"
     rc = main(
         [
-            "--model-path",
-            str(model),
-            "--audio-dir",
-            str(audio),
-            "--output-dir",
-            str(out),
+            *run_paths(model, audio, out),
             "--codec-path",
             str(codec_file),
             "--tokenizer",

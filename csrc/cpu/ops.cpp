@@ -6,6 +6,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "cpu/checks.h"
 #include "cpu/primitives.h"
 #include "cpu/tiling.h"
 
@@ -13,23 +14,9 @@ namespace mfl {
 
 namespace {
 
+using checks::require;
+using checks::shape_str;
 using cpu::is_float;
-
-void require(bool ok, const std::string& msg) {
-  if (!ok) {
-    throw std::invalid_argument("[mlx_fused_lora] " + msg);
-  }
-}
-
-std::string shape_str(const mx::array& a) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < a.ndim(); ++i) {
-    s << (i ? ", " : "") << a.shape(i);
-  }
-  s << (a.ndim() == 1 ? ",)" : ")");
-  return s.str();
-}
 
 void require_2d(std::initializer_list<const mx::array*> arrays) {
   for (const mx::array* a : arrays) {

@@ -6,10 +6,10 @@
 #include <bit>
 #include <cstdint>
 #include <functional>
-#include <sstream>
 #include <stdexcept>
 #include <vector>
 
+#include "cpu/checks.h"
 #include "cpu/tiling.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/transforms.h"
@@ -252,20 +252,10 @@ void quantized_base_matmul(const mx::array& x, const mx::array& weight, const mx
 
 namespace {
 
-void require(bool ok, const std::string& msg) {
-  if (!ok) {
-    throw std::invalid_argument("[mlx_fused_lora] quantized_base_matmul: " + msg);
-  }
-}
+using checks::shape_str;
 
-std::string shape_str(const mx::array& a) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < a.ndim(); ++i) {
-    s << (i ? ", " : "") << a.shape(i);
-  }
-  s << (a.ndim() == 1 ? ",)" : ")");
-  return s.str();
+void require(bool ok, const std::string& msg) {
+  checks::require(ok, "quantized_base_matmul: " + msg);
 }
 
 }  // namespace

@@ -12,7 +12,8 @@ from ..adapters import register_model_hooks
 from .adapter_names import CSM_ADAPTER_HOOKS
 from .config import FLAVORS, CSMConfig, LlamaFlavor, RopeScaling
 from .generation import generate, generate_frame, sample_top_k
-from .loading import CheckpointError, detect_layout, load_csm, save_csm
+from .layouts import CheckpointError, detect_layout
+from .loading import load_csm, save_csm
 from .lora import LoRAReport, LoRASettings, apply_lora, merge_lora
 from .model import CSM
 

@@ -33,14 +33,6 @@ from .layouts import (
 from .model import CSM
 
 __all__ = [
-    "LAYOUTS",
-    "CheckpointError",
-    "detect_layout",
-    "to_native",
-    "from_native",
-    "permute_rows_to_hf",
-    "permute_rows_from_hf",
-    "qk_heads",
     "infer_config",
     "load_csm",
     "save_csm",

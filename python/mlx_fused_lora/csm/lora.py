@@ -24,8 +24,6 @@ from ..layers.tree import (
     freeze_all_but_lora,
     fuse_lora_layers,
     is_lora_layer,
-    lora_dropout_p,
-    lora_layers,
     lora_scale,
 )
 
@@ -36,12 +34,6 @@ __all__ = [
     "LoRAReport",
     "apply_lora",
     "merge_lora",
-    # re-exported from mlx_fused_lora.layers.tree (where they live), for existing callers
-    "lora_scale",
-    "is_lora_layer",
-    "lora_dropout_p",
-    "lora_layers",
-    "freeze_all_but_lora",
 ]
 
 log = logging.getLogger(__name__)

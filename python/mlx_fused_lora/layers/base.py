@@ -1,4 +1,4 @@
-"""What the LoRA linear layers share: the base's dims, ``from_base`` and ``fuse``.
+"""What the LoRA linear layers share: the base's dims, the adapters' checks and init, ``from_base`` and ``fuse``.
 
 One copy for every layer class (fused, plain, and what subclasses them), so the layers
 cannot drift apart: a quantized base gives ``lora_a (in, r)`` with ``in`` unpacked from
@@ -7,11 +7,14 @@ its uint32 words, and ``fuse`` is the one fold in `fold`.
 
 from __future__ import annotations
 
+import math
+
+import mlx.core as mx
 import mlx.nn as nn
 
 from .fold import fold_lora
 
-__all__ = ["base_dims", "LoRALinearBase"]
+__all__ = ["base_dims", "check_lora_args", "init_lora_weights", "LoRALinearBase"]
 
 
 def base_dims(linear: nn.Module) -> tuple[int, int]:
@@ -20,6 +23,21 @@ def base_dims(linear: nn.Module) -> tuple[int, int]:
     if isinstance(linear, nn.QuantizedLinear):
         input_dims = input_dims * 32 // linear.bits  # packed: 32 // bits values per uint32
     return input_dims, output_dims
+
+
+def check_lora_args(layer: str, r: int, dropout: float) -> None:
+    """The fused layers' rule for ``r`` and ``dropout``; the error names ``layer``."""
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"{layer}: `dropout` must be in [0, 1), got {dropout}")
+    if int(r) < 1:
+        raise ValueError(f"{layer}: `r` must be >= 1, got {r}")
+
+
+def init_lora_weights(input_dims: int, output_dims: int, r: int) -> tuple[mx.array, mx.array]:
+    """mlx-lm's adapter init: ``lora_a (in, r)`` uniform in +-1/sqrt(in), ``lora_b (r, out)``
+    zeros, so a new layer computes exactly its base."""
+    bound = 1 / math.sqrt(input_dims)
+    return mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r)), mx.zeros(shape=(r, output_dims))
 
 
 class LoRALinearBase(nn.Module):

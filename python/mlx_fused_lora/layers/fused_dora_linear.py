@@ -21,13 +21,11 @@ What differs is how it is computed:
   ``mx.random`` on every call (as `FusedLoRALinear`); x keeps its dtype.
 """
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..ops.dora_norms import adapted_row_norms, base_row_sq_norms, base_times_lora_a
-from .base import base_dims
+from .base import base_dims, check_lora_args, init_lora_weights
 from .fold import fold_lora
 from .fused_lora_linear import draw_dropout_key, lora_product
 
@@ -66,17 +64,12 @@ class FusedDoRALinear(nn.Module):
         bias: bool = False,
     ):
         super().__init__()
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"FusedDoRALinear: `dropout` must be in [0, 1), got {dropout}")
-        if int(r) < 1:
-            raise ValueError(f"FusedDoRALinear: `r` must be >= 1, got {r}")
+        check_lora_args("FusedDoRALinear", r, dropout)
         # mlx-lm's order of random draws (base, then lora_a): one seed, the same adapters.
         self.set_linear(nn.Linear(input_dims, output_dims, bias=bias))
         self.dropout = float(dropout)
         self.scale = scale
-        bound = 1 / math.sqrt(input_dims)
-        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r))
-        self.lora_b = mx.zeros(shape=(r, output_dims))
+        self.lora_a, self.lora_b = init_lora_weights(input_dims, output_dims, r)
 
     def set_linear(self, linear: nn.Module):
         """Set the base layer; recompute its row norms and reset ``m`` to them (as mlx-lm)."""

@@ -14,13 +14,11 @@ so adapters saved by mlx-lm load unchanged (``from_base`` and ``fuse`` come from
 - x keeps its dtype: float32 adapters with bf16 activations never promote x.
 """
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..ops import dropout_mask, fused_lora_linear, fused_qlora_linear
-from .base import LoRALinearBase
+from .base import LoRALinearBase, check_lora_args, init_lora_weights
 
 
 def draw_dropout_key():
@@ -84,16 +82,11 @@ class FusedLoRALinear(LoRALinearBase):
         bias: bool = False,
     ):
         super().__init__()
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"FusedLoRALinear: `dropout` must be in [0, 1), got {dropout}")
-        if int(r) < 1:
-            raise ValueError(f"FusedLoRALinear: `r` must be >= 1, got {r}")
+        check_lora_args("FusedLoRALinear", r, dropout)
         self.linear = nn.Linear(input_dims, output_dims, bias=bias)
         self.dropout = float(dropout)
         self.scale = scale
-        bound = 1 / math.sqrt(input_dims)
-        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r))
-        self.lora_b = mx.zeros(shape=(r, output_dims))
+        self.lora_a, self.lora_b = init_lora_weights(input_dims, output_dims, r)
 
     def __call__(self, x):
         p = self.dropout if self.training else 0.0

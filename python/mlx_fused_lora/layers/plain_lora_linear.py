@@ -7,12 +7,9 @@ base and LoRA terms added as separate arrays. ``from_base`` and ``fuse`` are
 `LoRALinearBase`'s, the fused layer's own.
 """
 
-import math
-
-import mlx.core as mx
 import mlx.nn as nn
 
-from .base import LoRALinearBase
+from .base import LoRALinearBase, init_lora_weights
 
 
 def plain_layer_class():
@@ -30,9 +27,7 @@ class PlainLoRALinear(LoRALinearBase):
         self.linear = nn.Linear(input_dims, output_dims, bias=bias)
         self.dropout = nn.Dropout(p=dropout)
         self.scale = scale
-        bound = 1 / math.sqrt(input_dims)
-        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r))
-        self.lora_b = mx.zeros(shape=(r, output_dims))
+        self.lora_a, self.lora_b = init_lora_weights(input_dims, output_dims, r)
 
     def __call__(self, x):
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b

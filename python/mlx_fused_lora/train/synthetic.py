@@ -35,6 +35,7 @@ __all__ = [
     "write_random_csm",
     "write_bpe_tokenizer",
     "write_random_mimi",
+    "random_mimi",
     "tiny_mimi_config",
     "BOS",
     "EOS",
@@ -232,8 +233,9 @@ def tiny_mimi_config(num_codebooks: int = 32, bins: int = 2048):
     )
 
 
-def write_random_mimi(path: str | Path, num_codebooks: int = 32, bins: int = 2048, seed: int = 0) -> Path:
-    """A tiny random Mimi saved with `save_mimi` (its config in the file's metadata)."""
+def random_mimi(num_codebooks: int = 32, bins: int = 2048, seed: int = 0):
+    """A tiny random Mimi (mlx-audio's ``Mimi``, `tiny_mimi_config`'s structure) whose
+    frames get varied codes, ready to encode and decode in memory."""
     try:
         import mlx.core as mx
         from mlx.utils import tree_flatten
@@ -241,7 +243,6 @@ def write_random_mimi(path: str | Path, num_codebooks: int = 32, bins: int = 204
         from mlx_audio.codec.models.mimi.modules.quantization import EuclideanCodebook
     except ImportError as e:
         raise ImportError(f"a random Mimi needs mlx-audio: pip install 'mlx-fused-lora[audio]' [{e}]") from None
-    from .audio import save_mimi
 
     mx.random.seed(seed)
     model = Mimi(tiny_mimi_config(num_codebooks, bins))
@@ -258,5 +259,14 @@ def write_random_mimi(path: str | Path, num_codebooks: int = 32, bins: int = 204
         if isinstance(m, EuclideanCodebook):
             m.embedding_sum = mx.random.normal(m.embedding_sum.shape)
             m.cluster_usage = mx.ones(m.cluster_usage.shape)
+        if hasattr(m, "update_in_place"):  # derived arrays (codebook lookup, expanded conv weights)
+            m.update_in_place()
     mx.eval(model.parameters())
-    return save_mimi(model, path)
+    return model
+
+
+def write_random_mimi(path: str | Path, num_codebooks: int = 32, bins: int = 2048, seed: int = 0) -> Path:
+    """A tiny random Mimi (`random_mimi`) saved with `save_mimi` (its config in the file's metadata)."""
+    from .audio import save_mimi
+
+    return save_mimi(random_mimi(num_codebooks, bins, seed), path)
