@@ -20,8 +20,10 @@ __version__ = version("mlx-fused-lora")  # the one place it is written is pyproj
 # public name -> the submodule that defines it
 _LAZY = {
     "fused_lora_linear": ".ops",
+    "fused_qlora_linear": ".ops",
     "dropout_mask": ".ops",
     "FusedLoRALinear": ".layers",
+    "FusedDoRALinear": ".layers",
     "linear_to_lora_layers": ".layers",
     "patch_mlx_lm": ".lm_lora",
     "_ext": "._extension",
@@ -29,8 +31,10 @@ _LAZY = {
 
 __all__ = [
     "fused_lora_linear",
+    "fused_qlora_linear",
     "dropout_mask",
     "FusedLoRALinear",
+    "FusedDoRALinear",
     "linear_to_lora_layers",
     "patch_mlx_lm",
 ]
