@@ -57,11 +57,10 @@ class NonFiniteCheckpointError(TrainingCheckpointError):
 
 def non_finite_names(tensors: dict[str, mx.array]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an inf, sorted."""
-    bad = []
-    for name, v in sorted(tensors.items()):
-        if mx.issubdtype(v.dtype, mx.inexact) and not mx.isfinite(v).all().item():
-            bad.append(name)
-    return bad
+    # One evaluation for all tensors, not one synchronization per tensor.
+    finite = {name: mx.isfinite(v).all() for name, v in tensors.items() if mx.issubdtype(v.dtype, mx.inexact)}
+    mx.eval(list(finite.values()))
+    return sorted(name for name, ok in finite.items() if not ok.item())
 
 
 def _step_of(path: Path) -> int | None:
