@@ -64,8 +64,12 @@ def cotangents(primals, dy, *, dx, d_lora_a, d_lora_b):
     of dY (an empty array for an absent bias), the key's zeros.
     """
     x, _, bias, _, _, key = primals
-    d_bias = dy.sum(axis=0).astype(bias.dtype) if has_bias(bias) else mx.zeros_like(bias)
-    return (dx, dy.T @ x, d_bias, d_lora_a, d_lora_b, mx.zeros_like(key))
+    return (dx, dy.T @ x, _bias_cotangent(bias, dy), d_lora_a, d_lora_b, mx.zeros_like(key))
+
+
+def _bias_cotangent(bias_slot, dy):
+    """The row sum of dY for a present bias, an empty array for an absent one."""
+    return dy.sum(axis=0).astype(bias_slot.dtype) if has_bias(bias_slot) else mx.zeros_like(bias_slot)
 
 
 class QInputs(NamedTuple):
@@ -92,5 +96,5 @@ def q_cotangents(primals, dy, *, dx, d_lora_a, d_lora_b, d_scales, d_biases):
     The scales' and biases' are MLX's own (lazy: evaluated only if asked for).
     """
     x, weight, _, _, bias, _, _, key = primals
-    d_bias = dy.sum(axis=0).astype(bias.dtype) if has_bias(bias) else mx.zeros_like(bias)
+    d_bias = _bias_cotangent(bias, dy)
     return (dx, mx.zeros_like(weight), d_scales, d_biases, d_bias, d_lora_a, d_lora_b, mx.zeros_like(key))
