@@ -5,6 +5,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from mask_spec import spec_bits
 from mlx_fused_lora import dropout_mask, fused_lora_linear
 
 
@@ -63,22 +64,6 @@ def test_op_applies_exactly_this_mask():
     y = fused_lora_linear(x, w, None, a, b, scale=1.0, dropout=0.5, key=key)
     diag = mx.diagonal(dropout_mask(key, (k, k), 0.5))
     assert mx.array_equal(y[:, 0], diag)
-
-
-def spec_bits(key0, key1, index):
-    """The hash of csrc/kernels/lora_dropout.h, restated in numpy uint32 arithmetic."""
-
-    def mix(h):
-        h = h ^ (h >> np.uint32(16))
-        h = h * np.uint32(0x7FEB352D)
-        h = h ^ (h >> np.uint32(15))
-        h = h * np.uint32(0x846CA68B)
-        return h ^ (h >> np.uint32(16))
-
-    lo = (index & 0xFFFFFFFF).astype(np.uint32)
-    hi = (index >> 32).astype(np.uint32)
-    with np.errstate(over="ignore"):
-        return mix(mix(lo ^ np.uint32(key0)) ^ (np.uint32(key1) + hi * np.uint32(0x9E3779B9)))
 
 
 @pytest.mark.parametrize("index0", [0, 12345, 2**32 - 37, 2**40 + 3])

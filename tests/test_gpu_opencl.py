@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("pyopencl", reason='needs pip install "pyopencl[pocl]" (the test extra)')
 
+from mask_spec import spec_mask  # noqa: E402
 from mlx_fused_lora._extension import _ext  # noqa: E402
 from mlx_fused_lora.ops.gpu import geometry, kernels, opencl  # noqa: E402
 
@@ -38,22 +39,9 @@ def cpu_mask(shape, p):
 
 
 def numpy_mask(indices, p):
-    """lora_dropout.h in numpy (uint32 arithmetic wraps), for any 64-bit flat indices."""
-
-    def mix(h):
-        h = h ^ (h >> np.uint32(16))
-        h = h * np.uint32(0x7FEB352D)
-        h = h ^ (h >> np.uint32(15))
-        h = h * np.uint32(0x846CA68B)
-        return h ^ (h >> np.uint32(16))
-
+    """lora_dropout.h in numpy under this file's key, for any 64-bit flat indices."""
     key = np.array(KEY)
-    lo, hi = (indices & 0xFFFFFFFF).astype(np.uint32), (indices >> np.uint64(32)).astype(np.uint32)
-    with np.errstate(over="ignore"):
-        bits = mix(mix(lo ^ key[0]) ^ (key[1] + hi * np.uint32(0x9E3779B9)))
-    t = (np.float32(1) - np.float32(p)) * np.float32(4294967296.0)
-    threshold = np.uint32(0xFFFFFFFF) if t >= np.float32(4294967295.0) else np.uint32(t)
-    return np.where(bits < threshold, np.float32(1) / (np.float32(1) - np.float32(p)), np.float32(0))
+    return spec_mask(key[0], key[1], indices, p)
 
 
 def inputs(dtype, r, shape=(M, K, N), seed=0):
