@@ -109,19 +109,17 @@ def _layer_passes(layer, inputs, compiled=False):
     }
 
 
-def extension_blas_matmul():
-    """The extension's BLAS GEMM (a benchmark hook), wherever this build exports it; else None."""
-    for owner in (_ext, getattr(_ext, "testing", None)):
-        if owner is not None and hasattr(owner, "blas_matmul"):
-            return owner.blas_matmul
-    return None
+def limit_path(device):
+    """Where the limit's GEMMs run: on the CPU the extension's BLAS (the one the fused op's own
+    GEMMs use, whichever BLAS MLX's matmul uses), on a GPU MLX's matmul."""
+    return "extension" if device == mx.cpu else "mlx"
 
 
 def _limit_passes(inputs):
     x, w, ct = inputs["x"], inputs["weight"], inputs["cotangent"]
-    blas_matmul = extension_blas_matmul() if mx.default_device() == mx.cpu else None
-    if blas_matmul is not None:
-        # The BLAS the fused op's own GEMMs run on, whichever BLAS MLX's matmul uses.
+    if limit_path(mx.default_device()) == "extension":
+        blas_matmul = _ext.testing.blas_matmul
+
         def base():
             return blas_matmul(x, w, transpose_b=True)
 

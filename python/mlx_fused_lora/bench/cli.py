@@ -24,7 +24,7 @@ from .. import fast_blas
 from ..layers import plain_layer_class
 from . import e2e, peft_peer, results, timing
 from . import grid as grids
-from .cases import extension_blas_matmul, make_inputs
+from .cases import limit_path, make_inputs
 from .machine import blas_report, load_average
 
 
@@ -177,8 +177,7 @@ def main(argv=None):
     shapes = args.shapes or (grids.quick_shapes() if args.quick else grids.full_shapes())
     dtypes = args.dtypes or grids.device_dtypes(device)
     with_peft = not args.no_peft and peft_peer.available()
-    limit_path = "extension" if device == mx.cpu and extension_blas_matmul() is not None else "mlx"
-    blas = blas_report(limit_path, with_peft)
+    blas = blas_report(limit_path(device), with_peft)
     on_reference_blas = blas["plain_peers"] == fast_blas.REFERENCE_BLAS
     peer_max = grids.default_peer_max_gflop(device) if args.peer_max_gflop is None else args.peer_max_gflop
     extra = peft_peer.PEFT_KINDS if with_peft else ()

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..layers import FusedLoRALinear, plain_layer_class
-from .cases import cases, extension_blas_matmul, layer_from_inputs, make_inputs
+from .cases import cases, layer_from_inputs, limit_path, make_inputs
 from .machine import blas_report
 from .report import untrusted_reasons
 from .timing import measure_interleaved
@@ -38,8 +38,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     inputs = make_inputs(args.tokens, args.dims, args.dims, args.rank)
-    limit_path = "extension" if mx.default_device() == mx.cpu and extension_blas_matmul() is not None else "mlx"
-    blas = blas_report(limit_path, with_peft=False)
+    blas = blas_report(limit_path(mx.default_device()), with_peft=False)
     print(
         f"device {mx.default_device()}, x ({args.tokens}, {args.dims}) float32, "
         f"W ({args.dims}, {args.dims}), r = {args.rank}, dropout = {args.dropout}\n"
