@@ -21,6 +21,7 @@ COMMANDS = {
     "layer-demo": ("mlx_fused_lora.bench.layer_demo", "the fused LoRA layer against the plain one: speed and memory"),
     "bench": ("mlx_fused_lora.bench.cli", "the benchmark suite: fused vs plain MLX vs the limit, table, JSON and PNG"),
     "convert-adapter": ("mlx_fused_lora.adapters.cli", "convert LoRA adapters between mlx-lm and PEFT formats"),
+    "merge-adapters": ("mlx_fused_lora.adapters.merge_cli", "merge weighted LoRA adapters into one (PEFT's methods)"),
 }
 
 

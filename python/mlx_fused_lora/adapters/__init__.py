@@ -2,14 +2,15 @@
 
 One reader/writer per format (`mlx_lm_format`, `peft_format`) behind a small registry
 (`registry`), all reading into and writing from one `AdapterSet`; `model_io` moves
-adapters between files and a model's LoRA layers. This package knows the layers, not
-any model: model families (CSM) register a rename hook for their foreign module names
-with `register_model_hooks`.
+adapters between files and a model's LoRA layers; `merge` combines adapters into one.
+This package knows the layers, not any model: model families (CSM) register a rename
+hook for their foreign module names with `register_model_hooks`.
 """
 
 from . import mlx_lm_format, peft_format  # noqa: F401  (register the formats)
 from .adapter_set import AdapterSet, ModuleAdapter
 from .checks import AdapterError
+from .merge import MERGE_METHODS, MergeArgumentError, merge_adapters, merge_module
 from .model_io import ModelAdapterHooks, convert_adapter, load_adapters, register_model_hooks, save_adapters
 from .registry import (
     AdapterFormat,
@@ -40,4 +41,8 @@ __all__ = [
     "format_names",
     "ModelAdapterHooks",
     "register_model_hooks",
+    "merge_adapters",
+    "merge_module",
+    "MERGE_METHODS",
+    "MergeArgumentError",
 ]
