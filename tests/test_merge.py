@@ -269,6 +269,20 @@ def test_rslora_and_rank_alpha_patterns_merge_with_each_modules_own_scale(tmp_pa
                 np.testing.assert_allclose(delta(back.modules[path]), delta(m), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_per_factor_merges_keep_each_modules_rank_and_reload(method, tmp_path):
+    # peft#3737: PEFT writes rank_pattern={} for these, so its result cannot be reloaded
+    rng = np.random.default_rng(14)
+    sources = [rslora_patterned(rng, 16.0), rslora_patterned(rng, 2.0)]
+    merged = merge_adapters(sources, [0.3, 0.9], method, density=0.5 if method == "ties" else None)
+    assert {p: m.r for p, m in merged.modules.items()} == {p: m.r for p, m in sources[0].modules.items()}
+    write_adapters(merged, tmp_path / "merged", "peft")
+    back, _ = read_adapters(tmp_path / "merged")
+    for path, m in merged.modules.items():
+        assert back.modules[path].r == m.r and back.modules[path].scale == 1.0
+        assert np.array_equal(np.array(back.modules[path].lora_a), np.array(m.lora_a))
+
+
 @pytest.mark.parametrize("method", ["linear", "cat", "svd"])
 def test_one_rslora_adapter_at_weight_one_merges_into_itself(method):
     # peft#3761's check: PEFT's result is sqrt(r) times too large with rsLoRA
