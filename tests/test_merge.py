@@ -486,3 +486,34 @@ def test_cli_unreadable_input_and_missing_out_are_one_line(adapter_dirs, tmp_pat
     assert main([str(a), "--weights", "1", "--method", "cat"]) == 2
     err = capsys.readouterr().err
     assert err == "merge-adapters: error: the following arguments are required: --out\n"
+
+
+README_COMMANDS = "tested-by: tests/test_merge.py (the README merge commands)"
+
+
+def test_readme_merge_commands_run(tmp_path, monkeypatch, capsys):
+    import re
+    import shlex
+    from pathlib import Path
+
+    from mlx_fused_lora.cli import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(rf"<!-- {re.escape(README_COMMANDS)} -->\n```bash\n(.*?)```", readme, re.S)
+    assert block, "README has no block marked " + README_COMMANDS
+    rng = np.random.default_rng(15)
+    paths = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    for name in ("speaker_a", "speaker_b"):
+        write_adapters(AdapterSet({p: module(rng, 24, 4, 24, 2.0) for p in paths}), tmp_path / name, "mlx-lm")
+    monkeypatch.chdir(tmp_path)
+    lines = [shlex.split(line) for line in block.group(1).splitlines() if line.strip()]
+    assert len(lines) == 2 and all(argv[:2] == ["mlx-fused-lora", "merge-adapters"] for argv in lines)
+    for argv in lines:
+        assert main(argv[1:]) == 0, capsys.readouterr().err
+    svd, fmt = read_adapters(tmp_path / "merged")
+    assert fmt == "mlx-lm" and {m.r for m in svd.modules.values()} == {16}  # above the delta's rank 8: exact
+    sources = [read_adapters(tmp_path / name)[0] for name in ("speaker_a", "speaker_b")]
+    for p in paths:
+        expected = weighted_delta([s.modules[p] for s in sources], [0.6, 0.4])
+        np.testing.assert_allclose(delta(svd.modules[p]), expected, rtol=1e-4, atol=1e-4)
+    assert read_adapters(tmp_path / "merged_ties")[1] == "peft"
