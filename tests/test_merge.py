@@ -116,6 +116,9 @@ def test_svd_any_rank_above_the_deltas_rank_is_exact_and_trainable():
     a = np.array(merged.lora_a, np.float64)  # further directions of A are orthonormal, not zero
     np.testing.assert_allclose(a.T @ a, np.eye(12), atol=1e-5)
     assert np.all(np.array(merged.lora_b)[5:] == 0)
+    sets = [AdapterSet({"m": m}) for m in mods]  # through merge_adapters the further directions are fixed
+    first, again = (merge_adapters(sets, [0.5, 0.5], "svd", svd_rank=12).modules["m"] for _ in range(2))
+    assert np.array_equal(np.array(first.lora_a), np.array(again.lora_a))
     # a rank above min(in, out) is capped there, as PEFT's full SVD caps it
     assert merge_module(mods, [0.5, 0.5], "svd", svd_rank=64).r == 18
 
@@ -368,6 +371,14 @@ def test_incompatible_adapters_are_refused_naming_the_module():
         merge_adapters([a, {}], [1, 1], "cat")
     with pytest.raises(MergeArgumentError, match="at least one adapter"):
         merge_adapters([], [], "cat")
+
+
+def test_numpy_weights_ranks_and_seeds_are_accepted():
+    adapters = _two()
+    expected = merge_adapters(adapters, [0.5, 2.0], "dare_linear", density=0.5, seed=4).modules["q"]
+    got = merge_adapters(adapters, np.array([0.5, 2.0]), "dare_linear", density=np.float32(0.5), seed=np.int64(4))
+    assert np.array_equal(np.array(got.modules["q"].lora_a), np.array(expected.lora_a))
+    assert merge_adapters(adapters, (1, 1), "svd", svd_rank=np.int64(3)).modules["q"].r == 3
 
 
 # --- properties over ranks, shapes and weights -----------------------------------------

@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import mlx.core as mx
 
@@ -44,7 +44,6 @@ __all__ = ["MERGE_METHODS", "SIGN_METHODS", "MergeArgumentError", "merge_adapter
 
 MERGE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SIGN_METHODS = ("total", "frequency")
-_PER_FACTOR = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # A and B merged apart
 _PRUNED = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # take `density`
 _SIGNED = ("ties", "dare_ties")  # elect a sign
 _RANDOM = ("dare_linear", "dare_ties")  # take `seed`
@@ -67,8 +66,9 @@ def check_merge_arguments(n, weights, combination_type, density, svd_rank, major
         )
     if n < 1:
         raise MergeArgumentError("adapters", "merging needs at least one adapter, got none")
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
         raise MergeArgumentError("weights", f"weights must be a sequence of numbers, got {type(weights).__name__}")
+    weights = list(weights)
     if len(weights) != n:
         raise MergeArgumentError("weights", f"got {len(weights)} weights for {n} adapters (one each)")
     for w in weights:
@@ -82,7 +82,7 @@ def check_merge_arguments(n, weights, combination_type, density, svd_rank, major
     elif density is not None:
         raise MergeArgumentError("density", f"density applies to {_PRUNED} only, not {combination_type}")
     if combination_type == "svd":
-        if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+        if svd_rank is not None and (not _is_integer(svd_rank) or svd_rank < 1):
             raise MergeArgumentError("svd_rank", f"svd_rank must be an integer >= 1, got {svd_rank!r}")
     elif svd_rank is not None:
         raise MergeArgumentError("svd_rank", f"svd_rank applies to svd only, not {combination_type}")
@@ -93,16 +93,20 @@ def check_merge_arguments(n, weights, combination_type, density, svd_rank, major
     if seed is not None:
         if combination_type not in _RANDOM:
             raise MergeArgumentError("seed", f"seed applies to {_RANDOM} only, not {combination_type}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        if not _is_integer(seed) or not 0 <= seed < 2**63:
             raise MergeArgumentError("seed", f"seed must be an integer in [0, 2**63), got {seed!r}")
     return [float(w) for w in weights]
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def module_key(seed: int, path: str) -> mx.array:
     """The random key of one module's merge: a function of (seed, module path) alone, so a
     module's masks do not depend on which other modules (or in which order) are merged.
     Adapter i's A and B take ``mx.random.split(key, 2 n)[2 i]`` and ``[2 i + 1]``."""
-    digest = hashlib.blake2b(f"{seed}/{path}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{int(seed)}/{path}".encode(), digest_size=8).digest()
     return mx.random.key(int.from_bytes(digest, "little"))
 
 
@@ -198,7 +202,7 @@ def _orthonormal_complement(basis: mx.array, count: int, key: mx.array) -> mx.ar
     return q
 
 
-def _truncated_svd(a: mx.array, b: mx.array, rank: int, key: mx.array) -> tuple[mx.array, mx.array]:
+def _truncated_svd(a: mx.array, b: mx.array, rank: int, key: mx.array | None) -> tuple[mx.array, mx.array]:
     """``(A', B')`` of rank ``rank`` with ``A' @ B'`` the best rank-``rank`` approximation
     of ``a @ b`` (``a (in, R)``, ``b (R, out)``), from ``a = Qa Ra`` and ``bᵀ = Qb Rb``:
     ``a @ b = Qa (Ra Rbᵀ) Qbᵀ`` and the core ``Ra Rbᵀ`` is at most R × R."""
@@ -209,7 +213,7 @@ def _truncated_svd(a: mx.array, b: mx.array, rank: int, key: mx.array) -> tuple[
     lora_a = qa @ u[:, :n]  # left singular vectors: orthonormal columns
     lora_b = s[:n, None] * (vt[:n] @ qb.T)
     if rank > n:
-        extra = _orthonormal_complement(lora_a, rank - n, key)
+        extra = _orthonormal_complement(lora_a, rank - n, key if key is not None else mx.random.key(_fresh_seed()))
         lora_a = mx.concatenate([lora_a, extra], axis=1)
         lora_b = mx.concatenate([lora_b, mx.zeros((rank - n, lora_b.shape[1]), dtype=lora_b.dtype)], axis=0)
     return lora_a, lora_b
@@ -262,8 +266,7 @@ def merge_module(
         if combination_type == "cat":
             lora_a, lora_b = _concatenated(adapters, coefficients)
         elif combination_type == "svd":
-            rank = min(svd_rank or max(m.r for m in adapters), in_dims, out_dims)
-            key = key if key is not None else mx.random.key(_fresh_seed())
+            rank = int(min(svd_rank or max(m.r for m in adapters), in_dims, out_dims))
             lora_a, lora_b = _truncated_svd(*_concatenated(adapters, coefficients), rank, key)
         else:
             lora_a, lora_b = _per_factor(
@@ -318,12 +321,12 @@ def merge_adapters(
             raise MergeArgumentError("adapters", f"adapters[{i}] has no modules")
         if a.use_dora:  # raises for a set mixing DoRA and LoRA modules
             raise MergeArgumentError("adapters", f"adapters[{i}] is a DoRA adapter: {_DORA_WHY}")
-    if combination_type == "svd" and svd_rank is None:
-        svd_rank = max(m.r for a in adapters for m in a.modules.values())
-    if combination_type in _RANDOM and seed is None:
-        seed = _fresh_seed()
-    if combination_type == "svd":
-        seed = _SVD_DIRECTIONS_SEED
+    key_seed = None  # the seed of every module's key, for the methods that draw
+    if combination_type in _RANDOM:
+        key_seed = seed if seed is not None else _fresh_seed()
+    elif combination_type == "svd":
+        key_seed = _SVD_DIRECTIONS_SEED
+        svd_rank = svd_rank or max(m.r for a in adapters for m in a.modules.values())
     modules = {}
     for path in sorted({p for a in adapters for p in a.modules}):
         present = [(a.modules[path], w) for a, w in zip(adapters, weights, strict=True) if path in a.modules]
@@ -332,9 +335,9 @@ def merge_adapters(
             [w for _, w in present],
             combination_type,
             density=density,
-            svd_rank=svd_rank,
+            svd_rank=int(svd_rank) if svd_rank is not None else None,
             majority_sign_method=majority_sign_method,
-            key=module_key(seed, path) if seed is not None else None,
+            key=module_key(key_seed, path) if key_seed is not None else None,
             name=path,
         )
     return AdapterSet(modules, adapters[0].dropout, False, _num_layers(adapters), dict(adapters[0].extra))
