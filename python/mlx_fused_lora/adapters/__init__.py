@@ -3,15 +3,30 @@
 One reader/writer per format (`mlx_lm_format`, `peft_format`) behind a small registry
 (`registry`), all reading into and writing from one `AdapterSet`; `model_io` moves
 adapters between files and a model's LoRA layers; `merge` combines adapters into one.
-This package knows the layers, not any model: model families (CSM) register a rename
-hook for their foreign module names with `register_model_hooks`.
+Many adapters on one model, by name (PEFT's words: `add_adapter`, `set_adapter`,
+`disable_adapters`, ...): `manager`, with `named_io` for hot swap and
+`add_weighted_adapter` (a `merge` into a new adapter on the model). This package knows
+the layers, not any model: model families (CSM) register a rename hook for their
+foreign module names with `register_model_hooks`.
 """
 
 from . import mlx_lm_format, peft_format  # noqa: F401  (register the formats)
 from .adapter_set import AdapterSet, ModuleAdapter
 from .checks import AdapterError
+from .config import AdapterConfig
+from .manager import (
+    active_adapters,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    fuse_adapters,
+    list_adapters,
+    set_adapter,
+    using_adapters,
+)
 from .merge import MERGE_METHODS, MergeArgumentError, merge_adapters, merge_module
 from .model_io import ModelAdapterHooks, convert_adapter, load_adapters, register_model_hooks, save_adapters
+from .named_io import add_weighted_adapter, hotswap_adapter
 from .registry import (
     AdapterFormat,
     detect_adapter_format,
@@ -45,4 +60,15 @@ __all__ = [
     "merge_module",
     "MERGE_METHODS",
     "MergeArgumentError",
+    "AdapterConfig",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "list_adapters",
+    "active_adapters",
+    "disable_adapters",
+    "using_adapters",
+    "fuse_adapters",
+    "hotswap_adapter",
+    "add_weighted_adapter",
 ]

@@ -21,9 +21,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..layers import FusedDoRALinear, FusedLoRALinear
 from ..layers.base import base_dims
+from ..layers.named import DEFAULT_ADAPTER, holders
 from ..layers.tree import freeze_all_but_lora, is_lora_layer, lora_dropout_p, lora_layers
+from . import manager
 from .adapter_set import AdapterSet, ModuleAdapter
-from .registry import get_format, read_adapters, write_adapters
+from .registry import detect_adapter_format, get_format, read_adapters, write_adapters
 
 __all__ = [
     "ModelAdapterHooks",
@@ -61,27 +63,28 @@ def _hooks_for(model: nn.Module) -> ModelAdapterHooks:
     return ModelAdapterHooks()
 
 
-def _adapter_set_of(model: nn.Module) -> AdapterSet:
-    layers = lora_layers(model)
+def _adapter_set_of(model: nn.Module, name: str | None = None) -> AdapterSet:
+    """The adapter ``name`` of the model's LoRA layers (None: each layer's own, the one
+    adapter of a single-adapter model)."""
+    layers = [(p, layer) for p, layer in lora_layers(model) if name is None or name in holders(layer)]
     if not layers:
-        raise ValueError("the model has no LoRA layers to save")
-    settings = getattr(model, "lora_settings", None)
+        raise ValueError("the model has no LoRA layers to save" if name is None else f"no layer holds adapter {name!r}")
+    held = {p: layer if name is None else holders(layer)[name] for p, layer in layers}
+    config = manager.registry(model).configs.get(name) if name is not None else None
+    settings = config or getattr(model, "lora_settings", None)
     use_rslora = bool(getattr(settings, "use_rslora", False))
     alpha = getattr(settings, "alpha", None)
-    dropouts = {lora_dropout_p(layer) for _, layer in layers}
+    dropouts = {lora_dropout_p(h) for h in held.values()}
     if len(dropouts) > 1:
         warnings.warn(f"LoRA layers have different dropouts {sorted(dropouts)}; saving the largest", stacklevel=3)
     trained_biases = [
-        name
-        for name, layer in layers
+        path
+        for path, layer in layers
         if "bias" in layer.linear and "bias" in dict(tree_flatten(layer.linear.trainable_parameters()))
     ]
     if trained_biases:
         warnings.warn(f"trainable biases ({trained_biases[0]}, ...) are not saved with the adapters", stacklevel=3)
-    modules = {
-        name: ModuleAdapter(layer.lora_a, layer.lora_b, float(layer.scale), alpha, layer.get("m"))
-        for name, layer in layers
-    }
+    modules = {path: ModuleAdapter(h.lora_a, h.lora_b, float(h.scale), alpha, h.get("m")) for path, h in held.items()}
     num_layers = None
     if hasattr(model, "layers") and isinstance(model.layers, list):
         idx = [int(p.split("layers.", 1)[1].split(".", 1)[0]) for p in modules if "layers." in p]
@@ -90,12 +93,28 @@ def _adapter_set_of(model: nn.Module) -> AdapterSet:
     return AdapterSet(modules, max(dropouts), use_rslora, num_layers, dict(_hooks_for(model).extra))
 
 
-def save_adapters(model: nn.Module, path: str | Path, format: str = "mlx-lm") -> Path:
-    """Write the model's LoRA layers to directory ``path`` in ``format``.
+def save_adapters(model: nn.Module, path: str | Path, format: str = "mlx-lm", *, name: str | None = None) -> Path:
+    """Write the model's adapters to directory ``path`` in ``format``; returns the weights
+    file (the default adapter's, or the first written).
 
-    ``format``: ``mlx-lm`` (default), ``peft`` or ``csm-cli``. Returns the weights file.
+    ``format``: ``mlx-lm`` (default), ``peft`` or ``csm-cli``. ``name``: that adapter alone,
+    in ``path`` itself. Without it, every adapter in PEFT's named-adapter layout: "default"
+    in ``path``, each other one in ``path/<name>/`` (a model with one adapter, "default",
+    writes just ``path``, as before).
     """
-    return write_adapters(_adapter_set_of(model), path, get_format(format).name)
+    fmt = get_format(format).name
+    if name is not None:
+        return write_adapters(_adapter_set_of(model, name), path, fmt)
+    names = manager.list_adapters(model)
+    if names in ([], [DEFAULT_ADAPTER]):
+        return write_adapters(_adapter_set_of(model), path, fmt)
+    written = [write_adapters(_adapter_set_of(model, n), _named_dir(path, n), fmt) for n in names]
+    return written[names.index(DEFAULT_ADAPTER)] if DEFAULT_ADAPTER in names else written[0]
+
+
+def _named_dir(path: str | Path, name: str) -> Path:
+    """Where adapter ``name`` lives in PEFT's layout: "default" in ``path``, others in ``path/name``."""
+    return Path(path) if name == DEFAULT_ADAPTER else Path(path) / name
 
 
 def _plan(model: nn.Module, adapters: AdapterSet) -> list[tuple[str, nn.Module, nn.Module, ModuleAdapter]]:
@@ -121,7 +140,9 @@ def _plan(model: nn.Module, adapters: AdapterSet) -> list[tuple[str, nn.Module, 
     return plan
 
 
-def load_adapters(model: nn.Module, path: str | Path, *, rename: Rename | None = None) -> nn.Module:
+def load_adapters(
+    model: nn.Module, path: str | Path, *, rename: Rename | None = None, name: str | None = None
+) -> nn.Module:
     """Load adapters (format detected from the file names) into ``model``, in place.
 
     All or nothing: the files are read and every tensor and config field checked (names,
@@ -134,12 +155,22 @@ def load_adapters(model: nn.Module, path: str | Path, *, rename: Rename | None =
     (default: the hook registered for the model's class, if any). Raises KeyError naming
     an adapter module the model lacks, ValueError naming a module or tensor that does
     not fit.
+
+    ``name``: load as the named adapter ``name`` (`adapters.manager`): read from
+    ``path/<name>/`` when that folder holds an adapter (PEFT's named-adapter layout), else
+    from ``path`` (a PEFT file holding several adapters gives the one called ``name``, else
+    its default). The adapter becomes exactly the file's: replaced where the model has it,
+    added otherwise (active if it is the model's first). A model holding named adapters
+    loads a file without ``name`` as "default" the same way.
     """
-    adapters, _ = read_adapters(path)
+    source = _named_dir(path, name) if name is not None and _holds_adapter(_named_dir(path, name)) else path
+    adapters, _ = read_adapters(source, adapter_name=name)
     rename = rename or _hooks_for(model).rename
     if rename is not None:
         adapters = rename(adapters, model)
     plan = _plan(model, adapters)
+    if name is not None or not manager.is_plain(model):
+        return manager.put_adapter(model, name or DEFAULT_ADAPTER, plan, adapters.dropout)
     # Build every new layer before assigning anything: constructing one cannot fail halfway.
     # A LoRA layer of the other kind (LoRA <-> DoRA) is rebuilt around its base.
     cls = FusedDoRALinear if adapters.use_dora else FusedLoRALinear
@@ -163,6 +194,14 @@ def load_adapters(model: nn.Module, path: str | Path, *, rename: Rename | None =
     freeze_all_but_lora(model)
     mx.eval(model.parameters())
     return model
+
+
+def _holds_adapter(path: Path) -> bool:
+    try:
+        detect_adapter_format(path)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def convert_adapter(in_path: str | Path, out_path: str | Path, to: str, *, from_format: str | None = None) -> Path:

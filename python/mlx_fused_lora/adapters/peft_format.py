@@ -22,6 +22,7 @@ key. Where several keys match, the longest (most components) wins.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 from ..layers.tree import lora_scale
@@ -33,7 +34,8 @@ __all__ = ["PEFT", "ModulePattern", "parse_pattern"]
 
 _PREFIX = "base_model.model."
 _MAGNITUDE = ".lora_magnitude_vector"  # PEFT drops the ".weight" of its DoRA module when saving
-_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
+_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])\.weight$")
+_NAMED = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_[AB]|lora_magnitude_vector)\.(?P<name>[^.]+)(?P<tail>\.weight)?$")
 MAX_PATTERN_CHARS = 512
 _DIGITS = object()  # a component matching any run of decimal digits
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -105,7 +107,47 @@ def _pattern_value(patterns, path: str, default):
     return best
 
 
-def _read(d: Path) -> AdapterSet:
+def _adapter_of(key: str) -> tuple[str, str]:
+    """(adapter name, the key as PEFT saves it) of a tensor name: ``X.lora_A.voice.weight`` is
+    adapter ``voice``'s ``X.lora_A.weight``; unnamed keys are the "default" adapter's."""
+    m = _NAMED.match(key)
+    if m is None:
+        return "default", key
+    path, kind, name, tail = m["path"], m["kind"], m["name"], m["tail"]
+    if kind == "lora_magnitude_vector":
+        return ("default" if tail is None and name == "weight" else name), path + _MAGNITUDE
+    if tail is None:
+        return "default", key  # X.lora_A.weight
+    return name, f"{path}.{kind}.weight"
+
+
+def _one_adapter(tensors: dict, adapter_name: str | None, where: str) -> dict:
+    """The tensors of one adapter of a file that may hold several (PEFT names the others'
+    ``lora_A.{name}.weight``): ``adapter_name``, else the default one, else the only one.
+    Says which when the file holds several; refuses, listing them, when none fits."""
+    sets: dict[str, dict] = {}
+    for key, value in tensors.items():
+        name, plain = _adapter_of(key)
+        group = sets.setdefault(name, {})
+        if plain in group:
+            raise AdapterError(f"{where}: tensor {key!r} repeats {plain!r} of adapter {name!r}")
+        group[plain] = value
+    if len(sets) <= 1:
+        name, chosen = next(iter(sets.items()), ("default", {}))
+        if name != "default":
+            warnings.warn(f"{where} holds one adapter, {name!r}: loaded it", stacklevel=4)
+        return chosen
+    wanted = adapter_name or "default"
+    if wanted not in sets:
+        raise AdapterError(
+            f"{where}: holds adapters {sorted(sets)} and none named {wanted!r}; "
+            "choose one by name (load_adapters(..., name=...), read_adapters(..., adapter_name=...))"
+        )
+    warnings.warn(f"{where} holds adapters {sorted(sets)}: loaded {wanted!r}", stacklevel=4)
+    return sets[wanted]
+
+
+def _read(d: Path, adapter_name: str | None = None) -> AdapterSet:
     where = str(d / PEFT.config_file)
     config = read_json(d / PEFT.config_file)
     peft_type = config_field(config, "peft_type", "str", where, "LORA")
@@ -122,6 +164,7 @@ def _read(d: Path) -> AdapterSet:
     alpha_pattern = _patterns(config, "alpha_pattern", "number", where)
     weights = d / PEFT.weights_file
     tensors = {(k[len(_PREFIX) :] if k.startswith(_PREFIX) else k): v for k, v in load_tensors(weights).items()}
+    tensors = _one_adapter(tensors, adapter_name, str(weights))
     tensors, magnitudes = split_magnitudes(tensors, _MAGNITUDE)
     modules = {}
     for path, ab in lora_pairs(tensors, _KEY, "peft", str(weights)).items():
@@ -189,5 +232,6 @@ PEFT = register_format(
         read=_read,
         write=_write,
         aliases=("hf",),
+        named=True,
     )
 )

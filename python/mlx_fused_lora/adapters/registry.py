@@ -38,6 +38,7 @@ class AdapterFormat:
     read: Callable[[Path], AdapterSet]  # adapter directory -> AdapterSet
     write: Callable[[AdapterSet], tuple[dict, dict, dict]]  # -> (tensors, config, metadata)
     aliases: tuple[str, ...] = ()
+    named: bool = False  # a file may hold several named adapters: read takes (directory, adapter_name)
 
 
 _FORMATS: dict[str, AdapterFormat] = {}
@@ -112,14 +113,19 @@ def read_json(p: Path) -> dict:
     return config
 
 
-def read_adapters(path: str | Path) -> tuple[AdapterSet, str]:
+def read_adapters(path: str | Path, adapter_name: str | None = None) -> tuple[AdapterSet, str]:
     """Read an adapter directory (or its weights file); returns (adapters, format name).
 
-    Every tensor and config field is checked (see `checks`) before it is returned.
+    Every tensor and config field is checked (see `checks`) before it is returned. A file
+    of a format that can hold several named adapters (PEFT's) gives the one called
+    ``adapter_name``, by default its default one (see the format's reader).
     """
     path = Path(path)
     name = detect_adapter_format(path)
-    return _FORMATS[name].read(_adapter_dir(path)), name
+    fmt = _FORMATS[name]
+    if fmt.named:
+        return fmt.read(_adapter_dir(path), adapter_name), name
+    return fmt.read(_adapter_dir(path)), name
 
 
 def write_adapters(adapters: AdapterSet, path: str | Path, fmt: str) -> Path:

@@ -43,6 +43,8 @@ def init_lora_weights(input_dims: int, output_dims: int, r: int) -> tuple[mx.arr
 class LoRALinearBase(nn.Module):
     """Base class: subclasses set ``linear``, ``lora_a (in, r)``, ``lora_b (r, out)``, ``scale``."""
 
+    routing = None  # set by `layers.named` when the layer holds several adapters or runs none
+
     @classmethod
     def from_base(cls, linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
         """A LoRA layer around ``linear`` (an ``nn.Linear`` or ``nn.QuantizedLinear``, kept as is)."""
@@ -52,5 +54,8 @@ class LoRALinearBase(nn.Module):
         return layer
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
-        """The base layer with ``scale * lora_b.T @ lora_a.T`` folded into its weight."""
+        """The base layer with ``scale * lora_b.T @ lora_a.T`` folded into its weight (with
+        several named adapters: the ones running, weighted, `layers.named`)."""
+        if self.routing is not None:
+            return self.routing.fold(self, dequantize=dequantize)
         return fold_lora(self.linear, self.lora_a, self.lora_b, self.scale, dequantize=dequantize, stacklevel=3)

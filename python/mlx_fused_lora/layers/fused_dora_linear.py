@@ -29,10 +29,10 @@ from .base import base_dims, check_lora_args, init_lora_weights
 from .fold import fold_lora
 from .fused_lora_linear import draw_dropout_key, lora_product
 
-__all__ = ["FusedDoRALinear"]
+__all__ = ["FusedDoRALinear", "dora_product", "adapted_norms", "quantization_args"]
 
 
-def _quantization(linear):
+def quantization_args(linear):
     """The quantized base's arrays and settings as `ops.dora_norms` takes them ({} if dense)."""
     if not isinstance(linear, nn.QuantizedLinear):
         return {}
@@ -45,7 +45,26 @@ def _quantization(linear):
     )
 
 
+def adapted_norms(linear, lora_a, lora_b, base_sq_norms, scale):
+    """``||W + scale * (lora_a @ lora_b).T||`` per output row of ``linear``'s weight, float32, no gradient."""
+    lora_a = mx.stop_gradient(lora_a)
+    lora_b = mx.stop_gradient(lora_b)
+    base_a = base_times_lora_a(linear.weight, lora_a, **quantization_args(linear))
+    return mx.stop_gradient(adapted_row_norms(base_sq_norms, base_a, lora_a, lora_b, scale))
+
+
+def dora_product(linear, x, lora_a, lora_b, m, base_sq_norms, *, scale, dropout=0.0, key=None):
+    """DoRA's output over ``linear``: ``m / ||W + c A B||_rows * (x W^T + c dropout(x) A B) + bias``."""
+    out = lora_product(linear, x, lora_a, lora_b, scale=scale, dropout=dropout, key=key, with_bias=False)
+    out = (m / adapted_norms(linear, lora_a, lora_b, base_sq_norms, scale)).astype(x.dtype) * out
+    if "bias" in linear:
+        out = out + linear.bias
+    return out
+
+
 class FusedDoRALinear(nn.Module):
+    routing = None  # set by `layers.named` when the layer holds several adapters or runs none
+
     @classmethod
     def from_base(cls, linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
         """A DoRA layer around ``linear`` (``nn.Linear`` or ``nn.QuantizedLinear``, kept as is)."""
@@ -75,29 +94,26 @@ class FusedDoRALinear(nn.Module):
         """Set the base layer; recompute its row norms and reset ``m`` to them (as mlx-lm)."""
         self.linear = linear
         # Lazy: a base replaced right away (from_base) never has its norms evaluated.
-        self._base_sq_norms = base_row_sq_norms(linear.weight, **_quantization(linear))
+        self._base_sq_norms = base_row_sq_norms(linear.weight, **quantization_args(linear))
         self.m = mx.sqrt(self._base_sq_norms)
 
     def adapted_norms(self):
         """``||W + scale * (lora_a @ lora_b).T||`` per output row, float32, no gradient."""
-        lora_a = mx.stop_gradient(self.lora_a)
-        lora_b = mx.stop_gradient(self.lora_b)
-        base_a = base_times_lora_a(self.linear.weight, lora_a, **_quantization(self.linear))
-        return mx.stop_gradient(adapted_row_norms(self._base_sq_norms, base_a, lora_a, lora_b, self.scale))
+        return adapted_norms(self.linear, self.lora_a, self.lora_b, self._base_sq_norms, self.scale)
 
     def __call__(self, x):
+        if self.routing is not None:  # several named adapters, or none running (`layers.named`)
+            return self.routing.forward(self, x)
         p = self.dropout if self.training else 0.0
         key = draw_dropout_key() if p > 0 else None
-        out = lora_product(
-            self.linear, x, self.lora_a, self.lora_b, scale=self.scale, dropout=p, key=key, with_bias=False
+        return dora_product(
+            self.linear, x, self.lora_a, self.lora_b, self.m, self._base_sq_norms, scale=self.scale, dropout=p, key=key
         )
-        out = (self.m / self.adapted_norms()).astype(x.dtype) * out
-        if "bias" in self.linear:
-            out = out + self.linear.bias
-        return out
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         """The base with the adapter folded in and each row rescaled to ``m`` (mlx-lm's DoRA fuse)."""
+        if self.routing is not None:
+            return self.routing.fold(self, dequantize=dequantize)
         return fold_lora(
             self.linear, self.lora_a, self.lora_b, self.scale, magnitude=self.m, dequantize=dequantize, stacklevel=3
         )

@@ -89,6 +89,8 @@ class FusedLoRALinear(LoRALinearBase):
         self.lora_a, self.lora_b = init_lora_weights(input_dims, output_dims, r)
 
     def __call__(self, x):
+        if self.routing is not None:  # several named adapters, or none running (`layers.named`)
+            return self.routing.forward(self, x)
         p = self.dropout if self.training else 0.0
         key = draw_dropout_key() if p > 0 else None
         return lora_product(self.linear, x, self.lora_a, self.lora_b, scale=self.scale, dropout=p, key=key)

@@ -9,6 +9,7 @@ from mlx.utils import tree_unflatten
 
 from .base import LoRALinearBase
 from .fold import fold_lora
+from .named import adapter_keys, holders
 
 __all__ = [
     "lora_scale",
@@ -58,10 +59,14 @@ def lora_dropout_p(layer) -> float:
 
 def freeze_all_but_lora(model: nn.Module, train_bias: bool = False) -> None:
     """Freeze every parameter except the LoRA layers' ``lora_a``/``lora_b`` (DoRA's ``m``
-    too), and the adapted layers' biases with ``train_bias``."""
+    too), and the adapted layers' biases with ``train_bias``. A layer holding several
+    named adapters keeps only those its routing trains (`named.holders`)."""
     model.freeze()
     for _, layer in lora_layers(model):
-        layer.unfreeze(keys=[k for k in ("lora_a", "lora_b", "m") if k in layer], recurse=False)
+        routing = getattr(layer, "routing", None)
+        trained = [layer] if routing is None else [h for n, h in holders(layer).items() if n in routing.trainable]
+        for holder in trained:
+            holder.unfreeze(keys=adapter_keys(holder), recurse=False)
         if train_bias and "bias" in layer.linear:
             layer.linear.unfreeze(keys=["bias"], recurse=False)
 
@@ -84,7 +89,9 @@ def fuse_lora_layers(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """
     folded = []
     for name, layer in lora_layers(model):
-        if _folds_as_plain_lora(layer):
+        if getattr(layer, "routing", None) is not None:  # several named adapters: those running
+            base = layer.routing.fold(layer, dequantize=dequantize, name=name, stacklevel=3)
+        elif _folds_as_plain_lora(layer):
             base = fold_lora(
                 layer.linear, layer.lora_a, layer.lora_b, layer.scale, dequantize=dequantize, name=name, stacklevel=3
             )
