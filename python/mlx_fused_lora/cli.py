@@ -18,6 +18,10 @@ COMMANDS = {
         "write a tiny model, tokenizer, codec and dataset that fit, and print the finetune command for them",
     ),
     "finetune": ("mlx_fused_lora.train.cli", "LoRA fine-tuning of CSM on audio + transcripts (checkpoints, resume)"),
+    "generate": (
+        "mlx_fused_lora.train.generate",
+        "speech from a CSM with named adapters (one per voice, stacked or weighted) on one loaded base",
+    ),
     "layer-demo": ("mlx_fused_lora.bench.layer_demo", "the fused LoRA layer against the plain one: speed and memory"),
     "bench": ("mlx_fused_lora.bench.cli", "the benchmark suite: fused vs plain MLX vs the limit, table, JSON and PNG"),
     "convert-adapter": ("mlx_fused_lora.adapters.cli", "convert LoRA adapters between mlx-lm and PEFT formats"),

@@ -294,13 +294,18 @@ def _weights_of(names, weights) -> list[float]:
 
 
 def set_adapter(model: nn.Module, names, weights=None, *, trainable=None) -> None:
-    """Run ``names`` (one name or a list; [] runs none), with per-adapter ``weights`` (a list
-    or {name: weight}; default 1), and train ``trainable`` (default: all of ``names``).
+    """Run ``names`` (one name, a list, [] for none, or {name: weight}), with per-adapter
+    ``weights`` (a list or {name: weight}; default 1), and train ``trainable`` (default: all
+    of ``names``).
 
     Several adapters on a layer run as one op over their concatenated rank; the others are
     frozen. Raises, changing nothing, on an unknown name, DoRA adapters stacked or weighted,
     or trained adapters whose dropout rates differ (`layers.named.route`).
     """
+    if isinstance(names, dict):
+        if weights is not None:
+            raise ValueError("give the weights in the dict of names or as weights=, not both")
+        names, weights = list(names), list(names.values())
     names = [names] if isinstance(names, str) else list(names)
     for n in names:
         check_name(model, n, exists=True)
@@ -332,7 +337,8 @@ def disable_adapters(model: nn.Module):
 @contextmanager
 def using_adapters(model: nn.Module, names, weights=None):
     """Within the block ``names`` run with ``weights`` (as `set_adapter`, none trained);
-    then the model's previous adapters, weights and trainable set again. None: no change."""
+    then the model's previous adapters, weights and trainable set again. ``names=None``:
+    no change (the adapters the model runs)."""
     if names is None:
         yield model
         return

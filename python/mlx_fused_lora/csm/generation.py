@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
+from ..adapters.manager import using_adapters
 from .model import CSM
 
 __all__ = ["sample_top_k", "generate_frame", "generate"]
@@ -74,12 +75,15 @@ def generate(
     top_k: int = 50,
     seed: int | None = None,
     sampler: Sampler | None = None,
+    adapters=None,
 ) -> mx.array:
     """Generate up to ``max_frames`` audio frames after the prompt ``tokens``/``mask``.
 
     ``tokens``, ``mask``: ``[B, T, K + 1]`` prompt frames (padding frames allowed; their
     mask is all zero). ``sampler(logits [B, V], codebook) -> [B]`` replaces top-k sampling
-    (e.g. greedy, or teacher forcing in tests).
+    (e.g. greedy, or teacher forcing in tests). ``adapters``: the named adapters to speak
+    with for this call (a name, a list, or {name: weight}; `adapters.set_adapter`), e.g.
+    one speaker adapter per voice on one loaded base; None: those the model runs.
 
     Returns codes ``[B, N, K]`` (int32), ``N <= max_frames``. A row that samples an
     all-zero frame is finished: its later frames are zero. Generation ends early when
@@ -95,7 +99,8 @@ def generate(
     was_training = model.training
     model.eval()  # no LoRA dropout while sampling; the caller's mode is restored below
     try:
-        return _generate(model, tokens, mask, max_frames, sampler)
+        with using_adapters(model, adapters):
+            return _generate(model, tokens, mask, max_frames, sampler)
     finally:
         model.train(was_training)
 

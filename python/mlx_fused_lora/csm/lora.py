@@ -139,6 +139,7 @@ def apply_lora(
     bias: bool = False,
     use_rslora: bool = False,
     use_dora: bool = False,
+    adapter_name: str = "default",
 ) -> LoRAReport:
     """Replace the targeted linears of a CSM by `FusedLoRALinear` (`FusedDoRALinear` with
     ``use_dora``: DoRA's magnitude ``m`` is trained too) and freeze the rest.
@@ -148,7 +149,8 @@ def apply_lora(
     (a missing stack gets none, ``None`` means all its layers). Head targets ignore it.
     ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). ``bias=True`` also
     trains the adapted layers' existing biases (CSM's linears have none).
-    Returns and logs the trainable-parameter report.
+    ``adapter_name`` names the adapter (`mlx_fused_lora.adapters.list_adapters`; PEFT's
+    "default" unless given). Returns and logs the trainable-parameter report.
     """
     if r < 1:
         raise ValueError(f"r must be >= 1, got {r}")
@@ -174,7 +176,10 @@ def apply_lora(
             raise ValueError(f"{p} already has a LoRA adapter")
         if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
             raise ValueError(f"{p} is a {type(base).__name__}, not a linear layer")
-        replacements.append((p, layer_class.from_base(base, r=r, dropout=dropout, scale=scale)))
+        layer = layer_class.from_base(base, r=r, dropout=dropout, scale=scale)
+        if adapter_name != "default":
+            layer.adapter_name = adapter_name
+        replacements.append((p, layer))
     model.update_modules(tree_unflatten(replacements))
     freeze_all_but_lora(model, train_bias=bias)
     if bias and not any("bias" in m.linear for _, m in replacements):

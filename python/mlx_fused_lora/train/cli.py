@@ -118,6 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-bias", action="store_true", help="also train the adapted layers' biases (CSM's projections have none)"
     )
     g.add_argument(
+        "--adapter-name",
+        default="default",
+        help="name of the trained adapter, e.g. one per speaker, to load several by name on one base "
+        "(`mlx-fused-lora generate --adapter NAME=DIR`); PEFT's name when none is given: %(default)s",
+    )
+    g.add_argument(
+        "--resume-adapter-file",
+        default=None,
+        help="start the trained adapter from this adapter (folder or weights file, any format; mlx-lm's flag): "
+        "same modules and ranks as this run's, which keeps its own scale and dropout",
+    )
+    g.add_argument(
+        "--frozen-adapters",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help="named adapters loaded frozen and run stacked under the trained one, which is added beside them",
+    )
+    g.add_argument(
         "--lora-layer",
         choices=["fused", "plain"],
         default="fused",
@@ -249,6 +268,9 @@ def main(argv=None) -> int:
             target_layers=args.target_layers,
             lora_bias=args.lora_bias,
             lora_layer=args.lora_layer,
+            adapter_name=args.adapter_name,
+            resume_adapter_file=args.resume_adapter_file,
+            frozen_adapters=args.frozen_adapters or (),
             learning_rate=args.learning_rate,
             semantic_weight=args.semantic_weight,
             acoustic_weight=args.acoustic_weight,

@@ -153,14 +153,15 @@ class CSMLoRATrainer:
 
     # -- adapters --
 
-    def save_lora_weights(self, path: str | Path, format: str = "csm-cli") -> Path:
-        """Write the adapters to directory ``path`` (the original tool's file names by default);
-        returns the weights file."""
-        return outputs.write_lora(self.model, path, format)[0]
+    def save_lora_weights(self, path: str | Path, format: str = "csm-cli", name: str | None = None) -> Path:
+        """Write the trained adapter (or adapter ``name``) to directory ``path`` (the original
+        tool's file names by default); returns the weights file."""
+        return outputs.write_lora(self.model, path, format, name or self.settings.adapter_name)[0]
 
-    def load_lora_weights(self, path: str | Path) -> None:
-        """Load adapters (csm-cli, mlx-lm or PEFT format, or a training checkpoint) into the model."""
-        outputs.load_lora(self.model, path)
+    def load_lora_weights(self, path: str | Path, name: str | None = None) -> None:
+        """Load adapters (csm-cli, mlx-lm or PEFT format, or a training checkpoint) into the
+        model; ``name``: as that named adapter, beside the others (e.g. one per voice)."""
+        outputs.load_lora(self.model, path, name)
 
     def save_merged_model(self, path: str | Path) -> Path:
         """The base model with the adapters folded in, as `save_csm` writes it (the model keeps
@@ -171,7 +172,7 @@ class CSMLoRATrainer:
         """``lora``: ``fine_tuned_model.safetensors`` + ``fine_tuned_model_metadata.json``;
         ``full``: the merged model as ``model.safetensors`` + ``config.json``; ``both``.
         Returns every file written."""
-        return outputs.write_outputs(self.model, self.output_dir, save_mode)
+        return outputs.write_outputs(self.model, self.output_dir, save_mode, self.settings.adapter_name)
 
     # -- samples --
 
@@ -183,9 +184,12 @@ class CSMLoRATrainer:
         max_frames: int = 125,
         temperature: float = 0.9,
         top_k: int = 50,
+        adapters=None,
     ) -> Path:
         """Generate speech for ``text``: a WAV through Mimi when a codec is set, else the
-        codes ``[codebooks, frames]`` as ``.npy`` beside ``output_path``. Returns the file."""
+        codes ``[codebooks, frames]`` as ``.npy`` beside ``output_path``. Returns the file.
+        ``adapters``: the named adapters to speak with (a name, a list or {name: weight});
+        None: those the model runs."""
         from .sampling import write_sample
 
         return write_sample(
@@ -199,6 +203,7 @@ class CSMLoRATrainer:
             temperature=temperature,
             top_k=top_k,
             seed=self.settings.seed,
+            adapters=adapters,
         )
 
     # -- training --

@@ -8,21 +8,25 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from ..adapters import load_adapters, set_adapter
 from ..csm import apply_lora, load_csm
 from ..csm.lora import LoRAReport
 from ..layers import plain_layer_class
+from ..layers.named import holders
 from ..layers.tree import freeze_all_but_lora, lora_dropout_p, lora_layers
 from .resume import model_record
 from .settings import TrainSettings
 
-__all__ = ["load_model_for_lora", "use_plain_lora_layers", "grad_checkpoint_blocks"]
+__all__ = ["load_model_for_lora", "start_from_adapter", "use_plain_lora_layers", "grad_checkpoint_blocks"]
 
 
 def load_model_for_lora(model_path: Path, s: TrainSettings) -> tuple[nn.Module, dict, LoRAReport]:
     """``(model, model_record, lora_report)``: the CSM at ``model_path`` with ``s``'s LoRA layers.
 
     ``model_record`` identifies the base model (`resume.model_record`, taken before the
-    adapters go in). The adapters are initialised from ``s.seed``.
+    adapters go in). The adapters are initialised from ``s.seed``; the trained one is named
+    ``s.adapter_name``, starts from ``s.resume_adapter_file`` if given, and runs stacked over
+    ``s.frozen_adapters`` (loaded by name, frozen).
     """
     model = load_csm(model_path)
     mx.eval(model.parameters())
@@ -36,13 +40,46 @@ def load_model_for_lora(model_path: Path, s: TrainSettings) -> tuple[nn.Module, 
         alpha=s.lora_alpha,
         dropout=s.lora_dropout,
         bias=s.lora_bias,
+        adapter_name=s.adapter_name,
     )
+    if s.resume_adapter_file:
+        start_from_adapter(model, s.resume_adapter_file, s.adapter_name)
+    if s.frozen_adapters:
+        names = []
+        for spec in s.frozen_adapters:
+            name, _, path = spec.partition("=")
+            load_adapters(model, path, name=name)
+            names.append(name)
+        set_adapter(model, [*names, s.adapter_name], trainable=[s.adapter_name])
     if s.lora_layer == "plain":
         use_plain_lora_layers(model, train_bias=s.lora_bias)
     if s.grad_checkpoint:
         grad_checkpoint_blocks(model)
     mx.eval(model.parameters())
     return model, record, report
+
+
+def start_from_adapter(model: nn.Module, path: str | Path, name: str) -> None:
+    """Adapter ``name``'s weights from the adapter at ``path`` (mlx-lm's ``--resume-adapter-file``):
+    it must cover the same modules with the same ranks; the run keeps its scale and dropout."""
+    before = {p: (h.lora_a.shape, h.scale, h.dropout) for p, h in _held(model, name).items()}
+    load_adapters(model, path, name=name)
+    after = _held(model, name)
+    differ = sorted(set(before) ^ set(after)) or [p for p in before if after[p].lora_a.shape != before[p][0]]
+    if differ:
+        p = differ[0]
+        theirs = f"rank {after[p].lora_a.shape[1]}" if p in after else "no adapter"
+        ours = f"rank {before[p][0][1]}" if p in before else "no adapter"
+        raise ValueError(
+            f"--resume-adapter-file {path}: {p} has {theirs} there and {ours} in this run "
+            "(--lora-r, --target-modules, --target-layers must match the file)"
+        )
+    for p, h in after.items():
+        h.scale, h.dropout = before[p][1], before[p][2]
+
+
+def _held(model: nn.Module, name: str) -> dict:
+    return {p: holders(layer)[name] for p, layer in lora_layers(model) if name in holders(layer)}
 
 
 def use_plain_lora_layers(model: nn.Module, train_bias: bool = False) -> None:

@@ -21,11 +21,12 @@ def _weights_first(paths: list[Path]) -> list[Path]:
     return sorted(paths, key=lambda p: p.suffix != ".safetensors")
 
 
-def write_lora(model: nn.Module, path: str | Path, format: str = "csm-cli") -> list[Path]:
-    """The adapters in directory ``path`` (each file replaced whole); returns the files, weights first."""
+def write_lora(model: nn.Module, path: str | Path, format: str = "csm-cli", name: str | None = None) -> list[Path]:
+    """The adapters (``name``: that one alone) in directory ``path`` (each file replaced whole);
+    returns the files, weights first."""
     from ..adapters import save_adapters
 
-    return _weights_first(atomic_write_dir(path, lambda tmp: save_adapters(model, tmp, format=format)))
+    return _weights_first(atomic_write_dir(path, lambda tmp: save_adapters(model, tmp, format=format, name=name)))
 
 
 def write_merged(model: nn.Module, path: str | Path) -> list[Path]:
@@ -40,21 +41,25 @@ def write_merged(model: nn.Module, path: str | Path) -> list[Path]:
     return _weights_first(moved)
 
 
-def write_outputs(model: nn.Module, output_dir: str | Path, save_mode: str) -> list[Path]:
-    """``lora``: the adapters; ``full``: the merged model; ``both``. Returns every file written."""
+def write_outputs(
+    model: nn.Module, output_dir: str | Path, save_mode: str, adapter_name: str | None = None
+) -> list[Path]:
+    """``lora``: the adapters (``adapter_name``: that one); ``full``: the merged model (the
+    adapters that run folded in); ``both``. Returns every file written."""
     if save_mode not in SAVE_MODES:
         raise ValueError(f"save_mode must be lora, full or both, got {save_mode!r}")
     out = []
     if save_mode in ("lora", "both"):
-        out += write_lora(model, output_dir)
+        out += write_lora(model, output_dir, name=adapter_name)
     if save_mode in ("full", "both"):
         out += write_merged(model, output_dir)
     return out
 
 
-def load_lora(model: nn.Module, path: str | Path) -> None:
+def load_lora(model: nn.Module, path: str | Path, name: str | None = None) -> None:
     """Adapters (csm-cli, mlx-lm or PEFT format, or a training checkpoint) into ``model``'s
-    LoRA layers, checked in full before anything is assigned."""
+    LoRA layers, checked in full before anything is assigned; ``name``: as that named
+    adapter (`adapters.load_adapters`)."""
     path = Path(path)
     if (path / "manifest.json").exists() or (path / "checkpoints").is_dir() or path.name.startswith("step_"):
         adapters, _, state = load_checkpoint(path)
@@ -68,5 +73,5 @@ def load_lora(model: nn.Module, path: str | Path) -> None:
     else:
         from ..adapters import load_adapters
 
-        load_adapters(model, path)
+        load_adapters(model, path, name=name)
     mx.eval(model.parameters())

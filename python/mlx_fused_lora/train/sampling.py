@@ -27,11 +27,13 @@ def write_sample(
     temperature: float = 0.9,
     top_k: int = 50,
     seed: int = 0,
+    adapters=None,
 ) -> Path:
     """Generate speech for ``text`` as speaker ``spec.speaker_id``; returns the file written.
 
     With a ``codec`` (`audio.MimiCodec`) the codes are decoded to a 24 kHz WAV at
     ``output_path``; without one the codes ``[codebooks, frames]`` go to ``.npy`` beside it.
+    ``adapters``: the named adapters to speak with (`csm.generate`); None: the model's.
     """
     from ..csm import generate
 
@@ -49,6 +51,7 @@ def write_sample(
         temperature=temperature,
         top_k=top_k,
         seed=seed,
+        adapters=adapters,
     )
     codes = np.array(codes[0]).T  # [codebooks, frames]
     output_path = Path(output_path)

@@ -60,6 +60,9 @@ class TrainSettings:
     max_seq_len: int = 2048
     grad_checkpoint: bool = False
     lora_layer: str = "fused"  # "fused" | "plain" (mlx-lm's LoRALinear: the baseline)
+    adapter_name: str = "default"  # the trained adapter's name (`adapters.list_adapters`)
+    resume_adapter_file: str | None = None  # its starting weights (mlx-lm's flag); the run's rank and targets
+    frozen_adapters: Sequence[str] = ()  # "NAME=PATH": loaded frozen, running stacked under the trained one
 
     def __post_init__(self):
         if self.lora_layer not in ("fused", "plain"):
@@ -85,6 +88,15 @@ class TrainSettings:
             raise ValueError("target_modules must name at least one projection")
         if self.target_layers is not None:
             self.target_layers = [int(i) for i in self.target_layers]
+        self.frozen_adapters = list(self.frozen_adapters or ())
+        for spec in self.frozen_adapters:
+            name, sep, path = str(spec).partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"frozen adapter {spec!r} must be NAME=PATH")
+            if name == self.adapter_name:
+                raise ValueError(f"frozen adapter {name!r} has the trained adapter's name (--adapter-name)")
+        if (self.frozen_adapters or self.adapter_name != "default") and self.lora_layer != "fused":
+            raise ValueError("named and frozen adapters need the fused layers (lora_layer 'fused')")
 
 
 @dataclass
