@@ -1,15 +1,20 @@
 """Named adapters on CSM: generation per voice on one base, finetune of a named adapter (start from, stack on), the generate CLI."""
 
+import wave
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_fused_lora.adapters import active_adapters, add_adapter, list_adapters, read_adapters, set_adapter
+from mlx_fused_lora.cli import main as cli_main
 from mlx_fused_lora.csm import CSM, CSMConfig, apply_lora, generate
 from mlx_fused_lora.layers import lora_layers
+from mlx_fused_lora.train import example as example_module
 from mlx_fused_lora.train.cli import main as finetune_main
 from mlx_fused_lora.train.csm_task import CSMLoRATrainer
 from mlx_fused_lora.train.generate import main as generate_main
+from test_example import commands, readme_block
 from train_helpers import K, finetune_args, write_tiny_run
 
 
@@ -108,3 +113,33 @@ def test_generate_cli_one_base_two_voices(run, tmp_path, capsys):
     a, a2 = np.load(outputs[0]), np.load(outputs[1])
     assert a.shape[0] == K and np.array_equal(a, a2)  # the same adapter under two names speaks alike
     assert generate_main([*common, "--adapter", f"x={first}", "--use", "nope", "--output", outputs[0]]) == 1
+
+
+WORKFLOW = "tested-by: tests/test_named_adapters_csm.py (the multi-speaker workflow)"
+
+
+@pytest.mark.skipif(not example_module._have("mlx_audio"), reason="needs the [audio] extra")
+def test_the_readme_multi_speaker_workflow(tmp_path, monkeypatch, capsys):
+    """The README's block as written, fewer steps and frames (argparse keeps the last value)."""
+    shorter = {"finetune": ["--max-steps", "1", "--no-progress", "--val-split", "0"], "generate": ["--max-frames", "3"]}
+    monkeypatch.chdir(tmp_path)
+    lines = commands(readme_block(WORKFLOW))
+    assert [line[1] for line in lines] == ["example", "finetune", "finetune", "generate"]
+    for line in lines:
+        assert line[0] == "mlx-fused-lora" and cli_main(line[1:] + shorter.get(line[1], [])) == 0, line
+    printed = capsys.readouterr().out
+    for wav, said in (("a.wav", "speaker_a=1"), ("b.wav", "speaker_b=1"), ("mix.wav", "speaker_a=0.5, speaker_b=0.5")):
+        assert f"wrote {wav} ({said})" in printed
+        with wave.open(wav, "rb") as f:
+            assert f.getframerate() == 24_000 and f.getnframes() > 0
+    assert list_adapters(read_model_adapters(tmp_path)) == ["speaker_a", "speaker_b"]
+
+
+def read_model_adapters(root):
+    from mlx_fused_lora.adapters import load_adapters
+    from mlx_fused_lora.csm import load_csm
+
+    model = load_csm(root / "voices" / "model")
+    for name in ("speaker_a", "speaker_b"):
+        load_adapters(model, root / "voices" / name, name=name)
+    return model

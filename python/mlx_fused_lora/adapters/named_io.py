@@ -96,7 +96,10 @@ def add_weighted_adapter(
     """Add adapter ``name``: ``adapters`` (names on the model) merged with ``weights`` by
     ``combination_type`` (PEFT's: linear, cat, svd, ties, dare_linear, dare_ties,
     magnitude_prune; ``options`` as `adapters.merge.merge_adapters` takes them). Returns ``model``."""
-    from .merge import merge_adapters  # the merge methods: one pure function over AdapterSets
+    try:
+        from .merge import merge_adapters  # the merge methods: one pure function over AdapterSets
+    except ImportError as e:
+        raise ImportError(f"add_weighted_adapter needs mlx_fused_lora.adapters.merge.merge_adapters ({e})") from None
 
     manager.check_name(model, name, exists=False)
     names = [adapters] if isinstance(adapters, str) else list(adapters)
