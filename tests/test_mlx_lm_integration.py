@@ -526,3 +526,39 @@ def test_python_m_lm_lora_prints_no_runpy_warning():
     probe = "import sys, mlx_fused_lora, mlx_fused_lora.layers; print('mlx_fused_lora.lm_lora' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- named adapters
+
+
+def test_named_adapters_keep_mlx_lm_parameters_and_files_bit_exact(real_mlx_lm, tmp_path):
+    """One adapter: exactly mlx-lm's parameters, and a round trip through mlx-lm's own loader
+    that is bit-exact, also after a second adapter was added and deleted again."""
+    from mlx_fused_lora.adapters import add_adapter, delete_adapter, load_adapters, save_adapters
+
+    config = {"rank": 4, "scale": 2.5, "dropout": 0.0, "keys": ["self_attn.q_proj", "mlp.down_proj"]}
+    ref = make_llama()
+    ref.freeze()
+    real_mlx_lm.linear_to_lora_layers(ref, 2, config)
+    ours = make_llama()  # the same seed: the same base weights as ref
+    add_adapter(ours, "default", {**config, "num_layers": 2})
+    assert shapes(ours.parameters()) == shapes(ref.parameters())
+    assert shapes(ours.trainable_parameters()) == shapes(ref.trainable_parameters())
+    add_adapter(ours, "other", {"rank": 2, "scale": 1.0})
+    assert "model.layers.2.self_attn.q_proj.adapters.other.lora_a" in shapes(ours.parameters())
+    delete_adapter(ours, "other")
+    assert shapes(ours.parameters()) == shapes(ref.parameters())
+    assert shapes(ours.trainable_parameters()) == shapes(ref.trainable_parameters())
+    randomize_adapters(ours)
+    save_adapters(ours, tmp_path, "mlx-lm")
+    theirs = real_mlx_lm.load_adapters(make_llama(), str(tmp_path))  # mlx-lm's loader: model.load_weights
+    expected = dict(tree_flatten(ours.trainable_parameters()))
+    got = {k: v for k, v in tree_flatten(theirs.parameters()) if ".lora_" in k}
+    assert expected.keys() == got.keys()
+    for k in expected:
+        assert expected[k].dtype == got[k].dtype and mx.array_equal(expected[k], got[k]).item(), k
+    back = load_adapters(make_llama(), tmp_path)  # and our loader reads the same file to the same bits
+    for k, v in tree_flatten(back.trainable_parameters()):
+        assert mx.array_equal(v, expected[k]).item(), k
+    tokens, _ = token_batch()
+    assert_trees_close(back(tokens), theirs(tokens), rtol=1e-5, atol=1e-5)
