@@ -341,3 +341,21 @@ def test_fuse_folds_the_weighted_set_through_the_one_fold(monkeypatch):
     fuse_adapters(model)
     assert sorted(folds) == [4, 4, 4 + 3, 4 + 3] and not lora_layers(model)  # one fold per layer, stacked ranks
     np.testing.assert_allclose(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_add_weighted_adapter_cat_is_the_weighted_stack():
+    """PEFT's ``cat`` merge into a new adapter computes what the weighted stack computes."""
+    pytest.importorskip("mlx_fused_lora.adapters.merge")
+    from mlx_fused_lora.adapters import add_weighted_adapter
+
+    model = two_adapters()
+    model.eval()
+    x = mx.random.normal((3, 24), key=mx.random.key(9))
+    set_adapter(model, ["default", "voice"], [0.7, -1.5])
+    expected = model(x)
+    add_weighted_adapter(model, ["default", "voice"], [0.7, -1.5], "mix", combination_type="cat")
+    assert list_adapters(model) == ["default", "voice", "mix"]
+    set_adapter(model, "mix")
+    np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already has an adapter named 'mix'"):
+        add_weighted_adapter(model, ["default"], [1.0], "mix", combination_type="linear")

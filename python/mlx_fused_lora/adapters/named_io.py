@@ -106,6 +106,6 @@ def add_weighted_adapter(
     for n in names:
         manager.check_name(model, n, exists=True)
     merged = merge_adapters(
-        {n: _adapter_set_of(model, n) for n in names}, list(weights), combination_type=combination_type, **options
+        [_adapter_set_of(model, n) for n in names], list(weights), combination_type=combination_type, **options
     )
     return manager.put_adapter(model, name, _plan(model, merged), merged.dropout)
