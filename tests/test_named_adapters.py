@@ -359,3 +359,17 @@ def test_add_weighted_adapter_cat_is_the_weighted_stack():
     np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="already has an adapter named 'mix'"):
         add_weighted_adapter(model, ["default"], [1.0], "mix", combination_type="linear")
+
+
+def test_a_load_that_cannot_run_changes_nothing(tmp_path):
+    """Replacing an active, stacked adapter by a DoRA one is refused before any layer changes."""
+    model = two_adapters()
+    set_adapter(model, ["default", "voice"])
+    donor = stack()
+    add_adapter(donor, "voice", {"rank": 2, "scale": 1.0, "keys": ["q_proj"], "use_dora": True})
+    path = save_adapters(donor, tmp_path / "dora", name="voice").parent
+    layers_before = dict(lora_layers(model))
+    with pytest.raises(ValueError, match="DoRA adapter 'voice' cannot run stacked"):
+        load_adapters(model, path, name="voice")
+    assert all(layer is layers_before[p] for p, layer in lora_layers(model))
+    assert "m" not in model.layers[0].q_proj.adapters["voice"]

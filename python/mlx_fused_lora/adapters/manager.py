@@ -119,10 +119,8 @@ def check_name(model, name, *, exists: bool):
             raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it first")
 
 
-def _apply(model: nn.Module, reg: AdapterRegistry, *, freeze: bool = True) -> None:
-    """Route every LoRA layer and (``freeze``) set its adapters' freeze flags; all checked
-    before any is set."""
-    layers = lora_layers(model)
+def _routes(layers: list, reg: AdapterRegistry) -> list:
+    """The `Routing` of each (path, layer) under ``reg``; raises on the first that cannot run."""
     routes = []
     for path, layer in layers:
         routing = route(layer, reg.active, reg.trainable, reg.disabled, path)
@@ -131,6 +129,14 @@ def _apply(model: nn.Module, reg: AdapterRegistry, *, freeze: bool = True) -> No
                 f"{path} is a {type(layer).__name__}: named, stacked or disabled adapters need fused layers"
             )
         routes.append(routing)
+    return routes
+
+
+def _apply(model: nn.Module, reg: AdapterRegistry, *, freeze: bool = True) -> None:
+    """Route every LoRA layer and (``freeze``) set its adapters' freeze flags; all checked
+    before any is set."""
+    layers = lora_layers(model)
+    routes = _routes(layers, reg)
     for (_, layer), routing in zip(layers, routes, strict=True):
         if isinstance(layer, (FusedLoRALinear, FusedDoRALinear)):
             layer.routing = routing
@@ -158,6 +164,8 @@ def _restructure(model: nn.Module, reg: AdapterRegistry, changes: dict) -> None:
         new = layer_with(_base_of(old), items) if items else _base_of(old)
         new.train(old.training)
         updates.append((path, new))
+    after = {**dict(lora_layers(model)), **dict(updates)}
+    _routes([(p, m) for p, m in after.items() if is_lora_layer(m)], reg)  # checked before any change
     if updates:
         model.update_modules(tree_unflatten(updates))
     _apply(model, reg)

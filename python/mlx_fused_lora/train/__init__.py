@@ -9,7 +9,8 @@
 - `data.py`: files -> segments -> ``[T, 33]`` frames; `loss.py`: the CSM loss;
   `checkpoint.py`: atomic, verified checkpoints; `metrics.py` + `plot.py`: metrics.jsonl
   and the loss curve; `distributed.py`: data parallel.
-- ``mlx-fused-lora finetune`` (`cli.py`, `cli_args.py`) and ``mlx-fused-lora demo`` (`demo.py`).
+- ``mlx-fused-lora finetune`` (`cli.py`, `cli_args.py`), ``mlx-fused-lora demo`` (`demo.py`) and
+  ``mlx-fused-lora generate`` (`generate.py`: named adapters, one per voice, on one base).
 """
 
 from .checkpoint import TrainingCheckpointError, load_checkpoint, save_checkpoint
