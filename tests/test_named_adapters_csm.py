@@ -11,6 +11,7 @@ from mlx_fused_lora.cli import main as cli_main
 from mlx_fused_lora.csm import CSM, CSMConfig, apply_lora, generate
 from mlx_fused_lora.layers import lora_layers
 from mlx_fused_lora.train import example as example_module
+from mlx_fused_lora.train.cli import build_parser
 from mlx_fused_lora.train.cli import main as finetune_main
 from mlx_fused_lora.train.csm_task import CSMLoRATrainer
 from mlx_fused_lora.train.generate import main as generate_main
@@ -90,6 +91,13 @@ def test_finetune_a_named_adapter_started_from_another_and_stacked_on_it(run, tm
     assert mx.array_equal(written["backbone.layers.0.self_attn.q_proj"].lora_b, layer.lora_b).item()
     frozen = layer.adapters["voice_a"]
     assert mx.array_equal(frozen.lora_b, voice_a["backbone.layers.0.self_attn.q_proj"].lora_b).item()
+
+
+def test_finetune_help_names_the_adapter_flags(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in ("--adapter-name", "--resume-adapter-file", "--frozen-adapters"))
 
 
 def test_resume_adapter_file_must_fit_the_run(run, tmp_path, caplog):
