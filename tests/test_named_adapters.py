@@ -11,6 +11,7 @@ from mlx_fused_lora.adapters import (
     AdapterError,
     active_adapters,
     add_adapter,
+    add_weighted_adapter,
     disable_adapters,
     fuse_adapters,
     hotswap_adapter,
@@ -345,9 +346,6 @@ def test_fuse_folds_the_weighted_set_through_the_one_fold(monkeypatch):
 
 def test_add_weighted_adapter_cat_is_the_weighted_stack():
     """PEFT's ``cat`` merge into a new adapter computes what the weighted stack computes."""
-    pytest.importorskip("mlx_fused_lora.adapters.merge")
-    from mlx_fused_lora.adapters import add_weighted_adapter
-
     model = two_adapters()
     model.eval()
     x = mx.random.normal((3, 24), key=mx.random.key(9))

@@ -137,7 +137,8 @@ def test_the_readme_multi_speaker_workflow(tmp_path, monkeypatch, capsys):
     for line in lines:
         assert line[0] == "mlx-fused-lora" and cli_main(line[1:] + shorter.get(line[1], [])) == 0, line
     printed = capsys.readouterr().out
-    for wav, said in (("a.wav", "speaker_a=1"), ("b.wav", "speaker_b=1"), ("mix.wav", "speaker_a=0.5, speaker_b=0.5")):
+    said_by = {"a.wav": "speaker_a=1", "b.wav": "speaker_b=1", "mix.wav": "speaker_a=0.5, speaker_b=0.5"}
+    for wav, said in {**said_by, "merged.wav": "merged"}.items():
         assert f"wrote {wav} ({said})" in printed
         with wave.open(wav, "rb") as f:
             assert f.getframerate() == 24_000 and f.getnframes() > 0

@@ -26,6 +26,7 @@ import mlx.nn as nn
 from ..layers.named import holders
 from ..layers.tree import lora_layers
 from . import manager
+from .merge import merge_adapters
 from .model_io import _adapter_set_of, _hooks_for, _plan
 from .registry import read_adapters
 
@@ -95,12 +96,8 @@ def add_weighted_adapter(
 ) -> nn.Module:
     """Add adapter ``name``: ``adapters`` (names on the model) merged with ``weights`` by
     ``combination_type`` (PEFT's: linear, cat, svd, ties, dare_linear, dare_ties,
-    magnitude_prune; ``options`` as `adapters.merge.merge_adapters` takes them). Returns ``model``."""
-    try:
-        from .merge import merge_adapters  # the merge methods: one pure function over AdapterSets
-    except ImportError as e:
-        raise ImportError(f"add_weighted_adapter needs mlx_fused_lora.adapters.merge.merge_adapters ({e})") from None
-
+    magnitude_prune; ``options`` as `adapters.merge.merge_adapters` takes them), each
+    module of each adapter with its own scale. Returns ``model``."""
     manager.check_name(model, name, exists=False)
     names = [adapters] if isinstance(adapters, str) else list(adapters)
     for n in names:
