@@ -1,7 +1,9 @@
-"""Preference training's own room: DPO (sigmoid / cDPO, IPO, hinge) and ORPO losses, pair data.
+"""Preference training's own room: DPO (sigmoid / cDPO, IPO, hinge) and ORPO losses, response log-probs, pair data.
 
 - `losses.py`: `dpo_loss`, `orpo_loss` on per-sequence log-probs, each formula with its
   source, returning TRL's metric names (`REWARD_METRICS`, `ORPO_METRICS`);
+- `logps.py`: `sequence_logps` (a ``[2B, T]`` batch's summed response log-probs, the
+  shift by one done there only) and `split_pairs` (chosen rows, then rejected rows);
 - `data.py`: ``prompt`` / ``chosen`` / ``rejected`` (``system``) JSONL rows, the chat
   template or plain concatenation, response masks, padded batches as a pure function of
   ``(seed, batch index)``.
@@ -20,6 +22,7 @@ from .data import (
     pair_batch,
     read_rows,
 )
+from .logps import sequence_logps, split_pairs
 from .losses import DPO_LOSS_TYPES, ORPO_METRICS, REWARD_METRICS, dpo_loss, orpo_loss
 
 __all__ = [
@@ -28,6 +31,8 @@ __all__ = [
     "ORPO_METRICS",
     "dpo_loss",
     "orpo_loss",
+    "sequence_logps",
+    "split_pairs",
     "PreferenceDataError",
     "PreferenceRow",
     "EncodedPair",
