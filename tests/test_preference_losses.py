@@ -123,6 +123,26 @@ def test_gradients_raise_the_chosen_and_lower_the_rejected_log_probs():
     assert (gc < 0).all().item() and (gr > 0).all().item()
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "orpo"])
+def test_each_loss_compiles_with_its_metrics_as_the_training_step_does(loss_type):
+    # the loop compiles value_and_grad of (loss, metrics): every output must survive it
+    rc, rr = mx.array(REFERENCE_CHOSEN), mx.array(REFERENCE_REJECTED)
+    nc, nr = mx.array(CHOSEN_TOKENS), mx.array(REJECTED_TOKENS)
+
+    def loss_fn(pc, pr):
+        if loss_type == "orpo":
+            loss, metrics = orpo_loss(pc, pr, nc, nr)
+        else:
+            loss, metrics = dpo_loss(pc, pr, rc, rr, loss_type=loss_type, chosen_tokens=nc, rejected_tokens=nr)
+        return loss, tuple(metrics.values())
+
+    step = mx.compile(mx.value_and_grad(loss_fn, argnums=(0, 1)))
+    (loss, metrics), grads = step(mx.array(POLICY_CHOSEN), mx.array(POLICY_REJECTED))
+    eager, eager_metrics = loss_fn(mx.array(POLICY_CHOSEN), mx.array(POLICY_REJECTED))
+    assert loss.item() == pytest.approx(eager.item(), rel=1e-6)
+    assert [m.item() for m in metrics] == pytest.approx([m.item() for m in eager_metrics], rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -185,8 +185,10 @@ def orpo_loss(
     mean_chosen, mean_rejected = sc / mx.maximum(nc, 1.0), sr / mx.maximum(nr, 1.0)
     nll = -sc.sum() / mx.maximum(nc.sum(), 1.0)
     log_odds = (mean_chosen - mean_rejected) - (log1mexp(mean_chosen) - log1mexp(mean_rejected))
-    log_odds_ratio = nn.log_sigmoid(log_odds)
-    loss = nll - beta * log_odds_ratio.mean()
+    # one array for the loss and its metric: under mx.compile, MLX 0.32.4's value_and_grad fails
+    # (IndexError `_Map_base::at`) when an auxiliary output recomputes an expression of the loss
+    log_odds_ratio = nn.log_sigmoid(log_odds).mean()
+    loss = nll - beta * log_odds_ratio
     metrics = _reward_metrics(beta * mean_chosen, beta * mean_rejected, mean_chosen, mean_rejected)
-    metrics.update(nll_loss=nll, log_odds_ratio=log_odds_ratio.mean(), log_odds_chosen=log_odds.mean())
+    metrics.update(nll_loss=nll, log_odds_ratio=log_odds_ratio, log_odds_chosen=log_odds.mean())
     return loss, metrics
