@@ -10,7 +10,6 @@ from mlx.utils import tree_flatten
 from mlx_fused_lora import FusedLoRALinear
 from mlx_fused_lora.layers.convert import linear_to_lora_layers
 from mlx_fused_lora.train.preference import EncodedPair, collate_pairs, dpo_loss, sequence_logps, split_pairs
-from mlx_lm.models import llama
 
 V = 11
 # Two sequences of T = 6: a 2-token prompt then 3 response tokens and a pad; a 3-token prompt then 3.
@@ -92,24 +91,10 @@ def test_bad_batches_are_refused():
         split_pairs(mx.zeros((3,)))
 
 
-TINY_LLAMA = dict(
-    model_type="llama",
-    hidden_size=32,
-    num_hidden_layers=2,
-    intermediate_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    vocab_size=V,
-    tie_word_embeddings=False,
-)
-
-
 def tiny_llama():
-    mx.random.seed(0)
-    model = llama.Model(llama.ModelArgs(**TINY_LLAMA))
-    mx.eval(model.parameters())
-    return model
+    from test_mlx_lm_integration import make_llama
+
+    return make_llama(num_hidden_layers=2, vocab_size=V)
 
 
 def pair(prompt, chosen, rejected):
