@@ -11,9 +11,20 @@ import math
 
 import mlx.core as mx
 
-__all__ = ["AdapterError", "config_field", "check_lora_pair", "FLOAT_DTYPES"]
+__all__ = [
+    "AdapterError",
+    "config_field",
+    "check_lora_pair",
+    "check_rank",
+    "check_module_paths",
+    "FLOAT_DTYPES",
+    "FLOAT32_MAX",
+]
 
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+# Scales and alphas become float32 constants of the op (the compute dtype): a larger one
+# is inf there, and the first forward would fail far from the file that held it.
+FLOAT32_MAX = 3.4028234663852886e38
 _MISSING = object()
 
 
@@ -26,6 +37,14 @@ def _kind_ok(value, kind: str) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "number":
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "float32":
+        return _kind_ok(value, "number") and abs(value) <= FLOAT32_MAX
+    if kind == "rank":
+        return _kind_ok(value, "int") and value >= 1
+    if kind == "probability":
+        return _kind_ok(value, "number") and 0.0 <= value < 1.0
+    if kind == "str list":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "bool":
         return isinstance(value, bool)
     if kind == "str":
@@ -40,6 +59,10 @@ def _kind_ok(value, kind: str) -> bool:
 _EXPECTED = {
     "int": "an integer",
     "number": "a finite number",
+    "float32": f"a number finite in float32, the compute dtype (|x| <= {FLOAT32_MAX:.4g})",
+    "rank": "an integer >= 1",
+    "probability": "a number in [0, 1)",
+    "str list": "a list of strings",
     "bool": "true or false",
     "str": "a string",
     "dict": "an object",
@@ -48,15 +71,17 @@ _EXPECTED = {
 
 
 def config_field(config: dict, name: str, kind: str, where: str, default=_MISSING, *, nullable: bool = False):
-    """``config[name]`` checked to be of ``kind`` (int, number, bool, str, dict, list).
+    """``config[name]`` checked to be of ``kind``: its type and range (int, number, bool,
+    str, dict, list; float32: finite in float32; rank: an int >= 1; probability: in [0, 1);
+    str list: a list of strings).
 
-    A missing field gives ``default`` (or KeyError naming it when there is none); a
+    A missing field gives ``default`` (or an `AdapterError` naming it when there is none); a
     ``null`` is accepted only with ``nullable``. ``where`` names the file (and the object
     inside it) in the error.
     """
     if name not in config:
         if default is _MISSING:
-            raise KeyError(f"{where}: {name!r} is missing")
+            raise AdapterError(f"{where}: field {name!r} is missing")
         return default
     value = config[name]
     if value is None and nullable:
@@ -88,3 +113,18 @@ def check_lora_pair(path: str, a: mx.array, b: mx.array, where: str, names=("lor
         raise AdapterError(
             f"{where}: {path}: {names[0]} {tuple(a.shape)} and {names[1]} {tuple(b.shape)} are not (in, r), (r, out)"
         )
+
+
+def check_rank(where: str, path: str, tensor_rank: int, field: str, config_rank: int, tensors_where: str) -> None:
+    """The rank the config gives a module (``field``) must be its tensors' rank."""
+    if tensor_rank != config_rank:
+        raise AdapterError(
+            f"{where}: {field} is {config_rank} but the tensors of {path} in {tensors_where} have rank {tensor_rank}"
+        )
+
+
+def check_module_paths(where: str, field: str, paths, modules) -> None:
+    """Every key of a per-module field (``scale_pattern``, ...) must name a module the tensors hold."""
+    unknown = sorted(set(paths) - set(modules))
+    if unknown:
+        raise AdapterError(f"{where}: {field} names {unknown[0]!r}, a module the adapter has no tensors for")

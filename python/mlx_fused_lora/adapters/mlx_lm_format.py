@@ -5,8 +5,10 @@
   ``adapter_config.json`` with ``fine_tune_type: "lora"`` (or ``"dora"``),
   ``num_layers`` and ``lora_parameters {rank, scale, dropout, keys}`` as mlx-lm reads
   them. Extra fields mlx-lm ignores keep what its schema cannot say: ``lora_parameters.alpha``,
-  ``use_rslora``, and ``scale_pattern`` / ``alpha_pattern`` (exact module paths, never
-  patterns) for modules whose scale or alpha differs from the common one.
+  ``use_rslora``, and ``scale_pattern`` / ``alpha_pattern`` / ``rank_pattern`` (exact module
+  paths, never patterns) for modules whose scale, alpha or rank differs from the common one.
+  Every field is checked against the tensors on reading (`checks`): ranks equal to the
+  tensors', scales finite in float32, every pattern naming a module the tensors hold.
 - ``csm-cli``: the file names the original CSM fine-tuning CLI writes,
   ``fine_tuned_model.safetensors`` + ``fine_tuned_model_metadata.json``; tensors named
   as in mlx-lm, metadata as mlx-lm's ``adapter_config.json`` plus
@@ -19,7 +21,7 @@ import re
 from pathlib import Path
 
 from .adapter_set import AdapterSet, ModuleAdapter, attach_magnitudes, lora_pairs, most_common, split_magnitudes
-from .checks import AdapterError, check_lora_pair, config_field
+from .checks import AdapterError, check_lora_pair, check_module_paths, check_rank, config_field
 from .registry import AdapterFormat, load_tensors, read_json, register_format
 
 __all__ = ["MLX_LM", "CSM_CLI"]
@@ -28,12 +30,18 @@ _MLX_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[ab])$")
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 
 
-def _number_map(config: dict, name: str, where: str) -> dict:
-    """``config[name]``: an object of exact module paths to numbers (may be absent)."""
+def _module_map(config: dict, name: str, kind: str, where: str) -> dict:
+    """``config[name]``: an object of exact module paths to values of ``kind`` (may be absent)."""
     values = config_field(config, name, "dict", where, {})
     for path in values:
-        config_field(values, path, "number", f"{where}: {name}")
+        config_field(values, path, kind, f"{where}: {name}")
     return values
+
+
+def _block_key(path: str) -> str:
+    """mlx-lm's key for a module: its path inside a block (``self_attn.q_proj``), or the path."""
+    m = _LAYER_INDEX.search(path)
+    return m.group(2) if m else path
 
 
 def _read(d: Path, fmt: AdapterFormat) -> AdapterSet:
@@ -42,27 +50,40 @@ def _read(d: Path, fmt: AdapterFormat) -> AdapterSet:
     ftype = config_field(config, "fine_tune_type", "str", where, "lora")
     if ftype not in ("lora", "dora"):
         raise AdapterError(f"{where}: fine_tune_type {ftype!r} is not supported (lora or dora)")
-    if "lora_parameters" not in config:
-        raise KeyError(f"{where}: lora_parameters.scale is missing")
     params = config_field(config, "lora_parameters", "dict", where)
     pwhere = f"{where}: lora_parameters"
-    scale = config_field(params, "scale", "number", pwhere)
+    scale = config_field(params, "scale", "float32", pwhere)
+    rank = config_field(params, "rank", "rank", pwhere, None)
     dropout = config_field(params, "dropout", "number", pwhere, 0.0)
     if not 0.0 <= dropout < 1.0:
         raise AdapterError(f"{pwhere}: field 'dropout' must be in [0, 1), got {dropout!r}")
-    default_alpha = config_field(params, "alpha", "number", pwhere, None, nullable=True)
+    default_alpha = config_field(params, "alpha", "float32", pwhere, None, nullable=True)
+    config_field(params, "keys", "str list", pwhere, None, nullable=True)  # mlx-lm's; module paths, unused here
     use_rslora = config_field(config, "use_rslora", "bool", where, False)
     num_layers = config_field(config, "num_layers", "int", where, None, nullable=True)
-    scale_pattern = _number_map(config, "scale_pattern", where)
-    alpha_pattern = _number_map(config, "alpha_pattern", where)
+    if num_layers is not None and num_layers < -1:
+        raise AdapterError(f"{where}: field 'num_layers' must be -1 (all) or more, got {num_layers}")
+    scale_pattern = _module_map(config, "scale_pattern", "float32", where)
+    alpha_pattern = _module_map(config, "alpha_pattern", "float32", where)
+    rank_pattern = _module_map(config, "rank_pattern", "rank", where)
     tensors_where = str(d / fmt.weights_file)
     tensors, magnitudes = split_magnitudes(load_tensors(d / fmt.weights_file), ".m")
     modules = {}
     for path, ab in lora_pairs(tensors, _MLX_KEY, fmt.name, tensors_where).items():
         check_lora_pair(path, ab["a"], ab["b"], tensors_where)
+        if path in rank_pattern:
+            check_rank(where, path, ab["a"].shape[1], f"rank_pattern[{path!r}]", rank_pattern[path], tensors_where)
+        elif rank is not None:
+            check_rank(where, path, ab["a"].shape[1], "lora_parameters.rank", rank, tensors_where)
         modules[path] = ModuleAdapter(
             ab["a"], ab["b"], float(scale_pattern.get(path, scale)), alpha_pattern.get(path, default_alpha)
         )
+    for name, pattern in (
+        ("scale_pattern", scale_pattern),
+        ("alpha_pattern", alpha_pattern),
+        ("rank_pattern", rank_pattern),
+    ):
+        check_module_paths(where, name, pattern, modules)
     modules = attach_magnitudes(modules, magnitudes, ftype == "dora", ".m", tensors_where)
     extra = {"model_type": config_field(config, "model_type", "str", where)} if "model_type" in config else {}
     return AdapterSet(modules, float(dropout), use_rslora, num_layers, extra)
@@ -70,14 +91,8 @@ def _read(d: Path, fmt: AdapterFormat) -> AdapterSet:
 
 def _mlx_lm_keys(paths) -> tuple[list[str], int | None]:
     """mlx-lm's ``keys`` (paths inside a block, or full paths) and a ``num_layers`` guess."""
-    keys, indices = set(), []
-    for p in paths:
-        m = _LAYER_INDEX.search(p)
-        if m:
-            indices.append(int(m.group(1)))
-            keys.add(m.group(2))
-        else:
-            keys.add(p)
+    keys = {_block_key(p) for p in paths}
+    indices = [int(m.group(1)) for p in paths if (m := _LAYER_INDEX.search(p))]
     num_layers = (max(indices) - min(indices) + 1) if indices else 0
     return sorted(keys), num_layers
 
@@ -101,12 +116,12 @@ def _config(adapters: AdapterSet) -> dict:
         },
         "use_rslora": adapters.use_rslora,
     }
-    scale_pattern = {p: m.scale for p, m in mods.items() if m.scale != scale}
-    alpha_pattern = {p: a for p, a in alphas.items() if a != alpha}
-    if scale_pattern:
-        config["scale_pattern"] = scale_pattern
-    if alpha_pattern:
-        config["alpha_pattern"] = alpha_pattern
+    patterns = {
+        "scale_pattern": {p: m.scale for p, m in mods.items() if m.scale != scale},
+        "alpha_pattern": {p: a for p, a in alphas.items() if a != alpha},
+        "rank_pattern": {p: m.r for p, m in mods.items() if m.r != rank},
+    }
+    config.update({name: pattern for name, pattern in patterns.items() if pattern})
     config.update(adapters.extra)
     return config
 
@@ -119,6 +134,11 @@ def _tensors(adapters: AdapterSet) -> dict:
         if m.magnitude is not None:
             tensors[f"{p}.m"] = m.magnitude
     return tensors
+
+
+def _is_mlx_lm_config(config: dict) -> bool:
+    """mlx-lm's config holds ``lora_parameters`` (or at least its ``fine_tune_type``)."""
+    return "lora_parameters" in config or "fine_tune_type" in config
 
 
 def _write_mlx_lm(adapters: AdapterSet):
@@ -137,6 +157,7 @@ MLX_LM = register_format(
         read=lambda d: _read(d, MLX_LM),
         write=_write_mlx_lm,
         aliases=("mlx", "mlx_lm"),
+        recognizes=_is_mlx_lm_config,
     )
 )
 CSM_CLI = register_format(
@@ -147,5 +168,6 @@ CSM_CLI = register_format(
         read=lambda d: _read(d, CSM_CLI),
         write=_write_csm_cli,
         aliases=("csm",),
+        recognizes=_is_mlx_lm_config,
     )
 )

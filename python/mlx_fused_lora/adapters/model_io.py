@@ -10,6 +10,8 @@ load, and ``extra`` config fields written on save. This module knows layers, not
 
 from __future__ import annotations
 
+import difflib
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +27,8 @@ from ..layers.named import DEFAULT_ADAPTER, holders
 from ..layers.tree import freeze_all_but_lora, is_lora_layer, lora_dropout_p, lora_layers
 from . import manager
 from .adapter_set import AdapterSet, ModuleAdapter
-from .registry import detect_adapter_format, get_format, read_adapters, write_adapters
+from .checks import AdapterError
+from .registry import adapter_dir, detect_adapter_format, get_format, read_adapters, write_adapters
 
 __all__ = [
     "ModelAdapterHooks",
@@ -117,22 +120,31 @@ def _named_dir(path: str | Path, name: str) -> Path:
     return Path(path) if name == DEFAULT_ADAPTER else Path(path) / name
 
 
-def _plan(model: nn.Module, adapters: AdapterSet) -> list[tuple[str, nn.Module, nn.Module, ModuleAdapter]]:
-    """(path, module, base, adapter) for every adapter, all checked; raises before any change."""
+def _plan(
+    model: nn.Module, adapters: AdapterSet, where: str = "adapter"
+) -> list[tuple[str, nn.Module, nn.Module, ModuleAdapter]]:
+    """(path, module, base, adapter) for every adapter, all checked; raises before any change.
+
+    ``where`` (the adapter file, when there is one) is named in every error."""
     modules = dict(model.named_modules())
+    missing = sorted(p for p in adapters.modules if p not in modules)
+    if missing:
+        p = missing[0]
+        near = difflib.get_close_matches(p, [k for k in modules if k], n=3, cutoff=0.6)
+        raise AdapterError(
+            f"{where}: adapter module {p!r} is not in the model ({len(missing)} of {len(adapters.modules)} "
+            f"modules are not; nearest in the model: {near or 'none'}): was the adapter saved for another model?"
+        )
     plan = []
     for p, m in adapters.modules.items():
-        if p not in modules:
-            near = [k for k in modules if k.rsplit(".", 1)[-1] == p.rsplit(".", 1)[-1]][:3]
-            raise KeyError(f"adapter module {p!r} is not in the model (similar: {near})")
         module = modules[p]
         base = module.linear if is_lora_layer(module) else module
         if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
-            raise ValueError(f"adapter module {p!r} is a {type(base).__name__}, not a linear layer")
+            raise AdapterError(f"{where}: adapter module {p!r} is a {type(base).__name__}, not a linear layer")
         in_dims, out_dims = base_dims(base)
         if m.lora_a.shape[0] != in_dims or m.lora_b.shape[1] != out_dims:
-            raise ValueError(
-                f"adapter {p}: lora_a {tuple(m.lora_a.shape)} / lora_b {tuple(m.lora_b.shape)} "
+            raise AdapterError(
+                f"{where}: adapter {p}: lora_a {tuple(m.lora_a.shape)} / lora_b {tuple(m.lora_b.shape)} "
                 f"do not fit a linear of (in, out) = ({in_dims}, {out_dims}); expected "
                 f"({in_dims}, r) and (r, {out_dims})"
             )
@@ -152,9 +164,9 @@ def load_adapters(
     adapters), or, if it already is a LoRA layer of that kind, has its
     ``lora_a``/``lora_b``/``scale`` (and ``m``) replaced. The base is frozen and the
     adapters left trainable. ``rename`` maps the file's module paths to the model's
-    (default: the hook registered for the model's class, if any). Raises KeyError naming
-    an adapter module the model lacks, ValueError naming a module or tensor that does
-    not fit.
+    (default: the hook registered for the model's class, if any). Raises `AdapterError`
+    naming the adapter file and the module the model lacks (with the nearest names it has),
+    or the module or tensor that does not fit.
 
     ``name``: load as the named adapter ``name`` (`adapters.manager`): read from
     ``path/<name>/`` when that folder holds an adapter (PEFT's named-adapter layout), else
@@ -164,11 +176,15 @@ def load_adapters(
     loads a file without ``name`` as "default" the same way.
     """
     source = _named_dir(path, name) if name is not None and _holds_adapter(_named_dir(path, name)) else path
-    adapters, _ = read_adapters(source, adapter_name=name)
+    adapters, fmt = read_adapters(source, adapter_name=name)
+    where = str(adapter_dir(Path(source)) / get_format(fmt).weights_file)
     rename = rename or _hooks_for(model).rename
     if rename is not None:
-        adapters = rename(adapters, model)
-    plan = _plan(model, adapters)
+        try:
+            adapters = rename(adapters, model)
+        except (KeyError, ValueError) as e:  # a hook names the module; the file is ours to name
+            raise AdapterError(f"{where}: {e.args[0] if e.args else e}") from None
+    plan = _plan(model, adapters, where)
     if name is not None or not manager.is_plain(model):
         return manager.put_adapter(model, name or DEFAULT_ADAPTER, plan, adapters.dropout)
     # Build every new layer before assigning anything: constructing one cannot fail halfway.
@@ -211,6 +227,9 @@ def convert_adapter(in_path: str | Path, out_path: str | Path, to: str, *, from_
     is carried through (mlx-lm gets it as an extra field) so PEFT -> mlx-lm -> PEFT
     reproduces the same tensors and per-module scales.
     """
+    source, target = adapter_dir(Path(in_path)), Path(out_path)
+    if target.exists() and os.path.samefile(source, target):
+        raise ValueError(f"{out_path} is the folder of the input adapter {in_path}: convert into another folder")
     adapters, detected = read_adapters(in_path)
     if from_format is not None and get_format(from_format).name != detected:
         raise ValueError(f"{in_path} holds a {detected} adapter, not {from_format}")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..layers.tree import lora_scale
 from .adapter_set import AdapterSet, ModuleAdapter, attach_magnitudes, lora_pairs, most_common, split_magnitudes
-from .checks import AdapterError, check_lora_tensor, config_field
+from .checks import AdapterError, check_lora_tensor, check_rank, config_field
 from .registry import AdapterFormat, load_tensors, read_json, register_format
 
 __all__ = ["PEFT", "ModulePattern", "parse_pattern"]
@@ -154,14 +154,16 @@ def _read(d: Path, adapter_name: str | None = None) -> AdapterSet:
     if peft_type != "LORA":
         raise AdapterError(f"{where}: peft_type {peft_type!r} is not LORA")
     use_dora = bool(config_field(config, "use_dora", "bool", where, False, nullable=True))
-    default_r = config_field(config, "r", "int", where)
-    default_alpha = config_field(config, "lora_alpha", "number", where)
+    default_r = config_field(config, "r", "rank", where)
+    default_alpha = config_field(config, "lora_alpha", "float32", where)
     dropout = config_field(config, "lora_dropout", "number", where, 0.0)
     if not 0.0 <= dropout < 1.0:
         raise AdapterError(f"{where}: field 'lora_dropout' must be in [0, 1), got {dropout!r}")
     use_rslora = config_field(config, "use_rslora", "bool", where, False)
-    rank_pattern = _patterns(config, "rank_pattern", "int", where)
-    alpha_pattern = _patterns(config, "alpha_pattern", "number", where)
+    rank_pattern = _patterns(config, "rank_pattern", "rank", where)
+    alpha_pattern = _patterns(config, "alpha_pattern", "float32", where)
+    if not isinstance(config.get("target_modules"), str):  # one string: a regex or "all-linear" (never run)
+        config_field(config, "target_modules", "str list", where, None, nullable=True)
     weights = d / PEFT.weights_file
     tensors = {(k[len(_PREFIX) :] if k.startswith(_PREFIX) else k): v for k, v in load_tensors(weights).items()}
     tensors = _one_adapter(tensors, adapter_name, str(weights))
@@ -176,9 +178,9 @@ def _read(d: Path, adapter_name: str | None = None) -> AdapterSet:
                 f"{weights}: {path}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not (r, in), (out, r)"
             )
         r = A.shape[0]
-        expected_r = _pattern_value(rank_pattern, path, default_r)
-        if r != expected_r:
-            raise ValueError(f"{path}.lora_A.weight has rank {r} but the config (r / rank_pattern) says {expected_r}")
+        from_pattern = _pattern_value(rank_pattern, path, None)
+        field, expected_r = ("r", default_r) if from_pattern is None else ("rank_pattern", from_pattern)
+        check_rank(where, path, r, field, expected_r, str(weights))
         alpha = float(_pattern_value(alpha_pattern, path, default_alpha))
         modules[path] = ModuleAdapter(A.T, B.T, lora_scale(r, alpha, use_rslora), alpha)
     modules = attach_magnitudes(modules, magnitudes, use_dora, _MAGNITUDE, str(weights))
@@ -233,5 +235,6 @@ PEFT = register_format(
         write=_write,
         aliases=("hf",),
         named=True,
+        recognizes=lambda config: "peft_type" in config or "r" in config,  # PEFT's LoraConfig fields
     )
 )

@@ -1,9 +1,19 @@
 """The adapter formats: a small registry of one reader/writer per format, and file I/O.
 
-A format is its two file names (weights, config), a reader (directory -> `AdapterSet`)
-and a writer (`AdapterSet` -> tensors, config, safetensors metadata). The format
-modules (`mlx_lm_format`, `peft_format`) register themselves; `read_adapters` and
-`write_adapters` pick one by name or by the file names found in a directory.
+A format is its two file names (weights, config), a reader (directory -> `AdapterSet`),
+a writer (`AdapterSet` -> tensors, config, safetensors metadata) and a test that tells
+its config from another format's. The format modules (`mlx_lm_format`, `peft_format`)
+register themselves; `read_adapters` and `write_adapters` pick one by name or by the file
+names found in a directory.
+
+Writes are format-aware: mlx-lm and PEFT both name their config ``adapter_config.json``,
+so writing one format into a folder that holds an adapter of another would overwrite
+that adapter's config and leave neither loadable. `write_adapters` refuses such a folder
+(`check_write_target`), judging by what is there — weights file names and the config's
+shape — not by names alone. Refusing was chosen over writing beside under other names:
+both formats' readers (and mlx-lm's and PEFT's own) look for those fixed names, so an
+adapter written under another name would not load anywhere. Rewriting a folder's adapter
+in its own format is allowed (a trainer saving again).
 """
 
 from __future__ import annotations
@@ -25,6 +35,9 @@ __all__ = [
     "detect_adapter_format",
     "read_adapters",
     "write_adapters",
+    "check_write_target",
+    "adapter_formats_in",
+    "adapter_dir",
     "read_json",
     "load_tensors",
 ]
@@ -39,6 +52,9 @@ class AdapterFormat:
     write: Callable[[AdapterSet], tuple[dict, dict, dict]]  # -> (tensors, config, metadata)
     aliases: tuple[str, ...] = ()
     named: bool = False  # a file may hold several named adapters: read takes (directory, adapter_name)
+    # True for a config (a parsed JSON object) of this format: what tells formats apart
+    # that name their config alike.
+    recognizes: Callable[[dict], bool] = lambda config: True
 
 
 _FORMATS: dict[str, AdapterFormat] = {}
@@ -69,7 +85,8 @@ def _weights_files() -> list[str]:
     return [f.weights_file for f in _FORMATS.values()]
 
 
-def _adapter_dir(path: Path) -> Path:
+def adapter_dir(path: Path) -> Path:
+    """The directory of an adapter given as its directory or its weights file."""
     if path.is_file():
         return path.parent
     if path.is_dir():
@@ -85,7 +102,7 @@ def detect_adapter_format(path: str | Path) -> str:
             if path.name == fmt.weights_file:
                 return fmt.name
         raise ValueError(f"{path.name} is not an adapter weights file; expected one of {_weights_files()}")
-    d = _adapter_dir(path)
+    d = adapter_dir(path)
     found = [fmt.name for fmt in _FORMATS.values() if (d / fmt.weights_file).exists()]
     if len(found) == 1:
         return found[0]
@@ -97,6 +114,54 @@ def detect_adapter_format(path: str | Path) -> str:
         )
         raise FileNotFoundError(f"no adapter in {d}: expected one of {_weights_files()}{hint}")
     raise ValueError(f"{d} holds adapters in several formats {found}; pass the weights file")
+
+
+def _holds_config_of(d: Path, fmt: AdapterFormat) -> bool:
+    """Whether ``d`` holds ``fmt``'s config: by its name, and by its shape where another
+    format shares the name."""
+    p = d / fmt.config_file
+    if not p.is_file():
+        return False
+    if not any(o.config_file == fmt.config_file for o in _FORMATS.values() if o is not fmt):
+        return True
+    try:
+        config = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and fmt.recognizes(config)
+
+
+def adapter_formats_in(d: str | Path) -> list[str]:
+    """The formats of the adapter files in directory ``d`` (weights, or a config of that shape)."""
+    d = Path(d)
+    return [f.name for f in _FORMATS.values() if (d / f.weights_file).exists() or _holds_config_of(d, f)]
+
+
+def check_write_target(d: str | Path, fmt: str) -> None:
+    """Refuse (FileExistsError) to write a ``fmt`` adapter into ``d`` when ``d`` holds an
+    adapter of another format, or a config under ``fmt``'s config name that is not ``fmt``'s."""
+    d, format_ = Path(d), get_format(fmt)
+    others = [name for name in adapter_formats_in(d) if name != format_.name]
+    if others:
+        files = sorted(p.name for p in d.iterdir() if p.name in _adapter_file_names(others))
+        raise FileExistsError(
+            f"{d} holds a {' and '.join(others)} adapter ({', '.join(files)}); writing a {format_.name} "
+            f"adapter there would {'overwrite its config' if _shares_config(format_, others) else 'mix two formats'}: "
+            "write into another folder"
+        )
+    config = d / format_.config_file
+    if config.exists() and not _holds_config_of(d, format_):
+        raise FileExistsError(
+            f"{config} exists and is not a {format_.name} adapter config; not overwriting it: write into another folder"
+        )
+
+
+def _adapter_file_names(names) -> set[str]:
+    return {n for name in names for n in (_FORMATS[name].weights_file, _FORMATS[name].config_file)}
+
+
+def _shares_config(fmt: AdapterFormat, names) -> bool:
+    return any(_FORMATS[name].config_file == fmt.config_file for name in names)
 
 
 def read_json(p: Path) -> dict:
@@ -124,18 +189,22 @@ def read_adapters(path: str | Path, adapter_name: str | None = None) -> tuple[Ad
     name = detect_adapter_format(path)
     fmt = _FORMATS[name]
     if fmt.named:
-        return fmt.read(_adapter_dir(path), adapter_name), name
-    return fmt.read(_adapter_dir(path)), name
+        return fmt.read(adapter_dir(path), adapter_name), name
+    return fmt.read(adapter_dir(path)), name
 
 
 def write_adapters(adapters: AdapterSet, path: str | Path, fmt: str) -> Path:
-    """Write ``adapters`` into directory ``path`` in format ``fmt``; returns the weights file."""
+    """Write ``adapters`` into directory ``path`` in format ``fmt``; returns the weights file.
+
+    A folder holding an adapter of another format is refused (`check_write_target`)."""
     format_ = get_format(fmt)
     d = Path(path)
     if d.suffix == ".safetensors":
         raise ValueError(f"{d}: pass a directory; the file names are fixed by the format")
     if not adapters.modules:
         raise ValueError("no adapters to write")
+    if d.is_dir():
+        check_write_target(d, format_.name)
     d.mkdir(parents=True, exist_ok=True)
     tensors, config, metadata = format_.write(adapters)
     # safetensors wants contiguous row-major data; transposes are views.
