@@ -11,13 +11,15 @@ so adapters saved by mlx-lm load unchanged (``from_base`` and ``fuse`` come from
 - In training mode each call draws a fresh dropout key from ``mx.random``, so a
   compiled step that threads ``mx.random.state`` (as mlx-lm's trainer does) gets
   a new mask every step; in eval mode there is no dropout.
-- x keeps its dtype: float32 adapters with bf16 activations never promote x.
+- x keeps its dtype: float32 adapters with bf16 activations never promote x. The output
+  has the dtype mlx-lm's layer gives (x promoted with the base's W and bias; see
+  `lora_product` for what is cast in each mixed case).
 """
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..ops import dropout_mask, fused_lora_linear, fused_qlora_linear
+from ..ops import dropout_mask, fused_lora_linear, fused_qlora_linear, reference
 from .base import LoRALinearBase, check_lora_args, init_lora_weights
 
 
@@ -26,35 +28,10 @@ def draw_dropout_key():
     return mx.random.randint(0, 2**31 - 1, shape=(2,), dtype=mx.int32).astype(mx.uint32)
 
 
-def lora_product(linear, x, lora_a, lora_b, *, scale, dropout=0.0, key=None, with_bias=True):
-    """``linear(x) + scale * (dropout(x) @ lora_a) @ lora_b`` on the fused op: the one
-    dispatch from a base layer to an op, for every layer built on it (LoRA, DoRA).
-
-    A dense base takes `fused_lora_linear`; a quantized one (affine, as MLX quantizes
-    by default) `fused_qlora_linear`: no dequantized weight, no stored mask.
-    ``with_bias=False`` leaves the base's bias out (DoRA adds it after its scaling).
-    Other quantization modes (``mxfp4``, ...) have no fused op yet: they take MLX's
-    quantized matmul and the LoRA term in plain MLX with the same mask (stored).
-    """
-    bias = linear.bias if with_bias and "bias" in linear else None
-    if not isinstance(linear, nn.QuantizedLinear):
-        return fused_lora_linear(x, linear.weight, bias, lora_a, lora_b, scale=scale, dropout=dropout, key=key)
-    if linear.mode == "affine":
-        quantized = dict(group_size=linear.group_size, bits=linear.bits)
-        return fused_qlora_linear(
-            x,
-            linear.weight,
-            linear.scales,
-            linear.biases,
-            bias,
-            lora_a,
-            lora_b,
-            **quantized,
-            scale=scale,
-            dropout=dropout,
-            key=key,
-        )
-    y = mx.quantized_matmul(
+def _plain_quantized_product(linear, x, bias, lora_a, lora_b, scale, dropout, key):
+    """Quantization modes without a fused op (mxfp4, nvfp4, ...): mlx-lm's formula in plain
+    MLX with the op's mask (stored), promoting as it does; an empty batch through the guard."""
+    y = reference.quantized_matmul(
         x,
         linear.weight,
         linear.scales,
@@ -69,6 +46,65 @@ def lora_product(linear, x, lora_a, lora_b, *, scale, dropout=0.0, key=None, wit
     dropped = x if dropout == 0 else x * dropout_mask(key, x.shape, dropout, dtype=x.dtype)
     z = (dropped @ lora_a.astype(x.dtype)) @ lora_b.astype(x.dtype)
     return y + (scale * z).astype(x.dtype)
+
+
+def lora_product(linear, x, lora_a, lora_b, *, scale, dropout=0.0, key=None, with_bias=True):
+    """``linear(x) + scale * (dropout(x) @ lora_a) @ lora_b`` on the fused op: the one
+    dispatch from a base layer to an op, for every layer built on it (LoRA, DoRA).
+
+    A dense base takes `fused_lora_linear`; a quantized one (affine, as MLX quantizes
+    by default) `fused_qlora_linear`: no dequantized weight, no stored mask.
+    ``with_bias=False`` leaves the base's bias out (DoRA adds it after its scaling).
+    Other quantization modes (``mxfp4``, ...) have no fused op yet: they take MLX's
+    quantized matmul and the LoRA term in plain MLX with the same mask (stored).
+
+    The result has the dtype ``linear(x)`` has in MLX (mlx-lm's layers return that): x
+    promoted with W (a quantized base: its float scales) and the bias. The ops take x, W
+    and the bias in one dtype, so where they differ something is cast, and it is never x
+    unless MLX's own matmul would have promoted x too:
+
+    - W narrower than x (bf16 W, float32 x): W is cast to x's dtype, one copy of W per
+      call (MLX's matmul makes the same promoted copy of W).
+    - W or the scales wider than x (float32 W, bf16 x): x is cast up, a copy of x, as
+      MLX's matmul makes; the output is that wider dtype.
+    - A bias narrower than the product: the (N,) bias is cast. A wider bias (a float32
+      bias over a bf16 product) is added after the op, promoting y as MLX's ``addmm``
+      does: one more pass over the M x N output, no copy of x.
+    """
+    bias = linear.bias if with_bias and "bias" in linear else None
+    quantized = isinstance(linear, nn.QuantizedLinear)
+    if quantized and linear.mode != "affine":
+        return _plain_quantized_product(linear, x, bias, lora_a, lora_b, scale, dropout, key)
+    weight = linear.weight
+    product = mx.result_type(x.dtype, linear.scales.dtype if quantized else weight.dtype)
+    if x.dtype != product:
+        x = x.astype(product)  # W wider than x: MLX's matmul promotes x too
+    if not quantized and weight.dtype != product:
+        weight = weight.astype(product)  # W narrower than x: one copy of W per call
+    late_bias = None
+    if bias is not None and bias.dtype != product:
+        if mx.result_type(product, bias.dtype) == product:
+            bias = bias.astype(product)
+        else:
+            bias, late_bias = None, bias
+    if not quantized:
+        y = fused_lora_linear(x, weight, bias, lora_a, lora_b, scale=scale, dropout=dropout, key=key)
+    else:
+        y = fused_qlora_linear(
+            x,
+            weight,
+            linear.scales,
+            linear.biases,
+            bias,
+            lora_a,
+            lora_b,
+            group_size=linear.group_size,
+            bits=linear.bits,
+            scale=scale,
+            dropout=dropout,
+            key=key,
+        )
+    return y if late_bias is None else y + late_bias
 
 
 class FusedLoRALinear(LoRALinearBase):

@@ -18,7 +18,7 @@ that dtype's rounding, which is the precision the frozen weight has anyway.
 
 import mlx.core as mx
 
-from . import backends
+from . import backends, reference
 
 __all__ = ["base_row_sq_norms", "base_times_lora_a", "adapted_row_norms"]
 
@@ -75,7 +75,7 @@ def base_times_lora_a(weight, lora_a, scales=None, biases=None, *, group_size=No
             lora_a.T.astype(_F32), weight, scales, biases, transpose=True, group_size=group_size, bits=bits
         )
     else:
-        out = mx.quantized_matmul(
+        out = reference.quantized_matmul(
             lora_a.T.astype(_F32), weight, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
         )
     return out.T.astype(_F32)

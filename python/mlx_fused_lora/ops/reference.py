@@ -28,15 +28,24 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, mask=None):
     return _add_bias_and_lora(y, x32, bias, lora_a, lora_b, scale, mask).astype(x.dtype)
 
 
-def quantized_matmul(x, weight, scales, biases, *, transpose, group_size, bits):
-    """MLX's ``quantized_matmul``, with an empty dimension giving the empty product
-    (zeros): MLX 0.32.4's dies of SIGFPE on any empty M, N or K."""
+def quantized_matmul_dtype(x_dtype, scales_dtype):
+    """The dtype of MLX's ``quantized_matmul``: x's promoted with float scales (affine);
+    x's own where the scales are not floats (uint8 exponents: mxfp4, nvfp4, mxfp8)."""
+    return mx.result_type(x_dtype, scales_dtype) if mx.issubdtype(scales_dtype, mx.floating) else x_dtype
+
+
+def quantized_matmul(x, weight, scales, biases, *, transpose, group_size, bits, mode="affine"):
+    """MLX's ``quantized_matmul`` (any mode), with an empty dimension giving the empty
+    product (zeros of the right shape and dtype): MLX 0.32.4's dies of SIGFPE on an empty
+    M, N or K. The one guard for every quantized product outside the CPU extension."""
     n = weight.shape[0]
     k = weight.shape[1] * 32 // bits
     out = (*x.shape[:-1], n if transpose else k)
     if x.size == 0 or n == 0 or k == 0:
-        return mx.zeros(out, dtype=x.dtype if x.dtype == scales.dtype else mx.float32)
-    return mx.quantized_matmul(x, weight, scales, biases, transpose=transpose, group_size=group_size, bits=bits)
+        return mx.zeros(out, dtype=quantized_matmul_dtype(x.dtype, scales.dtype))
+    return mx.quantized_matmul(
+        x, weight, scales, biases, transpose=transpose, group_size=group_size, bits=bits, mode=mode
+    )
 
 
 def qlora_linear(x, weight, scales, biases, bias, lora_a, lora_b, scale, mask=None, *, group_size, bits):
