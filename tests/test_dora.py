@@ -17,7 +17,7 @@ pytest.importorskip("mlx_lm")
 from mlx_fused_lora.layers.fused_dora_linear import FusedDoRALinear  # noqa: E402
 from mlx_fused_lora.layers.fused_lora_linear import draw_dropout_key  # noqa: E402
 from mlx_fused_lora.ops import dropout_mask  # noqa: E402
-from mlx_fused_lora.ops.dora_norms import adapted_row_norms, base_row_sq_norms, base_times_lora_a  # noqa: E402
+from mlx_fused_lora.ops.dora_norms import adapted_row_norms, base_row_sq_norms  # noqa: E402
 from mlx_lm.tuner.dora import DoRALinear  # noqa: E402
 
 BASES = ["dense", "q4", "q8"]
@@ -96,7 +96,7 @@ def explicit_norms(weight, lora_a, lora_b, scale):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    n=st.integers(1, 70),
+    n=st.integers(1, 200),  # above 64 rows the expansion, up to 64 the direct norms
     k=st.integers(1, 90),
     r=st.integers(1, 9),
     block_rows=st.integers(1, 80),
@@ -107,7 +107,7 @@ def test_row_norms_match_the_adapted_weight_dense(n, k, r, block_rows, scale, se
     mx.random.seed(seed)
     w = mx.random.normal((n, k))
     a, b = mx.random.normal((k, r)), mx.random.normal((r, n))
-    got = adapted_row_norms(base_row_sq_norms(w, block_rows=block_rows), base_times_lora_a(w, a), a, b, scale)
+    got = adapted_row_norms(w, a, b, scale, base_row_sq_norms(w, block_rows=block_rows))
     assert got.shape == (n,) and got.dtype == mx.float32
     assert_close(got, explicit_norms(w, a, b, scale), 1e-5, 1e-5, "row norms")
 
@@ -116,33 +116,33 @@ def test_row_norms_match_the_adapted_weight_dense(n, k, r, block_rows, scale, se
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_row_norms_match_the_adapted_weight_quantized(bits, dtype):
     mx.random.seed(1)
-    base = make_base(f"q{bits}", input_dims=256, output_dims=72, dtype=dtype)
-    a, b = 0.1 * mx.random.normal((256, 4)), 0.1 * mx.random.normal((4, 72))
+    base = make_base(f"q{bits}", input_dims=256, output_dims=200, dtype=dtype)
+    a, b = 0.1 * mx.random.normal((256, 4)), 0.1 * mx.random.normal((4, 200))
     q = dict(scales=base.scales, biases=base.biases, group_size=64, bits=bits, mode="affine")
     sq = base_row_sq_norms(base.weight, block_rows=16, **q)
-    got = adapted_row_norms(sq, base_times_lora_a(base.weight, a, **q), a, b, 3.0)
+    got = adapted_row_norms(base.weight, a, b, 3.0, sq, **q)
     assert_close(got, explicit_norms(dense(base), a, b, 3.0), 1e-5, 1e-5, "quantized row norms")
 
 
 def test_row_norms_mxfp4():
     mx.random.seed(12)
-    base = nn.QuantizedLinear.from_linear(nn.Linear(128, 40), group_size=32, bits=4, mode="mxfp4")
-    a, b = 0.1 * mx.random.normal((128, 4)), 0.1 * mx.random.normal((4, 40))
+    base = nn.QuantizedLinear.from_linear(nn.Linear(128, 136), group_size=32, bits=4, mode="mxfp4")
+    a, b = 0.1 * mx.random.normal((128, 4)), 0.1 * mx.random.normal((4, 136))
     q = dict(scales=base.scales, biases=None, group_size=32, bits=4, mode="mxfp4")
-    got = adapted_row_norms(base_row_sq_norms(base.weight, **q), base_times_lora_a(base.weight, a, **q), a, b, 2.0)
+    got = adapted_row_norms(base.weight, a, b, 2.0, base_row_sq_norms(base.weight, **q), **q)
     w = mx.dequantize(base.weight, base.scales, group_size=32, bits=4, mode="mxfp4")
     assert_close(got, explicit_norms(w, a, b, 2.0), 1e-5, 1e-5, "mxfp4 row norms")
     layer = FusedDoRALinear.from_base(base, r=4)
     assert_close(layer.m, mx.linalg.norm(w.astype(mx.float32), axis=1), 1e-5, 1e-6, "mxfp4 m")
-    assert layer(mx.random.normal((3, 128))).shape == (3, 40)
+    assert layer(mx.random.normal((3, 128))).shape == (3, 136)
 
 
-def test_row_norms_bf16_dense_within_its_rounding():
+def test_row_norms_bf16_dense_are_the_float32_adapted_weights():
     mx.random.seed(2)
-    w = mx.random.normal((64, 128)).astype(mx.bfloat16)
-    a, b = 0.1 * mx.random.normal((128, 8)), 0.1 * mx.random.normal((8, 64))
-    got = adapted_row_norms(base_row_sq_norms(w), base_times_lora_a(w, a), a, b, 2.0)
-    assert_close(got, explicit_norms(w, a, b, 2.0), 4e-3, 0.0, "bf16 row norms")
+    w = mx.random.normal((160, 128)).astype(mx.bfloat16)
+    a, b = 0.1 * mx.random.normal((128, 8)), 0.1 * mx.random.normal((8, 160))
+    got = adapted_row_norms(w, a, b, 2.0, base_row_sq_norms(w))
+    assert_close(got, explicit_norms(w, a, b, 2.0), 1e-5, 0.0, "bf16 row norms")
 
 
 # -- the layer against mlx-lm's --

@@ -16,7 +16,9 @@ What differs is how it is computed:
   N x K adapted weight (mlx-lm builds it on every call): ``||w_n||^2`` of the frozen
   base is computed once, when the base is set, and kept as the non-parameter
   ``_base_sq_norms`` (not saved with the adapters, not trained). Replacing the base's
-  weights afterwards needs ``set_linear`` again, as mlx-lm's ``m`` does.
+  weights afterwards needs ``set_linear`` again, as mlx-lm's ``m`` does. Rows where the
+  adapter nearly cancels the base (where the expansion would cancel catastrophically)
+  are computed directly from their rows of W, so the layer agrees with ``fuse()``.
 - ``dropout`` is the float p, and in training mode a fresh dropout key is drawn from
   ``mx.random`` on every call (as `FusedLoRALinear`); x keeps its dtype.
 """
@@ -24,7 +26,7 @@ What differs is how it is computed:
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..ops.dora_norms import adapted_row_norms, base_row_sq_norms, base_times_lora_a
+from ..ops.dora_norms import adapted_row_norms, base_row_sq_norms
 from .base import base_dims, check_lora_args, init_lora_weights
 from .fold import fold_lora
 from .fused_lora_linear import draw_dropout_key, lora_product
@@ -49,8 +51,8 @@ def adapted_norms(linear, lora_a, lora_b, base_sq_norms, scale):
     """``||W + scale * (lora_a @ lora_b).T||`` per output row of ``linear``'s weight, float32, no gradient."""
     lora_a = mx.stop_gradient(lora_a)
     lora_b = mx.stop_gradient(lora_b)
-    base_a = base_times_lora_a(linear.weight, lora_a, **quantization_args(linear))
-    return mx.stop_gradient(adapted_row_norms(base_sq_norms, base_a, lora_a, lora_b, scale))
+    norms = adapted_row_norms(linear.weight, lora_a, lora_b, scale, base_sq_norms, **quantization_args(linear))
+    return mx.stop_gradient(norms)
 
 
 def dora_product(linear, x, lora_a, lora_b, m, base_sq_norms, *, scale, dropout=0.0, key=None):
