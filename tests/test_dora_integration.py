@@ -55,13 +55,10 @@ def test_lm_lora_fine_tune_type_dora_trains_a_4bit_model(tmp_path, monkeypatch):
     import json
 
     import mlx_lm.lora
-    import mlx_lm.tuner.utils as tuner_utils
     from mlx_fused_lora import lm_lora
-    from mlx_lm.tuner.lora import LoRALinear
-    from test_mlx_lm_integration import write_text_data
+    from test_mlx_lm_integration import mlx_lm_classes, write_text_data
 
-    monkeypatch.setattr(tuner_utils, "LoRALinear", LoRALinear)
-    monkeypatch.setattr(tuner_utils, "DoRALinear", DoRALinear)
+    mlx_lm_classes(monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     words = write_4bit_model_dir(tmp_path / "model")
     write_text_data(tmp_path / "data", words)

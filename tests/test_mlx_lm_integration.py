@@ -42,11 +42,17 @@ LLAMA = dict(
 LORA_TYPES = (LoRALinear, FusedLoRALinear, DoRALinear, FusedDoRALinear, LoRAEmbedding)
 
 
+def mlx_lm_classes(monkeypatch):
+    """mlx-lm's own classes under every name patch_mlx_lm replaces, for this test only."""
+    for module, name in lm_lora.PATCHED_NAMES:
+        cls = getattr(sys.modules[module], name)
+        monkeypatch.setattr(sys.modules[module], name, getattr(cls, "original", cls))
+
+
 @pytest.fixture
 def real_mlx_lm(monkeypatch):
     """mlx-lm's tuner with its own LoRALinear and DoRALinear; whatever a test patches is undone after it."""
-    monkeypatch.setattr(tuner_utils, "LoRALinear", LoRALinear)
-    monkeypatch.setattr(tuner_utils, "DoRALinear", DoRALinear)
+    mlx_lm_classes(monkeypatch)
     return tuner_utils
 
 
@@ -225,7 +231,7 @@ def test_mlx_lm_adapters_load_into_fused_model(real_mlx_lm, tmp_path):
 
     fused = make_llama()
     patch_mlx_lm()
-    assert tuner_utils.LoRALinear is FusedLoRALinear
+    assert issubclass(FusedLoRALinear, tuner_utils.LoRALinear)  # the name now builds ours
     real_mlx_lm.load_adapters(fused, str(tmp_path / "a"))
     mods = lora_modules(fused)
     assert mods.keys() == lora_modules(ref).keys()
@@ -251,7 +257,7 @@ def test_mlx_lm_adapters_load_into_fused_model(real_mlx_lm, tmp_path):
     real_mlx_lm.linear_to_lora_layers(ours, 2, lora_parameters)
     randomize_adapters(ours, seed=9)
     save_mlx_lm_adapters(ours, tmp_path / "b", 2, lora_parameters)
-    real_mlx_lm.LoRALinear = LoRALinear  # un-patch
+    lm_lora.unpatch_mlx_lm()
     plain = make_llama()
     real_mlx_lm.load_adapters(plain, str(tmp_path / "b"))
     assert all(type(m) is LoRALinear for m in lora_modules(plain).values())

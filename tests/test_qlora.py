@@ -162,13 +162,11 @@ def test_mlx_lm_trainer_trains_a_4bit_model_on_fused_layers(monkeypatch, tmp_pat
     import mlx_lm.tuner.utils as tuner_utils
     from mlx_fused_lora.layers.fused_dora_linear import FusedDoRALinear
     from mlx_fused_lora.lm_lora import patch_mlx_lm
-    from mlx_lm.tuner.dora import DoRALinear
     from mlx_lm.tuner.trainer import TrainingArgs, default_loss, iterate_batches, train
-    from test_mlx_lm_integration import make_llama, synthetic_dataset
+    from test_mlx_lm_integration import make_llama, mlx_lm_classes, synthetic_dataset
 
     # mlx-lm's own classes come back after the test, whatever patch_mlx_lm changed.
-    monkeypatch.setattr(tuner_utils, "LoRALinear", LoRALinear)
-    monkeypatch.setattr(tuner_utils, "DoRALinear", DoRALinear)
+    mlx_lm_classes(monkeypatch)
     patch_mlx_lm()
     model = make_llama(num_hidden_layers=2)
     nn.quantize(model, group_size=64, bits=4)
