@@ -56,6 +56,7 @@ def test_every_name_builds_ours_and_recognises_both(module, name, ours, original
     built = [cls(16, 8, r=2), cls.from_base(nn.Linear(16, 8), r=2), original.from_base(nn.Linear(16, 8), r=2)]
     assert [type(layer) for layer in built] == [ours] * 3  # mlx-lm's own from_base builds by the module's name
     assert isinstance(built[0], cls) and issubclass(ours, cls)
+    assert {"parameters", "fuse", "from_base"} <= set(dir(cls))  # e.g. MagicMock(spec=LoRALinear) in mlx-lm's tests
     assert isinstance(original(16, 8, r=2), cls)  # mlx-lm's own layer (as made before the patch) counts
     unpatch_mlx_lm()
     assert getattr(module, name) is original

@@ -56,7 +56,8 @@ def _stand_in(ours, theirs):
         "__doc__": f"mlx-lm's {theirs.__name__} name, building {ours.__name__} (mlx_fused_lora.patch_mlx_lm).",
         "__module__": theirs.__module__,
     }
-    return _StandIn(theirs.__name__, (), namespace)
+    # A subclass of ours for its attributes (dir, MagicMock(spec=...)), never instantiated.
+    return _StandIn(theirs.__name__, (ours,), namespace)
 
 
 def _import_mlx_lm_tuner():
