@@ -3,8 +3,10 @@ reach a trained adapter and a generated sample, and the committed sample data is
 """
 
 import json
+import os
 import re
 import shlex
+import shutil
 import wave
 from pathlib import Path
 
@@ -85,12 +87,62 @@ def test_bad_arguments_are_refused_with_what_was_given(tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("")
     assert cli_main(["example", str(tmp_path / "full")]) == 1
     assert f"{tmp_path / 'full'} exists and is not empty" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="num_files must be at least 2.*got 1"):
+    with pytest.raises(ValueError, match="--files must be an integer from 2 to 10000, got 1"):
         write_example(tmp_path / "one", num_files=1)
     with pytest.raises(SystemExit):
         cli_main(["example", "--help"])
     help_text = capsys.readouterr().out
-    assert "(default: 16)" in help_text and "(default: None)" not in help_text  # each default once
+    assert "(default: 64)" in help_text and "(default: None)" not in help_text  # each default once
+
+
+BAD_ARGUMENTS = [
+    (["--width", "0"], "--width must be a multiple of 16 from 16 to 1024, got 0"),
+    (["--width", "24"], "--width must be a multiple of 16 from 16 to 1024, got 24"),
+    (["--width", "abc"], "argument --width: invalid int value: 'abc'"),
+    (["--files", "1"], "--files must be an integer from 2 to 10000, got 1"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 2**32 - 1, got -1"),
+    (["--format", "flac"], "--format must be one of wav, codes, mixed, got 'flac'"),
+    (["--llm", "--format", "wav"], "--format is the CSM example's audio; --llm writes text data"),
+    (["--llm", "--width", "8"], "--width must be a multiple of 16 from 16 to 1024, got 8"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_each_bad_argument_is_one_line_and_nothing_is_written(tmp_path, capsys, args, message):
+    """Issue 18, item 6: checked before anything is written, one line naming the argument."""
+    try:
+        status = cli_main(["example", str(tmp_path / "new" / "ex"), *args])
+    except SystemExit as e:  # argparse's own (type) errors: exit status 2
+        status = e.code
+    err = capsys.readouterr().err.strip()
+    assert status in (1, 2) and message in err and "\n" not in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # not even the parent folder
+
+
+def test_an_unwritable_target_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert cli_main(["example", str(tmp_path / "afile" / "ex"), "--data-only", "--files", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"cannot write the example into {tmp_path / 'afile' / 'ex'}: {tmp_path / 'afile'} is a file" in err
+    assert "\n" not in err
+    read_only = Path("/sys/mlx-fused-lora-example")  # a read-only file system, even for root
+    if not read_only.exists() and not os.access("/sys", os.W_OK):
+        assert cli_main(["example", str(read_only), "--data-only", "--files", "2"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"mlx-fused-lora example: cannot write the example into {read_only}:") and "\n" not in err
+
+
+def test_a_failure_while_writing_leaves_no_half_written_folder(tmp_path, monkeypatch, capsys):
+    import mlx_fused_lora.train.synthetic as synthetic
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[write] Unable to write 129 bytes to file.")  # how MLX reports ENOSPC
+
+    monkeypatch.setattr(synthetic, "write_random_csm", disk_full)
+    assert cli_main(["example", str(tmp_path / "a" / "ex"), "--files", "2", "--format", "codes"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "cannot write the example into" in err and "Unable to write" in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []  # no example, no temporary folder, no parent made for it
 
 
 @have_audio
@@ -120,13 +172,16 @@ def test_the_readme_fine_tuning_commands_give_an_adapter_and_a_wav_sample(tmp_pa
         assert (f.getframerate(), f.getnchannels(), f.getnframes()) == (24_000, 1, 6 * 1920)
 
 
-def test_committed_sample_data_is_what_the_example_writes(tmp_path, capsys):
+def test_committed_sample_data_is_what_the_example_writes(tmp_path, monkeypatch, capsys):
     """``examples/data`` (shown in the README's data layout) is the output of the command its
-    README block names; regenerating it gives the same bytes."""
+    README block names, run as written in a clone (where ``examples/`` already holds it):
+    regenerating it gives the same bytes."""
     (cmd,) = commands(readme_block(SAMPLE_DATA))
-    target = Path(cmd[2])
-    assert target == Path("examples") and cmd[3:] == ["--data-only", "--files", "2", "--format", "mixed"]
-    assert cli_main(["example", str(tmp_path / "examples"), *cmd[3:]]) == 0
+    assert cmd[:3] == ["mlx-fused-lora", "example", "examples"]
+    shutil.copytree(REPO / "examples", tmp_path / "examples")  # a clone's examples/
+    (tmp_path / "examples" / "data" / "audio" / "clip_000.wav").write_bytes(b"stale")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(cmd[1:]) == 0, capsys.readouterr().err
     fresh = sorted(p.relative_to(tmp_path) for p in (tmp_path / "examples").rglob("*") if p.is_file())
     committed = sorted(p.relative_to(REPO) for p in (REPO / "examples").rglob("*") if p.is_file())
     assert fresh == committed
@@ -136,3 +191,7 @@ def test_committed_sample_data_is_what_the_example_writes(tmp_path, capsys):
     samples, rate = read_wav(REPO / "examples/data/audio/clip_000.wav")
     assert rate == 16_000 and np.abs(samples).max() > 0.1
     assert load_codes(REPO / "examples/data/audio/clip_001.npy").shape[0] == 32
+    # --overwrite replaces an earlier example only: a folder holding anything else is refused
+    (tmp_path / "examples" / "notes.txt").write_text("mine")
+    assert cli_main(cmd[1:]) == 1
+    assert "also holds ['notes.txt']: not an example folder" in capsys.readouterr().err

@@ -112,8 +112,8 @@ def _report_fused_layers(lora_module):
         for _, layer in lora_layers(model):
             counts[type(layer).__name__] = counts.get(type(layer).__name__, 0) + 1
         fused = {k: v for k, v in counts.items() if k.startswith("Fused")}
-        kinds = ", ".join(f"{n} {k} (in place of mlx-lm's {k[len('Fused') :]})" for k, n in fused.items())
-        print(f"mlx-fused-lora: {kinds or 'no fused layers'}", flush=True)
+        kinds = ", ".join(f"{n} {k} in place of mlx-lm's {k[len('Fused') :]}" for k, n in fused.items())
+        print(f"fused LoRA layers: {kinds or 'none'}", flush=True)
         return result
 
     linear_to_lora_layers.reports_fused_layers = True
