@@ -41,8 +41,6 @@ def _kind_ok(value, kind: str) -> bool:
         return _kind_ok(value, "number") and abs(value) <= FLOAT32_MAX
     if kind == "rank":
         return _kind_ok(value, "int") and value >= 1
-    if kind == "probability":
-        return _kind_ok(value, "number") and 0.0 <= value < 1.0
     if kind == "str list":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "bool":
@@ -61,7 +59,6 @@ _EXPECTED = {
     "number": "a finite number",
     "float32": f"a number finite in float32, the compute dtype (|x| <= {FLOAT32_MAX:.4g})",
     "rank": "an integer >= 1",
-    "probability": "a number in [0, 1)",
     "str list": "a list of strings",
     "bool": "true or false",
     "str": "a string",
@@ -72,8 +69,8 @@ _EXPECTED = {
 
 def config_field(config: dict, name: str, kind: str, where: str, default=_MISSING, *, nullable: bool = False):
     """``config[name]`` checked to be of ``kind``: its type and range (int, number, bool,
-    str, dict, list; float32: finite in float32; rank: an int >= 1; probability: in [0, 1);
-    str list: a list of strings).
+    str, dict, list; float32: finite in float32; rank: an int >= 1; str list: a list of
+    strings).
 
     A missing field gives ``default`` (or an `AdapterError` naming it when there is none); a
     ``null`` is accepted only with ``nullable``. ``where`` names the file (and the object
