@@ -14,9 +14,10 @@ What ``DIR`` gets::
       data/valid.jsonl             valid and test a quarter of train's size each
       data/test.jsonl
 
-The datasets are writers in `DATASETS`, each filling ``DIR/data`` (or a folder of its own
-name beside it) from the same small vocabulary, so another training task adds its data
-beside the SFT set (a preference set of ``prompt``/``chosen``/``rejected`` rows, as
+The datasets are named writers in `DATASETS`, each with its own folder under ``DIR``
+(the SFT chats in ``data/``, mlx-lm's usual name) and drawing on the same small
+vocabulary the tokenizer was trained on, so another training task adds its set beside
+the SFT one (a preference set of ``prompt``/``chosen``/``rejected`` rows, as
 mlx-lm-lora's DPO reads, is the next) without touching the model writer. mlx-lm builds
 the model (``mlx_lm.models.llama``): it is what the command trains with anyway.
 """
@@ -77,8 +78,9 @@ def write_sft_data(data: Path, samples: int) -> list[Path]:
     return written
 
 
-# name -> writer(data folder, samples): the datasets an LLM example can carry
-DATASETS = {"sft": write_sft_data}
+# name -> (its folder under the example's root, writer(folder, samples)): the datasets an
+# LLM example can carry
+DATASETS = {"sft": ("data", write_sft_data)}
 
 
 def _write_tokenizer(model: Path) -> dict[str, int]:
@@ -141,7 +143,8 @@ def write_lm_example(
         example.model.mkdir(parents=True)
         _write_llama(example.model, width, seed, _write_tokenizer(example.model))
     for name in datasets:
-        DATASETS[name](example.data, samples)
+        folder, write = DATASETS[name]
+        write(root / folder, samples)
     example.files = sorted(p for p in root.rglob("*") if p.is_file())
     return example
 
