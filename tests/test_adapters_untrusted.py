@@ -12,9 +12,9 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_fused_lora.adapters import AdapterError, load_adapters, read_adapters, save_adapters
 from mlx_fused_lora.adapters.cli import main as convert_main
-from mlx_fused_lora.adapters.peft_format import parse_pattern
 from mlx_fused_lora.csm import CSM, CheckpointError, CSMConfig, apply_lora, load_csm, save_csm
 from mlx_fused_lora.layers import lora_layers
+from mlx_fused_lora.layers.patterns import PatternError, parse_pattern
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "codebook0_head", "projection"]
 
@@ -195,7 +195,7 @@ def test_pattern_semantics():
 
 @pytest.mark.parametrize("key", ["(q|k)_proj", "q_proj.*", "[", "a..b", "x" * 600, ""])
 def test_a_malformed_or_huge_pattern_key_names_the_key(key):
-    with pytest.raises(AdapterError, match="rank_pattern key"):
+    with pytest.raises(PatternError, match="rank_pattern key"):
         parse_pattern(key, "rank_pattern", "adapter_config.json")
 
 

@@ -46,9 +46,9 @@ from ..layers.named import (
     new_adapter,
     route,
 )
+from ..layers.patterns import parse_pattern
 from ..layers.tree import fuse_lora_layers, is_lora_layer, lora_layers
 from .config import AdapterConfig
-from .peft_format import parse_pattern
 
 __all__ = [
     "AdapterRegistry",

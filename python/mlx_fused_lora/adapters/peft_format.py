@@ -9,14 +9,9 @@
 ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), with ``r`` and ``alpha``
 taken from the patterns where one matches.
 
-Pattern keys come from untrusted files, so they are never run as regular expressions
-(PEFT compiles them, and ``(.*)*x`` then backtracks for minutes). They are matched as
-PEFT's rule reads for module paths: a key matches a path equal to it or ending in
-``.{key}`` — so ``q_proj``, ``layers.0.self_attn.q_proj`` and a full path all work.
-Also accepted, as PEFT users write them: ``\\.`` for a dot, a leading ``^`` (the key
-must match the whole path), a trailing ``$`` (no-op) and ``\\d+`` / ``[0-9]+`` as a
-whole component (any layer index). Anything else is refused with an error naming the
-key. Where several keys match, the longest (most components) wins.
+Pattern keys come from untrusted files: they are matched by `layers.patterns` (PEFT's
+rule for module paths, never as regular expressions) and a key it refuses is an
+`AdapterError` naming the file and the key.
 """
 
 from __future__ import annotations
@@ -25,86 +20,31 @@ import re
 import warnings
 from pathlib import Path
 
+from ..layers.patterns import PatternError, parse_pattern, pattern_value
 from ..layers.tree import lora_scale
 from .adapter_set import AdapterSet, ModuleAdapter, attach_magnitudes, lora_pairs, most_common, split_magnitudes
 from .checks import AdapterError, check_lora_tensor, check_rank, config_field
 from .registry import AdapterFormat, load_tensors, read_json, register_format
 
-__all__ = ["PEFT", "ModulePattern", "parse_pattern"]
+__all__ = ["PEFT"]
 
 _PREFIX = "base_model.model."
 _MAGNITUDE = ".lora_magnitude_vector"  # PEFT drops the ".weight" of its DoRA module when saving
 _KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])\.weight$")
 _NAMED = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_[AB]|lora_magnitude_vector)\.(?P<name>[^.]+)(?P<tail>\.weight)?$")
-MAX_PATTERN_CHARS = 512
-_DIGITS = object()  # a component matching any run of decimal digits
-_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
-class ModulePattern:
-    """A parsed pattern key: components (names or `_DIGITS`), anchored at the start or not."""
-
-    def __init__(self, components: tuple, anchored: bool):
-        self.components = components
-        self.anchored = anchored
-
-    def matches(self, path: str) -> bool:
-        parts = path.split(".")
-        n = len(self.components)
-        if len(parts) < n or (self.anchored and len(parts) != n):
-            return False
-        for want, got in zip(self.components, parts[len(parts) - n :], strict=True):
-            if want is _DIGITS:
-                if not got or any(c not in "0123456789" for c in got):
-                    return False
-            elif want != got:
-                return False
-        return True
-
-
-def parse_pattern(key, field: str, where: str) -> ModulePattern:
-    """``key`` of ``rank_pattern``/``alpha_pattern`` as a `ModulePattern` (linear-time, no regex)."""
-    if not isinstance(key, str) or not key:
-        raise AdapterError(f"{where}: {field} key {key!r} must be a non-empty module path")
-    if len(key) > MAX_PATTERN_CHARS:
-        raise AdapterError(
-            f"{where}: {field} key {key[:40]!r}... is {len(key)} characters; at most {MAX_PATTERN_CHARS}"
-        )
-    body = key
-    anchored = body.startswith("^")
-    body = body[1:] if anchored else body
-    body = body[:-1] if body.endswith("$") and not body.endswith("\\$") else body
-    components = []
-    for comp in body.replace("\\.", ".").split("."):
-        if comp in ("\\d+", "[0-9]+"):
-            components.append(_DIGITS)
-        elif comp and all(c in _NAME_CHARS for c in comp):
-            components.append(comp)
-        else:
-            raise AdapterError(
-                f"{where}: {field} key {key!r} is not a module path: expected dot-separated names "
-                "(letters, digits, _ and -), optionally with a leading ^, a trailing $ and \\d+ "
-                "for a layer index; other regular expressions are not supported"
-            )
-    return ModulePattern(tuple(components), anchored)
-
-
-def _patterns(config: dict, field: str, kind: str, where: str) -> list[tuple[ModulePattern, object]]:
+def _patterns(config: dict, field: str, kind: str, where: str) -> list:
     values = config_field(config, field, "dict", where, {}, nullable=True) or {}
     out = []
     for key, value in values.items():
-        pattern = parse_pattern(key, field, where)
+        try:
+            pattern = parse_pattern(key, field, where)
+        except PatternError as e:
+            raise AdapterError(str(e)) from None
         config_field(values, key, kind, f"{where}: {field}")
         out.append((pattern, value))
     return out
-
-
-def _pattern_value(patterns, path: str, default):
-    best, best_len = default, -1
-    for pattern, value in patterns:
-        if len(pattern.components) > best_len and pattern.matches(path):
-            best, best_len = value, len(pattern.components)
-    return best
 
 
 def _adapter_of(key: str) -> tuple[str, str]:
@@ -178,10 +118,10 @@ def _read(d: Path, adapter_name: str | None = None) -> AdapterSet:
                 f"{weights}: {path}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not (r, in), (out, r)"
             )
         r = A.shape[0]
-        from_pattern = _pattern_value(rank_pattern, path, None)
+        from_pattern = pattern_value(rank_pattern, path, None)
         field, expected_r = ("r", default_r) if from_pattern is None else ("rank_pattern", from_pattern)
         check_rank(where, path, r, field, expected_r, str(weights))
-        alpha = float(_pattern_value(alpha_pattern, path, default_alpha))
+        alpha = float(pattern_value(alpha_pattern, path, default_alpha))
         modules[path] = ModuleAdapter(A.T, B.T, lora_scale(r, alpha, use_rslora), alpha)
     modules = attach_magnitudes(modules, magnitudes, use_dora, _MAGNITUDE, str(weights))
     return AdapterSet(modules=modules, dropout=float(dropout), use_rslora=use_rslora)
