@@ -5,6 +5,7 @@ from .convert import linear_to_lora_layers
 from .fold import fold_lora
 from .fused_dora_linear import FusedDoRALinear
 from .fused_lora_linear import FusedLoRALinear
+from .init import INIT_METHODS, LoRAInit, init_lora
 from .patterns import module_rank_alpha
 from .plain_lora_linear import PlainLoRALinear, plain_layer_class
 from .tree import (
@@ -33,5 +34,8 @@ __all__ = [
     "freeze_all_but_lora",
     "lora_scale",
     "alpha_for",
+    "init_lora",
+    "LoRAInit",
+    "INIT_METHODS",
     "module_rank_alpha",
 ]

@@ -33,11 +33,14 @@ def check_lora_args(layer: str, r: int, dropout: float) -> None:
         raise ValueError(f"{layer}: `r` must be >= 1, got {r}")
 
 
-def init_lora_weights(input_dims: int, output_dims: int, r: int) -> tuple[mx.array, mx.array]:
+def init_lora_weights(input_dims: int, output_dims: int, r: int, key: mx.array | None = None):
     """mlx-lm's adapter init: ``lora_a (in, r)`` uniform in +-1/sqrt(in), ``lora_b (r, out)``
-    zeros, so a new layer computes exactly its base."""
+    zeros, so a new layer computes exactly its base (``key``: an ``mx.random.key``, else
+    MLX's global random state). PEFT's ``init_lora_weights=True`` draws the same
+    distribution (kaiming-uniform with ``a = sqrt(5)`` on ``(r, in)``: bound 1/sqrt(in))."""
     bound = 1 / math.sqrt(input_dims)
-    return mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r)), mx.zeros(shape=(r, output_dims))
+    lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r), key=key)
+    return lora_a, mx.zeros(shape=(r, output_dims))
 
 
 class LoRALinearBase(nn.Module):
