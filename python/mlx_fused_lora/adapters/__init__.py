@@ -2,7 +2,8 @@
 
 One reader/writer per format (`mlx_lm_format`, `peft_format`) behind a small registry
 (`registry`), all reading into and writing from one `AdapterSet`; `model_io` moves
-adapters between files and a model's LoRA layers; `merge` combines adapters into one.
+adapters between files and a model's LoRA layers; `merge` combines adapters into one;
+`init_conversion` turns a PiSSA / OLoRA adapter into plain LoRA on the original weights.
 Many adapters on one model, by name (PEFT's words: `add_adapter`, `set_adapter`,
 `disable_adapters`, ...): `manager`, with `named_io` for hot swap and
 `add_weighted_adapter` (a `merge` into a new adapter on the model). This package knows
@@ -14,6 +15,7 @@ from . import mlx_lm_format, peft_format  # noqa: F401  (register the formats)
 from .adapter_set import AdapterSet, ModuleAdapter
 from .checks import AdapterError
 from .config import AdapterConfig
+from .init_conversion import convert_to_lora
 from .manager import (
     active_adapters,
     add_adapter,
@@ -71,4 +73,5 @@ __all__ = [
     "fuse_adapters",
     "hotswap_adapter",
     "add_weighted_adapter",
+    "convert_to_lora",
 ]

@@ -47,6 +47,10 @@ class AdapterSet:
     use_rslora: bool = False
     num_layers: int | None = None  # mlx-lm's: adapted blocks counted from the last
     extra: dict = field(default_factory=dict)  # passed through (e.g. model_type)
+    # How the adapter was initialised, as PEFT records it: True (the default init) or a
+    # name ("gaussian", "pissa", "pissa_niter_4", "olora", "loftq"; `layers.init`). The
+    # base-changing ones mean the adapter belongs to the base that init made.
+    init_lora_weights: bool | str = True
 
     @property
     def use_dora(self) -> bool:
@@ -58,7 +62,7 @@ class AdapterSet:
 
     def renamed(self, modules: dict[str, ModuleAdapter]) -> AdapterSet:
         """The same settings over other modules (what a rename hook returns)."""
-        return AdapterSet(modules, self.dropout, self.use_rslora, self.num_layers, dict(self.extra))
+        return replace(self, modules=modules, extra=dict(self.extra))
 
 
 def lora_pairs(tensors: dict, key_re: re.Pattern, fmt: str, where: str) -> dict[str, dict]:

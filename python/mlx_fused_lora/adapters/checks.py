@@ -14,6 +14,7 @@ import mlx.core as mx
 __all__ = [
     "AdapterError",
     "config_field",
+    "init_lora_weights_field",
     "check_lora_pair",
     "check_rank",
     "check_module_paths",
@@ -87,6 +88,17 @@ def config_field(config: dict, name: str, kind: str, where: str, default=_MISSIN
         null = " or null" if nullable else ""
         raise AdapterError(
             f"{where}: field {name!r} must be {_EXPECTED[kind]}{null}, got {type(value).__name__} {value!r:.80}"
+        )
+    return value
+
+
+def init_lora_weights_field(config: dict, where: str) -> bool | str:
+    """``config["init_lora_weights"]`` as PEFT writes it: true/false or an init's name
+    (default true). Only recorded: reading an adapter never runs an init."""
+    value = config.get("init_lora_weights", True)
+    if not isinstance(value, (bool, str)):
+        raise AdapterError(
+            f"{where}: field 'init_lora_weights' must be true, false or a string, got {type(value).__name__} {value!r:.80}"
         )
     return value
 

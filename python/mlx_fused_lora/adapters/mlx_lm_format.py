@@ -7,7 +7,8 @@
   them. Extra fields mlx-lm ignores keep what its schema cannot say: ``lora_parameters.alpha``,
   ``use_rslora``, and ``scale_pattern`` / ``alpha_pattern`` / ``rank_pattern`` (exact module
   paths, never patterns) for modules whose scale, alpha or rank differs from the common one.
-  Every field is checked against the tensors on reading (`checks`): ranks equal to the
+  PEFT's ``init_lora_weights`` is written when the adapter did not start from the default
+  init. Every field is checked against the tensors on reading (`checks`): ranks equal to the
   tensors', scales finite in float32, every pattern naming a module the tensors hold.
 - ``csm-cli``: the file names the original CSM fine-tuning CLI writes,
   ``fine_tuned_model.safetensors`` + ``fine_tuned_model_metadata.json``; tensors named
@@ -21,7 +22,7 @@ import re
 from pathlib import Path
 
 from .adapter_set import AdapterSet, ModuleAdapter, attach_magnitudes, lora_pairs, most_common, split_magnitudes
-from .checks import AdapterError, check_lora_pair, check_module_paths, check_rank, config_field
+from .checks import AdapterError, check_lora_pair, check_module_paths, check_rank, config_field, init_lora_weights_field
 from .registry import AdapterFormat, load_tensors, read_json, register_format
 
 __all__ = ["MLX_LM", "CSM_CLI"]
@@ -86,7 +87,8 @@ def _read(d: Path, fmt: AdapterFormat) -> AdapterSet:
         check_module_paths(where, name, pattern, modules)
     modules = attach_magnitudes(modules, magnitudes, ftype == "dora", ".m", tensors_where)
     extra = {"model_type": config_field(config, "model_type", "str", where)} if "model_type" in config else {}
-    return AdapterSet(modules, float(dropout), use_rslora, num_layers, extra)
+    init = init_lora_weights_field(config, where)
+    return AdapterSet(modules, float(dropout), use_rslora, num_layers, extra, init_lora_weights=init)
 
 
 def _mlx_lm_keys(paths) -> tuple[list[str], int | None]:
@@ -122,6 +124,8 @@ def _config(adapters: AdapterSet) -> dict:
         "rank_pattern": {p: m.r for p, m in mods.items() if m.r != rank},
     }
     config.update({name: pattern for name, pattern in patterns.items() if pattern})
+    if adapters.init_lora_weights is not True:
+        config["init_lora_weights"] = adapters.init_lora_weights
     config.update(adapters.extra)
     return config
 

@@ -5,7 +5,8 @@
 ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
 ``target_modules``, ``rank_pattern``, ``alpha_pattern``. DoRA (``use_dora: true``) adds
 ``base_model.model.{path}.lora_magnitude_vector (out,)``, the name PEFT saves it under
-(our ``m``). Per module
+(our ``m``); ``init_lora_weights`` records how the adapter started (read and written,
+never run). Per module
 ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``), with ``r`` and ``alpha``
 taken from the patterns where one matches.
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from ..layers.patterns import PatternError, parse_pattern, pattern_value
 from ..layers.tree import lora_scale
 from .adapter_set import AdapterSet, ModuleAdapter, attach_magnitudes, lora_pairs, most_common, split_magnitudes
-from .checks import AdapterError, check_lora_tensor, check_rank, config_field
+from .checks import AdapterError, check_lora_tensor, check_rank, config_field, init_lora_weights_field
 from .registry import AdapterFormat, load_tensors, read_json, register_format
 
 __all__ = ["PEFT"]
@@ -100,6 +101,7 @@ def _read(d: Path, adapter_name: str | None = None) -> AdapterSet:
     if not 0.0 <= dropout < 1.0:
         raise AdapterError(f"{where}: field 'lora_dropout' must be in [0, 1), got {dropout!r}")
     use_rslora = config_field(config, "use_rslora", "bool", where, False)
+    init = init_lora_weights_field(config, where)
     rank_pattern = _patterns(config, "rank_pattern", "rank", where)
     alpha_pattern = _patterns(config, "alpha_pattern", "float32", where)
     if not isinstance(config.get("target_modules"), str):  # one string: a regex or "all-linear" (never run)
@@ -124,7 +126,7 @@ def _read(d: Path, adapter_name: str | None = None) -> AdapterSet:
         alpha = float(pattern_value(alpha_pattern, path, default_alpha))
         modules[path] = ModuleAdapter(A.T, B.T, lora_scale(r, alpha, use_rslora), alpha)
     modules = attach_magnitudes(modules, magnitudes, use_dora, _MAGNITUDE, str(weights))
-    return AdapterSet(modules=modules, dropout=float(dropout), use_rslora=use_rslora)
+    return AdapterSet(modules=modules, dropout=float(dropout), use_rslora=use_rslora, init_lora_weights=init)
 
 
 def _config(adapters: AdapterSet) -> dict:
@@ -144,7 +146,7 @@ def _config(adapters: AdapterSet) -> dict:
         "alpha_pattern": {p: a for p, a in alphas.items() if a != alpha},
         "bias": "none",
         "fan_in_fan_out": False,
-        "init_lora_weights": True,
+        "init_lora_weights": adapters.init_lora_weights,
         "inference_mode": True,
         "use_dora": adapters.use_dora,
         "modules_to_save": None,
