@@ -109,6 +109,24 @@ def _check_scale(scale, who: str) -> float:
     return float(scale)
 
 
+_PISSA_NEEDS_W = (
+    "PiSSA splits the full-precision W, as in PEFT; run it on the dense weight and quantize the new base, "
+    "or use loftq for a quantized base"
+)
+_LOFTQ_NEEDS_W = (
+    "LoftQ fits the part of the full-precision W that quantizing it loses, and quantizes it itself; "
+    "load the model unquantized"
+)
+
+
+def _check_split(base, r, scale, who: str, dense_only: str | None = None) -> tuple[int, float]:
+    """The checks of the inits that split W (rank at most min(in, out), scale > 0); a
+    quantized base is refused with the reason ``dense_only`` when one is given."""
+    _check_base(base, who, quantized_ok=dense_only is None, why=dense_only or "")
+    _check_rank(base, r, who, bounded=True)
+    return int(r), _check_scale(scale, who)
+
+
 def _check_key(key, who: str) -> None:
     if key is not None and not (isinstance(key, mx.array) and key.dtype == mx.uint32 and tuple(key.shape) == (2,)):
         actual = f"{key.dtype} array of shape {tuple(key.shape)}" if isinstance(key, mx.array) else type(key).__name__
@@ -217,19 +235,10 @@ def pissa_init(
     test matrix. A quantized base is refused, as in PEFT.
     """
     who = "pissa_init"
-    _check_base(
-        base,
-        who,
-        quantized_ok=False,
-        why="PiSSA splits the full-precision W, as in PEFT; run it on the "
-        "dense weight and quantize the new base, or use loftq for a quantized base",
-    )
-    _check_rank(base, r, who, bounded=True)
-    scale = _check_scale(scale, who)
+    r, scale = _check_split(base, r, scale, who, dense_only=_PISSA_NEEDS_W)
     if niter is not None:
         _check_count(niter, "niter", 0, who)
     _check_key(key, who)
-    r = int(r)
     with mx.stream(mx.cpu):
         w = _finite_weight(base, who)
         u, s, vt = _reduced_svd(w) if niter is None else randomized_svd(w, r, niter, key)
@@ -243,10 +252,7 @@ def olora_init(base: nn.Module, r: int, scale: float) -> LoRAInit:
     """OLoRA (PEFT's): ``W = Q R``, ``lora_a = R_rᵀ``, ``lora_b = Q_rᵀ`` (orthonormal rows),
     new base ``W − scale · Q_r R_r``; a quantized base is re-quantized with its own settings."""
     who = "olora_init"
-    _check_base(base, who)
-    _check_rank(base, r, who, bounded=True)
-    scale = _check_scale(scale, who)
-    r = int(r)
+    r, scale = _check_split(base, r, scale, who)
     with mx.stream(mx.cpu):
         q, rr = mx.linalg.qr(_finite_weight(base, who))  # (out, k), (k, in)
         lora_a, lora_b = rr[:r].T, q[:, :r].T
@@ -264,15 +270,7 @@ def loftq_init(
     alternation's error in ``errors``. The base must be dense: a quantized one has already
     lost what LoftQ fits."""
     who = "loftq_init"
-    _check_base(
-        base,
-        who,
-        quantized_ok=False,
-        why="LoftQ fits the part of the full-precision W that quantizing "
-        "it loses, and quantizes it itself; load the model unquantized",
-    )
-    _check_rank(base, r, who, bounded=True)
-    scale = _check_scale(scale, who)
+    r, scale = _check_split(base, r, scale, who, dense_only=_LOFTQ_NEEDS_W)
     num_iter = _check_count(num_iter, "num_iter", 1, who)
     if isinstance(bits, bool) or bits not in QUANT_BITS:
         fail("bits", f"one of {', '.join(map(str, QUANT_BITS))}", repr(bits), who)
@@ -281,7 +279,6 @@ def loftq_init(
     input_dims, _ = base_dims(base)
     if input_dims % group_size:
         fail("group_size", f"a divisor of the base's input dims {input_dims}", group_size, who)
-    r = int(r)
     errors = []
     with mx.stream(mx.cpu):
         w = _finite_weight(base, who)
