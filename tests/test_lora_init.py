@@ -242,6 +242,7 @@ BAD = [
     (lambda b: loftq_init(b, 4, 2.0, num_iter=0), "num_iter"),
     (lambda b: gaussian_init(b, 4, key=3), "key"),
     (lambda b: randomized_svd(b.weight, 49), "rank"),
+    (lambda b: randomized_svd(b.weight[0], 2), "w"),
 ]
 
 

@@ -151,9 +151,12 @@ def _finite_weight(base, who: str) -> mx.array:
 
 
 def _reduced_svd(w: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """``(U, S, Vt)`` with ``U (m, k)``, ``Vt (k, n)``, k = min(m, n): a QR first, so only a
-    k × k matrix goes through MLX's SVD (which returns full, m × m and n × n, factors)."""
+    """``(U, S, Vt)`` with ``U (m, k)``, ``Vt (k, n)``, k = min(m, n): a non-square ``w`` is
+    QR-factored first, so only a k × k matrix goes through MLX's SVD (which returns full,
+    m × m and n × n, factors)."""
     m, n = w.shape
+    if m == n:
+        return mx.linalg.svd(w)
     if m < n:
         u, s, vt = _reduced_svd(w.T)
         return vt.T, s, u.T
@@ -171,12 +174,14 @@ def randomized_svd(w: mx.array, rank: int, niter: int = 2, key: mx.array | None 
     values less closely. ``key`` draws the Gaussian test matrix (None: MLX's global random
     state). Float32 on the CPU stream."""
     who = "randomized_svd"
+    if not isinstance(w, mx.array) or w.ndim != 2:
+        fail("w", "a 2-D mx.array", f"shape {tuple(w.shape)}" if isinstance(w, mx.array) else type(w).__name__, who)
     _check_count(rank, "rank", 1, who)
     _check_count(niter, "niter", 0, who)
     _check_count(oversample, "oversample", 0, who)
     _check_key(key, who)
-    if w.ndim != 2 or rank > min(w.shape):
-        fail("rank", "at most min(w.shape) for a 2-D w", f"{rank} for shape {tuple(w.shape)}", who)
+    if rank > min(w.shape):
+        fail("rank", "at most min(w.shape)", f"{rank} for shape {tuple(w.shape)}", who)
     width = min(rank + oversample, *w.shape)
     with mx.stream(mx.cpu):
         w = w.astype(mx.float32)
@@ -307,9 +312,10 @@ def init_lora(
     """The init PEFT's ``init_lora_weights`` value names, for one base layer.
 
     ``True`` or ``"default"``, ``"gaussian"``, ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``,
-    ``"loftq"`` (with ``loftq_bits``, ``loftq_group_size``, ``loftq_iter``). ``key`` seeds
-    the random inits (default, gaussian, pissa_niter_N). An unknown value is refused,
-    listing the known ones.
+    ``"loftq"`` (with ``loftq_bits``, ``loftq_group_size``, ``loftq_iter``). ``scale`` is the
+    layer's multiplier, which the inits that split W divide by (the others ignore it);
+    ``key`` seeds the random inits (default, gaussian, pissa_niter_N). An unknown value is
+    refused, listing the known ones.
     """
     method = init_lora_weights
     if method is True or method == "default":
