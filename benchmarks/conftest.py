@@ -1,13 +1,12 @@
 """The --quick option, the fast BLAS, and the ratio table and targets printed after a benchmark run."""
 
-import os
-
 # Before anything imports mlx.core: MLX binds its BLAS when it loads. As the
 # mlx-fused-lora command does, the plain peers get OpenBLAS unless
 # MLX_FUSED_LORA_FAST_BLAS=0, so fused / plain is the fusion's own gain.
 from mlx_fused_lora import fast_blas
+from mlx_fused_lora.env_switch import switch
 
-if os.environ.get(fast_blas.ENV_VAR) != "0":
+if switch(fast_blas.ENV_VAR, default=True):
     fast_blas.enable()
 
 from mlx_fused_lora.bench import report  # noqa: E402  (after the BLAS is chosen)

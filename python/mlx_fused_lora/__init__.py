@@ -9,13 +9,10 @@ mismatch.
 """
 
 from importlib import import_module
-from importlib.metadata import version
 
 from . import fast_blas
 
 fast_blas.enable_from_environment()
-
-__version__ = version("mlx-fused-lora")  # the one place it is written is pyproject.toml
 
 # public name -> the submodule that defines it
 _LAZY = {
@@ -41,6 +38,11 @@ __all__ = [
 
 
 def __getattr__(name):
+    if name == "__version__":  # read on first use: importlib.metadata is ~40 modules to load
+        from importlib.metadata import version
+
+        globals()[name] = version("mlx-fused-lora")  # the one place it is written is pyproject.toml
+        return globals()[name]
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(import_module(_LAZY[name], __name__), name)

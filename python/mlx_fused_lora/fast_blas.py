@@ -17,6 +17,9 @@ Three ways to turn it on, all before ``mlx.core`` is imported anywhere:
 - the ``mlx-fused-lora`` command and ``python -m mlx_fused_lora.lm_lora`` enable it by
   default; ``--no-fast-blas`` or ``MLX_FUSED_LORA_FAST_BLAS=0`` turns that off.
 
+The variable takes any on/off spelling (``1/0``, ``true/false``, ``yes/no``, ``on/off``, any
+case; `env_switch`); anything else keeps the default and warns once.
+
 :func:`active_blas` says which BLAS MLX's CPU matmuls run on. On macOS MLX uses Accelerate
 and all of this is a no-op; on a GPU only MLX's CPU stream is affected.
 """
@@ -25,8 +28,9 @@ import ctypes
 import os
 import sys
 import warnings
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from .env_switch import switch
 
 ENV_VAR = "MLX_FUSED_LORA_FAST_BLAS"
 CLI_FLAG = "--no-fast-blas"
@@ -113,6 +117,10 @@ def is_enabled():
 
 def _openblas_name():
     """E.g. ``openblas (scipy-openblas32 0.3.30.0.1: DYNAMIC_ARCH NO_AFFINITY Haswell MAX_THREADS=64)``."""
+    # Imported here, not at the top: importlib.metadata brings ~40 modules (email, zipfile,
+    # csv, ...) that every process would otherwise load, and tear down at exit.
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         wheel = f"scipy-openblas32 {version('scipy-openblas32')}"
     except PackageNotFoundError:  # pragma: no cover - a dependency on Linux
@@ -183,13 +191,13 @@ def active_blas():
 
 
 def enable_from_environment():
-    """``import mlx_fused_lora`` calls this: ``MLX_FUSED_LORA_FAST_BLAS=1`` enables it."""
-    if os.environ.get(ENV_VAR) == "1":
+    """``import mlx_fused_lora`` calls this: ``MLX_FUSED_LORA_FAST_BLAS=1`` (or true, yes, on) enables it."""
+    if switch(ENV_VAR, default=False):
         enable()
 
 
 def enable_for_cli(argv):
-    """The command line's default: on unless ``--no-fast-blas`` or ``MLX_FUSED_LORA_FAST_BLAS=0``.
+    """The command line's default: on unless ``--no-fast-blas`` or ``MLX_FUSED_LORA_FAST_BLAS=0`` (or false, no, off).
 
     Returns ``argv`` without the flag (accepted before or after the subcommand, so
     subcommands never see it).
@@ -197,6 +205,6 @@ def enable_for_cli(argv):
     rest = [arg for arg in argv if arg != CLI_FLAG]
     # Quietly off where a caller (a test, a notebook) already loaded mlx.core: enable()
     # could only warn there, and the commands report active_blas() themselves.
-    if len(rest) == len(argv) and os.environ.get(ENV_VAR) != "0" and "mlx.core" not in sys.modules:
+    if len(rest) == len(argv) and switch(ENV_VAR, default=True) and "mlx.core" not in sys.modules:
         enable()
     return rest

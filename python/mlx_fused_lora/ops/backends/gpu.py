@@ -26,11 +26,11 @@ what failed, and runs the plain-MLX reference for that configuration.
 """
 
 import functools
-import os
 import warnings
 
 import mlx.core as mx
 
+from ...env_switch import switch
 from .. import layout, reference
 from ..gpu import Kernels, MLXLauncher, geometry
 from ..gpu.self_check import self_check
@@ -43,7 +43,7 @@ F32 = mx.float32
 def available_backend():
     """'cuda' or 'metal' when MLX's default device is a GPU and the kernels are not
     turned off (MLX_FUSED_LORA_GPU_KERNELS=0), else None."""
-    if mx.default_device() != mx.gpu or os.environ.get(ENABLE_VARIABLE, "1") == "0":
+    if mx.default_device() != mx.gpu or not switch(ENABLE_VARIABLE, default=True):
         return None
     if mx.cuda.is_available():
         return "cuda"
