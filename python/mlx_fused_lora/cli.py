@@ -1,12 +1,16 @@
 """The ``mlx-fused-lora`` command (also ``python -m mlx_fused_lora``).
 
-Each command is a module with ``main(argv) -> int``, imported only when run.
+Each command is a module with ``main(argv) -> int``, imported only when run. Whatever the
+command: Ctrl-C is one line and exit status 130 (a training run saves first, see
+``train/interrupt.py``), and an output folder another run holds (`run_lock`) is one line
+and exit status 1.
 """
 
 import importlib
 import sys
 
 from . import fast_blas
+from .run_lock import FolderInUseError
 
 COMMANDS = {
     "demo": (
@@ -51,8 +55,15 @@ def main(argv=None):
     if name not in COMMANDS:
         print(f"mlx-fused-lora: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return module.main(rest)
+    except KeyboardInterrupt:
+        print(f"mlx-fused-lora {name}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except FolderInUseError as e:
+        print(f"mlx-fused-lora {name}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

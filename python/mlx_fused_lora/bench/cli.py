@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .. import fast_blas
 from ..layers import plain_layer_class
+from ..run_lock import file_lock
 from . import e2e, peft_peer, results, timing
 from . import grid as grids
 from .cases import limit_path, make_inputs
@@ -174,6 +175,14 @@ def main(argv=None):
 
     device = mx.default_device()
     grid_name = "custom" if args.shapes else "quick" if args.quick else "full"
+    name = args.name or f"bench-{device.type.name}-{grid_name}"
+    json_path = os.path.join(args.out, name + ".json")
+    png_path = None if args.no_chart else os.path.join(args.out, name + ".png")
+    with file_lock(json_path, "--out/--name"):  # two benchmarks never write one results file
+        return _run(args, argv, device, grid_name, json_path, png_path)
+
+
+def _run(args, argv, device, grid_name, json_path, png_path):
     shapes = args.shapes or (grids.quick_shapes() if args.quick else grids.full_shapes())
     dtypes = args.dtypes or grids.device_dtypes(device)
     with_peft = not args.no_peft and peft_peer.available()
@@ -184,10 +193,6 @@ def main(argv=None):
     groups = grids.grid(shapes, dtypes, args.dropouts, args.passes, peer_max, extra_kinds=extra)
     e2e_model = args.e2e_model or ("quick" if args.quick or args.shapes else "full")
     e2e_config = None if args.no_e2e else e2e.E2E_QUICK if e2e_model == "quick" else e2e.E2E_FULL
-    name = args.name or f"bench-{device.type.name}-{grid_name}"
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, name + ".json")
-    png_path = None if args.no_chart else os.path.join(args.out, name + ".png")
 
     started, load_start = datetime.datetime.now(datetime.timezone.utc), load_average()
     wall_start = time.perf_counter()

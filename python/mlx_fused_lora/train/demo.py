@@ -17,6 +17,7 @@ load average to a JSON file: the README's figures are such recorded runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..run_lock import file_lock, run_lock
 from .cli_args import DefaultsOnceFormatter
 
 __all__ = ["run_demo", "format_table", "main"]
@@ -90,6 +92,8 @@ def run_demo(
         results[kind] = trainer.train(
             epochs=0, max_steps=steps, batch_size=batch_size, val_every=0, save_every=0, save_mode="lora"
         )
+        if results[kind].interrupted:  # Ctrl-C: the trainer saved and stopped; the demo stops too
+            raise KeyboardInterrupt
         del trainer
     results["plain_class"] = f"{plain_layer_class().__module__}.{plain_layer_class().__name__}"
     return results
@@ -192,7 +196,15 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="trainer logging")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    with contextlib.ExitStack() as locks:  # one demo per record file and per --workdir
+        if args.out:
+            locks.enter_context(file_lock(args.out, "--out"))
+        if args.workdir:
+            locks.enter_context(run_lock(args.workdir, "--workdir"))
+        return _run(args, argv)
 
+
+def _run(args, argv) -> int:
     import mlx.core as mx
 
     from ..fast_blas import active_blas  # the CLI put MLX on OpenBLAS (Linux) unless --no-fast-blas
