@@ -272,15 +272,17 @@ def test_stale_temporaries_are_cleaned_and_a_finished_run_resumes_quietly(setup,
     out = tmp_path / "out"
     (out / "checkpoints" / ".tmp-step_00000005-4242").mkdir(parents=True)
     (out / ".tmp-4242").mkdir()
-    common = ["--max-steps", "2", "--val-every", "1", "--val-split", "0.25"]
+    common = ["--max-steps", "2", "--val-every", "1", "--val-split", "0.25", "--generate-samples"]
     assert main(_args(model, audio, out, *common)) == 0
     first = capsys.readouterr().out
     assert not list((out / "checkpoints").glob(".tmp-*")) and not list(out.glob(".tmp-*"))
-    metrics = (out / "metrics.jsonl").read_text()
-    assert main(_args(model, audio, out, *common, "--resume-from", str(out))) == 0
-    again = capsys.readouterr().out
-    assert "loss nan" not in again and (out / "metrics.jsonl").read_text() == metrics
-    summary = lambda text: next(line for line in text.splitlines() if line.startswith("done:"))
-    # the record of the run that did the work: its steps, loss and validation loss
-    assert summary(again).split(", ")[:3] == summary(first).split(", ")[:3]
-    assert "validation loss" in summary(again) and "nothing left to train" in again
+    metrics, sample = (out / "metrics.jsonl").read_text(), (out / "sample.npy").stat().st_mtime_ns
+    # issue 18, item 13: the model and the data are never read (here they are gone), the
+    # sample is not generated again, and the one line says so, with the run's record
+    gone = tmp_path / "gone"
+    assert main(_args(gone / "model", gone / "audio", out, *common, "--resume-from", str(out))) == 0
+    again = capsys.readouterr().out.splitlines()
+    assert len(again) == 1 and again[0].startswith("already finished: ") and "is step 2 of 2" in again[0], again
+    summary = next(line for line in first.splitlines() if line.startswith("done:")).split(", ")
+    assert summary[1] in again[0] and summary[2] in again[0]  # its loss and validation loss on record
+    assert (out / "metrics.jsonl").read_text() == metrics and (out / "sample.npy").stat().st_mtime_ns == sample

@@ -199,7 +199,7 @@ def apply_lora(
         total=sum(v.size for _, v in tree_flatten(model.parameters())),
         modules=[p for p, _ in replacements],
     )
-    log.info("%s", report)
+    log.debug("%s", report)  # callers say it where it belongs in their output (the trainer: after its plan)
     return report
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .write_errors import mlx_write_error, named_write_errors
+
 __all__ = [
     "TrainingCheckpointError",
     "MANIFEST",
@@ -142,7 +144,14 @@ def atomic_write_dir(target: str | Path, write: Callable[[Path], object]) -> lis
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except RuntimeError as e:  # MLX's writer names no file: the newest one is the one it was writing
+            newest = max(tmp.iterdir(), key=lambda f: f.stat().st_mtime_ns, default=None)
+            err = mlx_write_error(e, newest, target / newest.name) if newest is not None else None
+            if err is None:
+                raise
+            raise OSError(err.errno, f"cannot write {err.filename}: {err.strerror}", err.filename) from None
         moved = []
         for f in sorted(tmp.iterdir()):
             _fsync_file(f)
@@ -179,7 +188,7 @@ def save_checkpoint(
     root = Path(root)
     try:
         return _write_checkpoint(root, step, adapters, optimizer_state, trainer_state, keep_last)
-    except OSError as e:
+    except OSError as e:  # a failed write leaves the previous checkpoint, and `latest`, usable
         where = e.filename or root
         raise OSError(
             e.errno, f"cannot write checkpoint step {step} in {root}: {e.strerror} ({where})", str(where)
@@ -192,8 +201,29 @@ def _write_checkpoint(root: Path, step: int, adapters, optimizer_state, trainer_
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), optimizer_state)
+    try:
+        _write_files(tmp, final, step, adapters, optimizer_state, trainer_state)
+    except BaseException:  # a full disk, Ctrl-C: free the space, leave the previous checkpoint as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # a rerun of the same step: move the old one aside first
+        old = root / f".old-step_{step:08d}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    atomic_write_text(root / LATEST, final.name + "\n")
+    _prune(root, step, keep_last)
+    return final
+
+
+def _write_files(tmp: Path, final: Path, step: int, adapters, optimizer_state, trainer_state) -> None:
+    """The checkpoint's files in ``tmp``, fsynced, the manifest last; errors name the file in ``final``."""
+    for name, tensors in (("adapters.safetensors", adapters), ("optimizer.safetensors", optimizer_state)):
+        with named_write_errors(tmp / name, final / name):
+            mx.save_safetensors(str(tmp / name), tensors)
     with open(tmp / "trainer_state.json", "w") as f:
         json.dump(trainer_state, f, indent=2, sort_keys=True)
     files = {}
@@ -206,17 +236,6 @@ def _write_checkpoint(root: Path, step: int, adapters, optimizer_state, trainer_
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
-    if final.exists():  # a rerun of the same step: move the old one aside first
-        old = root / f".old-step_{step:08d}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
-    atomic_write_text(root / LATEST, final.name + "\n")
-    _prune(root, step, keep_last)
-    return final
 
 
 def _prune(root: Path, step: int, keep_last: int) -> None:

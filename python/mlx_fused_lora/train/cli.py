@@ -250,10 +250,51 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    from .csm_task import CSMLoRATrainer
-
-    trainer = None
+    run = {"stage": "starting", "trainer": None}
     try:
+        return _run(args, run)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns itself)
+        if args.debug:
+            raise
+        log.error("%s", _interrupted(run))
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        kind = "" if isinstance(e, _EXPECTED) else f"unexpected {type(e).__name__}: "
+        hint = "" if isinstance(e, _EXPECTED) else " (run with --debug for the traceback)"
+        log.error("%s%s%s", kind, _one_line(e), hint)
+        return 1
+
+
+def _interrupted(run: dict) -> str:
+    trainer = run["trainer"]
+    stage = trainer.stage if trainer is not None else run["stage"]
+    saved = getattr(trainer, "last_checkpoint", None)
+    if saved is None:
+        return f"interrupted (Ctrl-C) while {stage}; nothing of this run was saved"
+    return f"interrupted (Ctrl-C) while {stage}; the newest checkpoint is {saved} (--resume-from continues from it)"
+
+
+def _run(args, run: dict) -> int:
+    from pathlib import Path
+
+    from .distributed import init_world
+    from .resume import check_resume_from, output_dir_lock, recorded_state
+
+    check_resume_from(args.resume_from)  # a mistyped path is said before anything else
+    world = init_world()
+    out = Path(args.output_dir)
+    with output_dir_lock(out, world.is_main):  # one run per folder, before anything is written
+        recorded = recorded_state(Path(args.resume_from)) if args.resume_from else None
+        finished = _finished_line(args, out, recorded, world.size)
+        if finished is not None:  # nothing to do: no model load, no data encoding
+            if world.is_main:
+                print(finished)
+            return 0
+        from .csm_task import CSMLoRATrainer
+
+        run["stage"] = "loading the model"
         trainer = CSMLoRATrainer(
             args.model_path,
             args.output_dir,
@@ -261,6 +302,7 @@ def main(argv=None) -> int:
             lora_alpha=args.lora_alpha,
             tokenizer=args.tokenizer,
             codec_path=args.codec_path,
+            world=world,
             progress=not args.no_progress,
             drop_mismatched_data=args.drop_mismatched_data,
             lora_dropout=args.lora_dropout,
@@ -284,6 +326,7 @@ def main(argv=None) -> int:
             max_seq_len=args.max_seq_len,
             grad_checkpoint=args.grad_checkpoint,
         )
+        run["trainer"] = trainer
         trainer.prepare_data(
             args.audio_dir,
             args.transcript_dir,
@@ -293,8 +336,8 @@ def main(argv=None) -> int:
             val_split=args.val_split,
         )
         plan = trainer.plan_run(args.epochs, args.batch_size, args.max_steps)
-        if trainer.world.is_main:
-            print(plan.describe(), flush=True)  # the run's first line: how many steps, and why
+        if world.is_main:  # the run's first line: how many steps, and why
+            print(plan.describe(recorded["step"] if recorded else 0), flush=True)
         result = trainer.train(
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -308,25 +351,51 @@ def main(argv=None) -> int:
             speaker_id=args.speaker_id,
             overwrite=args.overwrite,
         )
-    except Exception as e:
-        if args.debug:
-            raise
-        kind = "" if isinstance(e, _EXPECTED) else f"unexpected {type(e).__name__}: "
-        hint = "" if isinstance(e, _EXPECTED) else " (run with --debug for the traceback)"
-        log.error("%s%s%s", kind, _one_line(e), hint)
-        return 1
-    if trainer.world.is_main:
-        if result.steps <= plan.total_steps and not result.losses and not result.interrupted:
-            print(f"nothing left to train: the checkpoint is at step {result.steps} of {plan.total_steps}")
+    if world.is_main:
         val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         speed = f", {result.steps_per_s:.2f} steps/s" if result.steps_per_s > 0 else ""
+        peak = f", peak {result.peak_memory_mb:.1f} MiB" if result.losses else ""  # no step, no figure
         print(
-            f"{'interrupted' if result.interrupted else 'done'}: {result.steps} steps, loss {result.final_loss:.4f}{val}"
-            f"{speed}, peak {result.peak_memory_mb:.1f} MiB"
+            f"{'interrupted' if result.interrupted else 'done'}: {result.steps} steps, loss {result.final_loss:.4f}"
+            f"{val}{speed}{peak}"
         )
         for p in result.outputs:
             print(f"wrote {p}")
     return 130 if result.interrupted else 0
+
+
+def _finished_line(args, out, recorded: dict | None, world_size: int) -> str | None:
+    """What to print when ``--resume-from`` names a run that is finished, outputs included;
+    None when there is anything left to do. Decided from the checkpoint's record: with
+    ``--epochs``, the run's length is counted over its recorded number of samples."""
+    from .metrics import recorded_losses
+    from .outputs import METRICS, expected_outputs
+    from .settings import plan_steps
+
+    if recorded is None:
+        return None
+    step, total = recorded["step"], args.max_steps
+    if total is None:
+        try:
+            total = plan_steps(
+                int(recorded["num_train_samples"]),
+                args.batch_size,
+                world_size,
+                args.grad_accumulation_steps,
+                args.epochs,
+                None,
+            ).total_steps
+        except (KeyError, TypeError, ValueError):
+            return None  # the normal path reads the data and says what is wrong
+    wanted = expected_outputs(out, args.save_mode, args.generate_samples, codec=args.codec_path is not None)
+    if step < total or not all(p.is_file() for p in wanted):
+        return None
+    loss, val = recorded_losses(out / METRICS, step)
+    record = "".join(f", {name} {v:.4f}" for name, v in (("loss", loss), ("validation loss", val)) if v is not None)
+    return (
+        f"already finished: {recorded['checkpoint_dir']} is step {step} of {total}{record}; its outputs are "
+        f"in {out}. Nothing to train (a larger --max-steps would continue it)"
+    )
 
 
 if __name__ == "__main__":

@@ -56,6 +56,24 @@ def _convert(parser, action, key: str, value, path: Path):
     return out
 
 
+def _unique_keys_loader(yaml):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the last silently)."""
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def apply_config_file(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     """Parse ``argv`` with the values of ``-c/--config FILE`` as defaults (flags win).
 
@@ -71,7 +89,8 @@ def apply_config_file(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
 
     path = Path(known.config)
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path) as f:  # a stream, so YAML's errors name the file
+            data = yaml.load(f, Loader=_unique_keys_loader(yaml))
     except OSError as e:
         parser.error(f"argument -c/--config: cannot read {path}: {e.strerror}")
     except yaml.YAMLError as e:
@@ -81,12 +100,15 @@ def apply_config_file(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
     if not isinstance(data, dict):
         parser.error(f"config file {path}: expected a mapping of flag names to values, got {type(data).__name__}")
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-    defaults = {}
+    defaults, keys = {}, {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
         action = actions.get(dest)
         if action is None:
             parser.error(f"config file {path}: unknown key {key!r} (keys are the flags' names, e.g. lora_r)")
+        if dest in keys:  # lora_r and lora-r: which one was meant is not for us to guess
+            parser.error(f"config file {path}: keys {keys[dest]!r} and {key!r} both give {action.option_strings[-1]}")
+        keys[dest] = key
         if action.nargs in ("+", "*"):
             items = value if isinstance(value, list) else [value]
             defaults[dest] = [_convert(parser, action, f"{key}[{i}]", v, path) for i, v in enumerate(items)]

@@ -39,7 +39,7 @@ from .distributed import World, init_world
 from .loss import csm_loss
 from .metrics import MetricsLog
 from .model_setup import load_model_for_lora
-from .resume import check_resume, prepare_output_dir, restore
+from .resume import check_resume, output_dir_lock, prepare_output_dir, restore
 from .settings import RunPlan, TrainSettings, plan_steps
 
 __all__ = ["CSMLoRATrainer", "DEFAULT_SAMPLE_PROMPT"]
@@ -92,6 +92,8 @@ class CSMLoRATrainer:
         self.val_samples: list[Sample] = []
         self.data_report: DataReport | None = None
         self.plan: RunPlan | None = None
+        self.stage = "loading the model"  # what the trainer is doing, for a message on Ctrl-C
+        self.last_checkpoint: Path | None = None  # the newest checkpoint of this run (or the one resumed)
 
         self.model, self.model_record, self.lora_report = load_model_for_lora(self.model_path, self.settings)
 
@@ -135,6 +137,7 @@ class CSMLoRATrainer:
         val_split: float = 0.1,
     ) -> DataReport:
         """Build the samples and the seeded train/validation split; returns the data report."""
+        self.stage = "reading the data"
         samples, report = build_dataset(
             audio_dir,
             self.tokenizer,
@@ -147,8 +150,6 @@ class CSMLoRATrainer:
             raise ValueError(f"no usable training samples in {audio_dir}: {report}")
         self.train_samples, self.val_samples = split_train_val(samples, val_split, self.settings.seed)
         self.data_report = report
-        if self.world.is_main:
-            log.info("%s; %d train / %d validation", report, len(self.train_samples), len(self.val_samples))
         return report
 
     # -- adapters --
@@ -315,69 +316,90 @@ class CSMLoRATrainer:
         ``max_steps`` is the run's length when given (the data cycled as needed), else
         ``epochs`` passes. Ctrl-C (SIGINT) finishes the current step, saves a checkpoint
         and returns with ``interrupted=True``. A non-finite loss or adapter raises
-        `NonFiniteLossError` without saving it. ``overwrite`` lets a new run delete the
-        checkpoints of an earlier run in ``output_dir`` (refused otherwise).
+        `NonFiniteLossError` without saving it. ``overwrite`` lets a new run delete an
+        earlier run in ``output_dir`` (refused otherwise). The output folder's lock is held
+        throughout: another run into it is refused (`FolderInUseError`). A resumed run
+        with no step left writes only the outputs it lacks.
         """
         s, world, model = self.settings, self.world, self.model
         plan = self.plan_run(epochs, batch_size, max_steps)
-        prepare_output_dir(self.output_dir, Path(resume_from) if resume_from else None, overwrite, world.is_main)
-        warmup = s.warmup_steps if s.warmup_steps is not None else int(0.05 * plan.total_steps)
-        schedule = loop.make_schedule(s.learning_rate, plan.total_steps, warmup, s.lr_schedule)
-        optimizer = optim.AdamW(learning_rate=schedule, weight_decay=s.weight_decay)
-        optimizer.init(model.trainable_parameters())
+        with output_dir_lock(self.output_dir, world.is_main):
+            self.stage = "setting up the run"
+            prepare_output_dir(self.output_dir, Path(resume_from) if resume_from else None, overwrite, world.is_main)
+            if world.is_main:  # after the CLI's first line, the run's plan
+                log.info("%s", self.lora_report)
+                log.info(
+                    "%s; %d train / %d validation", self.data_report, len(self.train_samples), len(self.val_samples)
+                )
+            warmup = s.warmup_steps if s.warmup_steps is not None else int(0.05 * plan.total_steps)
+            schedule = loop.make_schedule(s.learning_rate, plan.total_steps, warmup, s.lr_schedule)
+            optimizer = optim.AdamW(learning_rate=schedule, weight_decay=s.weight_decay)
+            optimizer.init(model.trainable_parameters())
 
-        start, resumed = self._resume(resume_from, optimizer, batch_size) if resume_from else (0, None)
-        if world.is_main:  # the CLI prints it as the run's first line
-            log.debug("%s", plan.describe())
-        ckpt_root = self.output_dir / "checkpoints"
-        metrics = MetricsLog(self.output_dir / "metrics.jsonl", start, enabled=world.is_main)
+            start, resumed = self._resume(resume_from, optimizer, batch_size) if resume_from else (0, None)
+            self.last_checkpoint = resumed
+            ckpt_root = self.output_dir / "checkpoints"
+            metrics = MetricsLog(self.output_dir / outputs.METRICS, start, enabled=world.is_main)
 
-        def save(step: int) -> Path | None:
-            if not world.is_main:
-                return None
-            adapters = dict(tree_flatten(model.trainable_parameters()))
-            opt_state = dict(tree_flatten(optimizer.state))
-            path = save_checkpoint(
-                ckpt_root, step, adapters, opt_state, self._trainer_state(step, batch_size), KEEP_CHECKPOINTS
+            def save(step: int) -> Path | None:
+                if not world.is_main:
+                    return None
+                adapters = dict(tree_flatten(model.trainable_parameters()))
+                opt_state = dict(tree_flatten(optimizer.state))
+                path = save_checkpoint(
+                    ckpt_root, step, adapters, opt_state, self._trainer_state(step, batch_size), KEEP_CHECKPOINTS
+                )
+                log.info("checkpoint %s", path)
+                self.last_checkpoint = path
+                return path
+
+            settings = loop.LoopSettings(
+                steps=plan.total_steps,
+                start_step=start,
+                grad_accumulation_steps=s.grad_accumulation_steps,
+                max_grad_norm=s.max_grad_norm,
+                seed=s.seed,
+                val_every=val_every,
+                save_every=save_every,
             )
-            log.info("checkpoint %s", path)
-            return path
+            self.stage = "training"
+            result = loop.train(
+                model,
+                optimizer,
+                self._loss,
+                self._batches(batch_size),
+                settings,
+                world=world,
+                schedule=schedule,
+                aux_names=("semantic", "acoustic"),
+                evaluate=(lambda: self.evaluate(batch_size)) if self.val_samples else None,
+                save=save,
+                metrics=metrics,
+                progress=self.progress,
+                last_checkpoint=resumed,
+            )
+            if world.is_main:
+                self._finish(
+                    result, metrics, result.steps > start, save_mode, generate_samples, sample_prompt, speaker_id
+                )
+            return result
 
-        settings = loop.LoopSettings(
-            steps=plan.total_steps,
-            start_step=start,
-            grad_accumulation_steps=s.grad_accumulation_steps,
-            max_grad_norm=s.max_grad_norm,
-            seed=s.seed,
-            val_every=val_every,
-            save_every=save_every,
-        )
-        result = loop.train(
-            model,
-            optimizer,
-            self._loss,
-            self._batches(batch_size),
-            settings,
-            world=world,
-            schedule=schedule,
-            aux_names=("semantic", "acoustic"),
-            evaluate=(lambda: self.evaluate(batch_size)) if self.val_samples else None,
-            save=save,
-            metrics=metrics,
-            progress=self.progress,
-            last_checkpoint=resumed,
-        )
-        if world.is_main:
-            if result.checkpoint is not None:
-                result.outputs.append(result.checkpoint)
-            result.outputs.append(metrics.path)
-            if not result.interrupted:
+    def _finish(self, result, metrics, trained, save_mode, generate_samples, sample_prompt, speaker_id) -> None:
+        """The outputs after the loop: all of them after training; only the missing ones when a
+        finished run was resumed (its sample is not generated again); none when interrupted."""
+        if result.checkpoint is not None:
+            result.outputs.append(result.checkpoint)
+        result.outputs.append(metrics.path)
+        if not result.interrupted:
+            model_files = outputs.expected_outputs(self.output_dir, save_mode, sample=False, codec=False)
+            if trained or not all(p.is_file() for p in model_files):
+                self.stage = "writing the outputs"
                 result.outputs += self.save_outputs(save_mode)
-                if generate_samples:
-                    result.outputs.append(
-                        self.generate_sample(sample_prompt, speaker_id, self.output_dir / "sample.wav")
-                    )
-            curve = metrics.plot(self.output_dir / "loss_curve.png")
-            if curve is not None:
-                result.outputs.append(curve)
-        return result
+            if generate_samples and (
+                trained or not outputs.sample_file(self.output_dir, self.codec is not None).is_file()
+            ):
+                self.stage = "generating the sample"
+                result.outputs.append(self.generate_sample(sample_prompt, speaker_id, self.output_dir / outputs.SAMPLE))
+        curve = metrics.plot(self.output_dir / outputs.LOSS_CURVE)
+        if curve is not None:
+            result.outputs.append(curve)

@@ -339,7 +339,7 @@ def build_dataset(
                 continue
             samples.append(sample)
     report.samples = len(samples)
-    log.info("%s", report)
+    log.debug("%s", report)  # the trainer says it once, with the train/validation split
     return samples, report
 
 

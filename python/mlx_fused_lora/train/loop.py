@@ -18,7 +18,7 @@ validation and metrics come in as hooks; the loop owns the order of events:
    a NaN;
 4. metrics, progress (tqdm), validation every ``val_every`` steps, a checkpoint every
    ``save_every`` steps and always at the end; Ctrl-C finishes the step, checkpoints and
-   returns with ``interrupted=True``.
+   returns with ``interrupted=True`` (a second Ctrl-C waits for that checkpoint: interrupt.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoint import non_finite_names
 from .distributed import World, init_world
+from .interrupt import StopOnInterrupt
 from .metrics import MetricsLog
 
 __all__ = ["LoopSettings", "TrainResult", "NonFiniteLossError", "make_schedule", "step_seed", "build_step", "train"]
@@ -208,13 +208,6 @@ def train(
                 checkpoints.append((step, path))
                 result.checkpoint = path
 
-    stop = {"now": False}
-    previous_handler = None
-    try:
-        previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.__setitem__("now", True))
-    except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
-        pass
-
     tty = sys.stderr.isatty()
     bar = tqdm(
         total=s.steps,
@@ -232,9 +225,12 @@ def train(
     timed_steps, timed_s, timed_tokens, seen_shapes = 0, 0.0, 0.0, set()
     all_steps, all_s, all_tokens = 0, 0.0, 0.0
     val_loss, validated_at = None, None
+    # Ctrl-C from here to the closing checkpoint: finish the step and save; a second one
+    # waits for the save (interrupt.py).
+    stop = StopOnInterrupt().__enter__()
     try:
         for step in range(start, s.steps):
-            if stop["now"]:
+            if stop.requested:
                 result.interrupted = True
                 break
             t0 = time.perf_counter()
@@ -283,16 +279,17 @@ def train(
                 log.info("step %d: validation loss %.4f", done, val_loss)
             if s.save_every and done % s.save_every == 0 and done < s.steps:
                 checkpoint(done)
+        if result.interrupted:
+            log.info("interrupted: saving a checkpoint at step %d", result.steps)
+        saved = checkpoints and checkpoints[-1][0] == result.steps  # just saved by --save-every
+        if (result.steps > start or result.interrupted) and not saved:
+            stop.saving = True
+            checkpoint(result.steps)
+        result.interrupted = result.interrupted or stop.requested  # pressed during the closing save
     finally:
+        stop.__exit__(None, None, None)
         redirect.__exit__(None, None, None)
         bar.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-
-    if result.interrupted:
-        log.info("interrupted: saving a checkpoint at step %d", result.steps)
-    if result.steps > start or result.interrupted:
-        checkpoint(result.steps)
     if result.steps == start and metrics is not None:  # nothing ran (a finished run resumed): report the record
         recorded = metrics.last_loss()
         result.final_loss = recorded if recorded is not None else result.final_loss

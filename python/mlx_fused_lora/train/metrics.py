@@ -10,7 +10,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["MetricsLog"]
+__all__ = ["MetricsLog", "recorded_losses"]
+
+
+def recorded_losses(path: str | Path, step: int) -> tuple[float | None, float | None]:
+    """``(loss, validation loss)`` on record for ``step`` in a metrics file (None where there is none)."""
+    loss = val = None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(e, dict) and e.get("step") == step:
+            loss = e.get("loss", loss)
+            val = e.get("val_loss", val)
+    return loss, val
 
 
 class MetricsLog:

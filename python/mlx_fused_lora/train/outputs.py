@@ -1,4 +1,5 @@
-"""A fine-tuned CSM's files: its adapters (any format, or a training checkpoint) and its merged model."""
+"""A fine-tuned CSM's files: its adapters (any format, or a training checkpoint), its merged model,
+and the names of everything a run writes into its output folder."""
 
 from __future__ import annotations
 
@@ -8,13 +9,53 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..adapters import get_format
 from ..csm import save_csm
+from ..csm.loading import CONFIG_FILE, WEIGHTS_FILE
 from ..layers.tree import lora_layers
 from .checkpoint import TrainingCheckpointError, atomic_write_dir, load_checkpoint
 
-__all__ = ["write_lora", "write_merged", "write_outputs", "load_lora"]
+__all__ = [
+    "write_lora",
+    "write_merged",
+    "write_outputs",
+    "load_lora",
+    "expected_outputs",
+    "sample_file",
+    "previous_outputs",
+]
 
 SAVE_MODES = ("lora", "full", "both")
+METRICS = "metrics.jsonl"
+LOSS_CURVE = "loss_curve.png"
+SAMPLE = "sample.wav"  # or, without a codec, the codes beside it: sample.npy
+SAMPLE_CODES = "sample.npy"
+
+
+def _lora_files() -> list[str]:
+    fmt = get_format("csm-cli")
+    return [fmt.weights_file, fmt.config_file]
+
+
+def sample_file(output_dir: Path, codec: bool) -> Path:
+    """Where the run's sample goes: a WAV with a codec, else its codes."""
+    return output_dir / (SAMPLE if codec else SAMPLE_CODES)
+
+
+def expected_outputs(output_dir: Path, save_mode: str, sample: bool, codec: bool) -> list[Path]:
+    """The files a finished run with these settings has written into ``output_dir``."""
+    names = [METRICS]
+    if save_mode in ("lora", "both"):
+        names += _lora_files()
+    if save_mode in ("full", "both"):
+        names += [WEIGHTS_FILE, CONFIG_FILE]
+    return [output_dir / n for n in names] + ([sample_file(output_dir, codec)] if sample else [])
+
+
+def previous_outputs(output_dir: Path) -> list[Path]:
+    """Every file of an earlier run's outputs in ``output_dir`` (any save mode), oldest names first."""
+    names = [METRICS, LOSS_CURVE, *_lora_files(), WEIGHTS_FILE, CONFIG_FILE, SAMPLE, SAMPLE_CODES]
+    return [output_dir / n for n in names if (output_dir / n).is_file()]
 
 
 def _weights_first(paths: list[Path]) -> list[Path]:

@@ -1,8 +1,12 @@
 """The output folder's rules and resume's checks: what a run may write over and continue from.
 
+- One run writes to an output folder at a time (`output_dir_lock`, on `run_lock`): a
+  second one is refused at once, naming the first one's pid.
 - A new run refuses an output folder that already holds checkpoints (another run's)
   unless it resumes from one of them (``--resume-from``) or is told to delete them
-  (``--overwrite``); a folder that is a file or cannot be written is a clear error.
+  (``--overwrite``: the checkpoints and every output of that run, sample included); a
+  folder that is a file or cannot be written is a clear error. A ``--resume-from`` that
+  does not exist is said first.
 - Leftovers of killed writes (``.tmp-*``) are removed at start.
 - Resume refuses a checkpoint whose LoRA shape (rank, alpha, targets, layers, bias) or
   base model differs from this run's, with one message naming every difference: those
@@ -13,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from ..run_lock import FolderInUseError, run_lock
 from .checkpoint import (
     LATEST,
     TrainingCheckpointError,
@@ -31,11 +37,15 @@ from .checkpoint import (
     list_checkpoints,
     resolve_checkpoint,
 )
+from .outputs import previous_outputs
 
 __all__ = [
     "OutputDirError",
     "ResumeMismatchError",
     "MUST_MATCH",
+    "output_dir_lock",
+    "check_resume_from",
+    "recorded_state",
     "prepare_output_dir",
     "model_record",
     "check_resume",
@@ -62,10 +72,55 @@ def _fail_io(what: str, path: Path, e: OSError):
     raise OutputDirError(f"cannot {what} --output-dir {path}: {e.strerror or e}") from None
 
 
-def prepare_output_dir(output_dir: Path, resume_from: Path | None, overwrite: bool, is_main: bool) -> None:
-    """Check (every rank) and set up (the main rank) ``output_dir`` for a run."""
+def _check_not_a_file(output_dir: Path) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputDirError(f"--output-dir {output_dir} is a file, not a folder")
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: Path, is_main: bool):
+    """Hold ``output_dir``'s run lock (the main rank: the one that writes) for the block.
+
+    Raises `FolderInUseError` naming the run that holds it, `OutputDirError` when the
+    folder is a file or cannot be created or written."""
+    _check_not_a_file(output_dir)
+    if not is_main:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        existed = output_dir.is_dir()
+        try:
+            stack.enter_context(run_lock(output_dir, "--output-dir"))
+        except FolderInUseError:
+            raise
+        except OSError as e:
+            _fail_io("write to" if existed else "create", output_dir, e)
+        yield
+
+
+def check_resume_from(resume_from: Path | None) -> None:
+    """A ``--resume-from`` that does not exist, said before anything else is checked."""
+    if resume_from is not None and not Path(resume_from).exists():
+        raise TrainingCheckpointError(f"--resume-from {resume_from} does not exist")
+
+
+def recorded_state(resume_from: Path) -> dict | None:
+    """The trainer state the checkpoint at ``resume_from`` records (unverified: for deciding
+    early whether anything is left to do; resuming verifies it in full), or None."""
+    try:
+        ckpt = resolve_checkpoint(resume_from)
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError, TrainingCheckpointError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return None
+    return {**state, "checkpoint_dir": str(ckpt)}
+
+
+def prepare_output_dir(output_dir: Path, resume_from: Path | None, overwrite: bool, is_main: bool) -> None:
+    """Check (every rank) and set up (the main rank) ``output_dir`` for a run."""
+    check_resume_from(resume_from)
+    _check_not_a_file(output_dir)
     ckpt_root = output_dir / "checkpoints"
     existing = list_checkpoints(ckpt_root)
     resuming_here = False
@@ -96,10 +151,18 @@ def prepare_output_dir(output_dir: Path, resume_from: Path | None, overwrite: bo
     if stale:
         log.info("removed %d leftovers of interrupted writes: %s", len(stale), ", ".join(p.name for p in stale))
     if existing and overwrite and not resuming_here:
+        outputs = previous_outputs(output_dir)
         for p in existing:
             shutil.rmtree(p)
         (ckpt_root / LATEST).unlink(missing_ok=True)
-        log.warning("--overwrite: deleted %d checkpoints of a previous run in %s", len(existing), ckpt_root)
+        for p in outputs:
+            p.unlink()
+        log.warning(
+            "--overwrite: deleted the previous run in %s: %d checkpoints%s",
+            output_dir,
+            len(existing),
+            "".join(f", {p.name}" for p in outputs),
+        )
 
 
 def model_record(model: nn.Module, config: dict) -> dict:

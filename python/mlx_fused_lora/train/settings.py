@@ -108,14 +108,21 @@ class RunPlan:
     micro_per_epoch: int  # micro-batches per pass
     by: str  # "max_steps" | "epochs"
 
-    def describe(self) -> str:
+    def describe(self, start: int = 0) -> str:
+        """The run's first line; ``start``: the step a resumed run continues from."""
         epochs = self.total_steps / self.steps_per_epoch
         if self.by == "max_steps":
+            why = f"--max-steps; {epochs:.3g} epochs of {self.steps_per_epoch:.3g} steps, the data cycled as needed"
+        else:
+            why = f"{epochs:.3g} epochs (--epochs) of {self.steps_per_epoch:.3g} steps"
+        if start >= self.total_steps:
             return (
-                f"training {self.total_steps} steps (--max-steps; {epochs:.3g} epochs of "
-                f"{self.steps_per_epoch:.3g} steps, the data cycled as needed)"
+                f"nothing left to train: the checkpoint is at step {start} of the run's {self.total_steps} ({why}); "
+                "writing the outputs it lacks"
             )
-        return f"training {self.total_steps} steps ({epochs:.3g} epochs (--epochs) of {self.steps_per_epoch:.3g} steps)"
+        if start > 0:
+            return f"training steps {start + 1} to {self.total_steps}, resuming at step {start} ({why})"
+        return f"training {self.total_steps} steps ({why})"
 
 
 def plan_steps(
@@ -126,6 +133,13 @@ def plan_steps(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_train_samples < 1:
         raise ValueError("no training samples")
+    if batch_size * world_size > num_train_samples:  # mlx-lm refuses a batch larger than the data too
+        per_step = f" on {world_size} processes ({batch_size * world_size} samples per batch)" if world_size > 1 else ""
+        fits = num_train_samples // world_size
+        fix = f"use --batch-size {fits} or less, or more data" if fits else "use fewer processes or more data"
+        raise ValueError(
+            f"--batch-size {batch_size}{per_step} is more than the {num_train_samples} training samples: {fix}"
+        )
     micro_per_epoch = -(-num_train_samples // (batch_size * world_size))
     per_epoch = micro_per_epoch / accumulation
     if max_steps is not None:
