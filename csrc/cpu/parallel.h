@@ -19,9 +19,21 @@ inline int num_threads() {
   return n;
 }
 
+// Made once and never destroyed, as MLX leaks its scheduler and its own pools: a static
+// pool's destructor would stop and join the workers during exit(), while MLX's stream
+// thread, which is never joined, may still be evaluating one of our ops (an async_eval or
+// a daemon thread left running at interpreter exit) and would enqueue onto a destroyed pool.
+// The OS reclaims the idle workers at exit.
+//
+// Not ours, and not avoidable here (MLX 0.32.4): a Python thread that drew from
+// mx.random's global key (mx.random.normal without key=, nn.Dropout, the LoRA layers in
+// training mode) owns a thread_local key whose destructor takes the GIL when the thread
+// exits; if the interpreter is finalizing by then, the thread is killed inside that
+// destructor and the process aborts ("terminate called without an active exception").
+// The op itself leaves no per-thread state (tests/test_thread_exit.py); README, "Threads".
 inline ThreadPool& workers() {
-  static ThreadPool pool(std::max(1, num_threads() - 1));
-  return pool;
+  static ThreadPool* pool = new ThreadPool(std::max(1, num_threads() - 1));
+  return *pool;
 }
 
 // Calls fn(begin, end, thread_index) on disjoint chunks covering [0, n). A chunk is
