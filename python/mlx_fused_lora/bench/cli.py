@@ -5,7 +5,7 @@ Runs the cases of ``cases.py`` (the same ones ``pytest benchmarks/
 plain-MLX peers and against the limit, for each shape, dtype, dropout p and pass,
 then a training step of a small Llama-style model, fused vs mlx-lm's layers.
 
-    mlx-fused-lora bench --quick            # a few cases, under two minutes on 2 CPU cores
+    mlx-fused-lora bench --quick            # a few cases, under a minute on 2 CPU cores
     mlx-fused-lora bench                    # the issue's full grid
     mlx-fused-lora bench --shapes 64x128x96x8 --no-e2e   # a custom grid (MxKxNxR)
 """
@@ -37,7 +37,7 @@ def parse_args(argv):
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a few cases (512x1024x1024 r16, a tiny end-to-end model): under two minutes on 2 CPU cores",
+        help="a few cases (512x1024x1024 r16, a tiny end-to-end model): under a minute on 2 CPU cores",
     )
     parser.add_argument(
         "--shapes",
