@@ -9,12 +9,11 @@ import textwrap
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import pytest
 from mlx_fused_lora.train.checkpoint import load_checkpoint, save_checkpoint
 from mlx_fused_lora.train.loop import LoopSettings, train
-from train_helpers import finetune_args, write_tiny_run
+from train_helpers import Scale, finetune_args, write_tiny_run
 
 # A finetune run in which one stage waits (as a long model load, Mimi encoding or sample
 # generation would) after saying so in a file; the test presses Ctrl-C there.
@@ -85,19 +84,10 @@ def test_ctrl_c_while_writing_the_outputs_keeps_the_trained_checkpoint(setup, tm
     assert load_checkpoint(out)[2]["step"] == 2 and stdout.startswith("training 2 steps")
 
 
-class _Scale(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = mx.array([0.5, -0.25])
-
-    def __call__(self, x):
-        return x * self.w
-
-
 def test_a_second_ctrl_c_during_the_save_waits_for_it(tmp_path, caplog):
     """The first Ctrl-C at step 2 stops the loop; the second, pressed while the closing
     checkpoint is being written, neither cuts it short nor raises."""
-    model, x = _Scale(), mx.array([[1.0, 2.0]])
+    model, x = Scale(), mx.array([[1.0, 2.0]])
 
     def batches(i):
         if i == 1:

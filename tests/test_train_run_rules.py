@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from mlx_fused_lora.train.data import DataMismatchError, DataSpec, build_dataset
 from mlx_fused_lora.train.loop import LoopSettings, NonFiniteLossError, train
 from mlx_fused_lora.train.synthetic import write_random_csm
 from mlx_fused_lora.train.tokenizer import ByteTokenizer
-from train_helpers import K, V, finetune_command, write_tiny_run
+from train_helpers import K, Scale, V, finetune_command, write_tiny_run
 from train_helpers import finetune_args as _args
 
 
@@ -66,18 +65,9 @@ def test_a_new_run_refuses_a_folder_with_another_runs_checkpoints(setup, tmp_pat
 # -- 2: no checkpoint holds NaN; the message names the newest good one --
 
 
-class _Scale(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = mx.array([0.5, -0.25])
-
-    def __call__(self, x):
-        return x * self.w
-
-
 def test_non_finite_tensors_are_never_checkpointed_and_the_message_names_the_last_good_one(tmp_path):
     """A generic model on the generic loop: the learning rate turns NaN at the third update."""
-    model = _Scale()
+    model = Scale()
     lr = lambda step: mx.where(step < 2, mx.array(0.1), mx.array(float("nan")))
     optimizer = optim.SGD(learning_rate=lr)
     x, y = mx.array([[1.0, 2.0], [3.0, 4.0]]), mx.array([[2.0, 1.0], [0.0, 1.0]])

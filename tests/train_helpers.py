@@ -2,6 +2,8 @@
 
 import sys
 
+import mlx.core as mx
+import mlx.nn as nn
 from mlx_fused_lora.csm import CSMConfig
 from mlx_fused_lora.train.synthetic import write_random_csm, write_synthetic_dataset
 
@@ -41,3 +43,14 @@ def finetune_args(model, audio, out, *extra):
 def finetune_command(*args):
     """``args`` as a ``python -m mlx_fused_lora finetune`` command line, for a fresh process."""
     return [sys.executable, "-m", "mlx_fused_lora", "finetune", *args]
+
+
+class Scale(nn.Module):
+    """The smallest model the generic training loop can train: ``x * w``, two weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = mx.array([0.5, -0.25])
+
+    def __call__(self, x):
+        return x * self.w
