@@ -281,7 +281,7 @@ def train(
                 checkpoint(done)
         if result.interrupted:
             log.info("interrupted: saving a checkpoint at step %d", result.steps)
-        saved = checkpoints and checkpoints[-1][0] == result.steps  # just saved by --save-every
+        saved = bool(checkpoints) and checkpoints[-1][0] == result.steps  # by --save-every, or resumed
         if (result.steps > start or result.interrupted) and not saved:
             stop.saving = True
             checkpoint(result.steps)

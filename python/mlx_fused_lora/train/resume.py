@@ -29,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from ..run_lock import FolderInUseError, run_lock
+from ..run_lock import run_lock
 from .checkpoint import (
     LATEST,
     TrainingCheckpointError,
@@ -90,9 +90,7 @@ def output_dir_lock(output_dir: Path, is_main: bool):
     with contextlib.ExitStack() as stack:
         existed = output_dir.is_dir()
         try:
-            stack.enter_context(run_lock(output_dir, "--output-dir"))
-        except FolderInUseError:
-            raise
+            stack.enter_context(run_lock(output_dir, "--output-dir"))  # FolderInUseError passes through
         except OSError as e:
             _fail_io("write to" if existed else "create", output_dir, e)
         yield
