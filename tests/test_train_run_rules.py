@@ -62,6 +62,20 @@ def test_a_new_run_refuses_a_folder_with_another_runs_checkpoints(setup, tmp_pat
     assert state["step"] == 1 and state["settings"]["seed"] == 7
 
 
+def test_a_folder_holding_another_formats_adapter_is_refused_before_training(setup, tmp_path, caplog):
+    """finetune writes its adapter (csm-cli format) through a temporary folder: the check of
+    the real folder must come first, and before any step is trained."""
+    _, model, audio = setup
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    (out / "adapter_model.safetensors").write_bytes(b"")
+    assert main(_args(model, audio, out, "--max-steps", "2", "--val-every", "0")) == 1
+    assert "holds a peft adapter" in caplog.text and "write into another folder" in caplog.text
+    assert not (out / "checkpoints").exists() and not (out / "fine_tuned_model.safetensors").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
 # -- 2: no checkpoint holds NaN; the message names the newest good one --
 
 

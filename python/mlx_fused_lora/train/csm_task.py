@@ -326,6 +326,8 @@ class CSMLoRATrainer:
         with output_dir_lock(self.output_dir, world.is_main):
             self.stage = "setting up the run"
             prepare_output_dir(self.output_dir, Path(resume_from) if resume_from else None, overwrite, world.is_main)
+            if save_mode in ("lora", "both"):  # refused now, not after training
+                outputs.check_lora_target(self.output_dir)
             if world.is_main:  # after the CLI's first line, the run's plan
                 log.info("%s", self.lora_report)
                 log.info(

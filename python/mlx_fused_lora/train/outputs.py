@@ -10,6 +10,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..adapters import get_format
+from ..adapters.registry import check_write_target
 from ..csm import save_csm
 from ..csm.loading import CONFIG_FILE, WEIGHTS_FILE
 from ..layers.tree import lora_layers
@@ -62,11 +63,18 @@ def _weights_first(paths: list[Path]) -> list[Path]:
     return sorted(paths, key=lambda p: p.suffix != ".safetensors")
 
 
+def check_lora_target(path: str | Path, format: str = "csm-cli") -> None:
+    """Refuse a folder holding another format's adapter (FileExistsError). `write_lora` writes
+    through a temporary folder, where `save_adapters`' own check would see an empty one."""
+    check_write_target(path, format)
+
+
 def write_lora(model: nn.Module, path: str | Path, format: str = "csm-cli", name: str | None = None) -> list[Path]:
     """The adapters (``name``: that one alone) in directory ``path`` (each file replaced whole);
     returns the files, weights first."""
     from ..adapters import save_adapters
 
+    check_lora_target(path, format)
     return _weights_first(atomic_write_dir(path, lambda tmp: save_adapters(model, tmp, format=format, name=name)))
 
 
