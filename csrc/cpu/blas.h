@@ -5,7 +5,12 @@
 #pragma once
 
 #if defined(__APPLE__)
+// The CBLAS of macOS 13.3+ (`cblas_sgemm$NEWLAPACK`, the one libmlx.dylib imports). MLX's
+// CMake target already passes -DACCELERATE_NEW_LAPACK; defining it again would be a
+// -Wmacro-redefined warning on every Mac build.
+#ifndef ACCELERATE_NEW_LAPACK
 #define ACCELERATE_NEW_LAPACK
+#endif
 #include <Accelerate/Accelerate.h>
 #define MFL_CBLAS_SGEMM cblas_sgemm
 #else
