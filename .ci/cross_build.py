@@ -83,9 +83,10 @@ def run(command, **kwargs):
 
 
 def cmake_sources(command, target):
-    """The .cpp files of a CMakeLists.txt call like `nanobind_add_module(_ext ... a.cpp b.cpp)`."""
-    call = re.search(rf"{command}\(\s*{target}\s(.*?)\)", CMAKE, re.S)
-    sources = re.findall(r"\S+\.cpp", call.group(1)) if call else []
+    """The .cpp files CMakeLists.txt gives a target: in the call that makes it, like
+    `nanobind_add_module(_ext ... a.cpp b.cpp)`, and in any `target_sources(_ext ...)`."""
+    calls = re.findall(rf"(?:{command}|target_sources)\(\s*{target}\s(.*?)\)", CMAKE, re.S)
+    sources = [source for call in calls for source in re.findall(r"\S+\.cpp", call)]
     if not sources:
         fail(f"found no sources of {target} in CMakeLists.txt")
     return [ROOT / s for s in sources]
