@@ -218,7 +218,8 @@ class Linux:
         self.nanobind = nanobind
         self.mlx = wheel("mlx-cpu", MLX, LINUX_WHEELS) / "mlx"
         self.openblas = wheel("scipy-openblas32", OPENBLAS, LINUX_WHEELS) / "scipy_openblas32"
-        self.python = Path(sysconfig.get_paths()["include"])  # LP64 like x86-64: it fits
+        # This interpreter's x86-64 headers: aarch64 Linux has the same type sizes (both LP64).
+        self.python = Path(sysconfig.get_paths()["include"])
         self.cxx = self.linker = [LINUX_GXX]
         self.flags = ["-ffunction-sections", "-fdata-sections"]  # nanobind's, off Apple
         self.ext_flags = ["-isystem", self.openblas / "include"]
