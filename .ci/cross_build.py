@@ -14,8 +14,8 @@ provides. Nothing is run: there is no arm64 machine here.
 
     python3 .ci/cross_build.py [--only macos|linux] [-j N]
 
-Needs llvm-nm, llvm-readobj and llvm-objdump (Debian's `llvm`) for the checks; .ci/run
-installs the Debian tools when they are missing. Downloads are cached, by version, in build/cross/.
+Needs llvm-nm, llvm-readobj and llvm-objdump (Debian's `llvm`) for the checks; run as root
+on Debian (as CI is), it installs the Debian tools that are missing. Downloads are cached, by version, in build/cross/.
 """
 
 import argparse
@@ -337,12 +337,29 @@ def compile_all(platforms, jobs):
     return objects, len(tasks)
 
 
-def check_tools(names):
-    missing = [tool for tool in ("llvm-nm", "llvm-readobj", "llvm-objdump") if shutil.which(tool) is None]
-    if missing:
-        fail(f"needs {', '.join(missing)} for the symbol checks: apt-get install llvm")
+def debian_packages(names) -> list:
+    """The Debian packages of the tools this machine lacks for ``names``."""
+    missing = []
     if "linux" in names and shutil.which(LINUX_GXX) is None:
-        fail(f"needs {LINUX_GXX}: apt-get install g++-12-aarch64-linux-gnu")
+        missing.append("g++-12-aarch64-linux-gnu")
+    if any(shutil.which(tool) is None for tool in ("llvm-nm", "llvm-readobj", "llvm-objdump")):
+        missing.append("llvm")
+    return missing
+
+
+def check_tools(names):
+    # The Debian tools are installed here, where missing, when this runs as root on Debian (CI
+    # does): the test command stays one line, and a developer's machine is never changed
+    # behind their back (without root the message says what to install).
+    missing = debian_packages(names)
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"cross_build: installing {' '.join(missing)} (apt-get)", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env)
+        missing = debian_packages(names)
+    if missing:
+        fail(f"needs the Debian packages {' '.join(missing)}: apt-get install {' '.join(missing)}")
     if "macos" in names:
         try:
             found = metadata.version("ziglang")
