@@ -7,22 +7,12 @@ its uint32 words, and ``fuse`` is the one fold in `fold`.
 
 from __future__ import annotations
 
-import math
-
-import mlx.core as mx
 import mlx.nn as nn
 
 from .fold import fold_lora
+from .init import LoRAInit, base_dims, init_lora, init_lora_weights, is_default_init
 
-__all__ = ["base_dims", "check_lora_args", "init_lora_weights", "LoRALinearBase"]
-
-
-def base_dims(linear: nn.Module) -> tuple[int, int]:
-    """``(input_dims, output_dims)`` of a linear or quantized linear base layer."""
-    output_dims, input_dims = linear.weight.shape
-    if isinstance(linear, nn.QuantizedLinear):
-        input_dims = input_dims * 32 // linear.bits  # packed: 32 // bits values per uint32
-    return input_dims, output_dims
+__all__ = ["base_dims", "check_lora_args", "init_lora_weights", "start_adapter", "LoRALinearBase"]
 
 
 def check_lora_args(layer: str, r: int, dropout: float) -> None:
@@ -33,27 +23,42 @@ def check_lora_args(layer: str, r: int, dropout: float) -> None:
         raise ValueError(f"{layer}: `r` must be >= 1, got {r}")
 
 
-def init_lora_weights(input_dims: int, output_dims: int, r: int, key: mx.array | None = None):
-    """mlx-lm's adapter init: ``lora_a (in, r)`` uniform in +-1/sqrt(in), ``lora_b (r, out)``
-    zeros, so a new layer computes exactly its base (``key``: an ``mx.random.key``, else
-    MLX's global random state). PEFT's ``init_lora_weights=True`` draws the same
-    distribution (kaiming-uniform with ``a = sqrt(5)`` on ``(r, in)``: bound 1/sqrt(in))."""
-    bound = 1 / math.sqrt(input_dims)
-    lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r), key=key)
-    return lora_a, mx.zeros(shape=(r, output_dims))
+def start_adapter(holder, base: nn.Module, r: int, scale: float, init_lora_weights) -> LoRAInit | None:
+    """Give ``holder`` (a LoRA layer, or a named adapter's weights) the adapter PEFT's
+    ``init_lora_weights`` names for ``base`` (`init.init_lora`), and keep that `LoRAInit` as
+    ``holder.lora_init`` (what the adapter's files record, and what `convert_to_lora` undoes).
+    Returns it; the caller puts its ``base`` in place when it ``changes_base``. mlx-lm's default
+    init, which the layers draw themselves, returns None."""
+    if is_default_init(init_lora_weights):
+        return None
+    init = init_lora(base, r, scale, init_lora_weights)
+    holder.lora_a, holder.lora_b = init.lora_a, init.lora_b
+    holder.lora_init = init
+    return init
 
 
 class LoRALinearBase(nn.Module):
     """Base class: subclasses set ``linear``, ``lora_a (in, r)``, ``lora_b (r, out)``, ``scale``."""
 
     routing = None  # set by `layers.named` when the layer holds several adapters or runs none
+    lora_init = None  # the `LoRAInit` the adapter started from, when it was not mlx-lm's default
 
     @classmethod
-    def from_base(cls, linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
-        """A LoRA layer around ``linear`` (an ``nn.Linear`` or ``nn.QuantizedLinear``, kept as is)."""
+    def from_base(
+        cls, linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0, init_lora_weights=True
+    ):
+        """A LoRA layer around ``linear`` (an ``nn.Linear`` or ``nn.QuantizedLinear``).
+
+        ``init_lora_weights`` is PEFT's (`layers.init`): ``True`` (mlx-lm's init), ``"gaussian"``,
+        ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, ``"loftq"``. The inits that split W give
+        the layer the new base (``linear`` itself is never changed); else ``linear`` is kept as is.
+        """
         input_dims, output_dims = base_dims(linear)
         layer = cls(input_dims, output_dims, r=r, dropout=dropout, scale=scale)
         layer.linear = linear
+        init = start_adapter(layer, linear, r, scale, init_lora_weights)
+        if init is not None and init.changes_base:
+            layer.linear = init.base
         return layer
 
     def fuse(self, dequantize: bool = False) -> nn.Module:

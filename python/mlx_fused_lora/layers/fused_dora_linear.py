@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..ops.dora_norms import adapted_row_norms, base_row_sq_norms
-from .base import base_dims, check_lora_args, init_lora_weights
+from .base import base_dims, check_lora_args, init_lora_weights, start_adapter
 from .fold import fold_lora
 from .fused_lora_linear import draw_dropout_key, lora_product
 
@@ -66,13 +66,24 @@ def dora_product(linear, x, lora_a, lora_b, m, base_sq_norms, *, scale, dropout=
 
 class FusedDoRALinear(nn.Module):
     routing = None  # set by `layers.named` when the layer holds several adapters or runs none
+    lora_init = None  # the `LoRAInit` the adapter started from, when it was not mlx-lm's default
 
     @classmethod
-    def from_base(cls, linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
-        """A DoRA layer around ``linear`` (``nn.Linear`` or ``nn.QuantizedLinear``, kept as is)."""
+    def from_base(
+        cls, linear: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0, init_lora_weights=True
+    ):
+        """A DoRA layer around ``linear`` (``nn.Linear`` or ``nn.QuantizedLinear``), its adapter
+        started by PEFT's ``init_lora_weights`` (see `LoRALinearBase.from_base`). With an init
+        other than mlx-lm's, ``m`` starts as the adapted rows' norms, ``||W' + scale (A B)^T||``
+        (PEFT's DoRA init after the LoRA init), so the layer starts at its base's output."""
         input_dims, output_dims = base_dims(linear)
         layer = cls(input_dims, output_dims, r=r, dropout=dropout, scale=scale)
         layer.set_linear(linear)
+        init = start_adapter(layer, linear, r, scale, init_lora_weights)
+        if init is not None:
+            if init.changes_base:
+                layer.set_linear(init.base)
+            layer.m = layer.adapted_norms()
         return layer
 
     def __init__(

@@ -7,7 +7,7 @@ new base layer. The input is never changed. With ``s`` the layer's ``scale``, ev
 keeps the layer's output at the start: ``base' + s·(lora_a lora_b)ᵀ == W`` (exactly up to
 rounding where the base stays dense; up to the quantization error for a quantized one).
 
-- ``default`` (PEFT's ``True``): mlx-lm's, `base.init_lora_weights` (``lora_a`` uniform
+- ``default`` (PEFT's ``True``): mlx-lm's, `init_lora_weights` (``lora_a`` uniform
   in ±1/√in, ``lora_b`` zeros).
 - ``gaussian``: PEFT's ``lora_A ~ N(0, std = 1/r)``, ``lora_B`` zeros.
 - ``pissa`` / ``pissa_niter_N``: ``W = U S Vᵀ``; the top r singular triplets move into the
@@ -38,16 +38,23 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from ..ops.checks import QUANT_BITS, QUANT_GROUP_SIZES, fail
-from .base import base_dims, init_lora_weights
 from .fold import dense_weight, fold_lora
 
 __all__ = [
+    "base_dims",
+    "init_lora_weights",
+    "is_default_init",
+    "check_init",
+    "init_changes_base",
+    "warn_base_changed",
     "INIT_METHODS",
     "LoRAInit",
     "init_lora",
@@ -78,6 +85,29 @@ class LoRAInit:
     def changes_base(self) -> bool:
         """True when the layer must use `base` instead of its old base (the caller says so)."""
         return self.base is not None
+
+
+def base_dims(linear: nn.Module) -> tuple[int, int]:
+    """``(input_dims, output_dims)`` of a linear or quantized linear base layer."""
+    output_dims, input_dims = linear.weight.shape
+    if isinstance(linear, nn.QuantizedLinear):
+        input_dims = input_dims * 32 // linear.bits  # packed: 32 // bits values per uint32
+    return input_dims, output_dims
+
+
+def init_lora_weights(input_dims: int, output_dims: int, r: int, key: mx.array | None = None):
+    """mlx-lm's adapter init: ``lora_a (in, r)`` uniform in +-1/sqrt(in), ``lora_b (r, out)``
+    zeros, so a new layer computes exactly its base (``key``: an ``mx.random.key``, else
+    MLX's global random state). PEFT's ``init_lora_weights=True`` draws the same
+    distribution (kaiming-uniform with ``a = sqrt(5)`` on ``(r, in)``: bound 1/sqrt(in))."""
+    bound = 1 / math.sqrt(input_dims)
+    lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r), key=key)
+    return lora_a, mx.zeros(shape=(r, output_dims))
+
+
+def is_default_init(init_lora_weights) -> bool:
+    """True for PEFT's ``True`` and ``"default"``: mlx-lm's init, which every layer draws itself."""
+    return init_lora_weights is True or init_lora_weights == "default"
 
 
 # --- argument checks --------------------------------------------------------------------
@@ -204,7 +234,16 @@ def _split(u: mx.array, s: mx.array, vt: mx.array, r: int, scale: float) -> tupl
 
 def _residual(base, lora_a, lora_b, scale: float, who: str) -> nn.Module:
     """``base`` with ``scale · (lora_a lora_b)ᵀ`` taken out: the one fold, with scale −s."""
-    return fold_lora(base, lora_a, lora_b, -scale, name=who, stacklevel=4)
+    return _frozen_like(fold_lora(base, lora_a, lora_b, -scale, name=who, stacklevel=4), base)
+
+
+def _frozen_like(new: nn.Module, old: nn.Module) -> nn.Module:
+    """``new`` frozen where ``old`` is: a LoRA layer's base is frozen (mlx-lm freezes the model
+    before it adds the layers), and the base an init makes must not come back trainable."""
+    trainable = {k for k, _ in tree_flatten(old.trainable_parameters())}
+    new.freeze()
+    new.unfreeze(keys=sorted(trainable & set(new.keys())), recurse=False, strict=False)
+    return new
 
 
 # --- the inits ----------------------------------------------------------------------------
@@ -295,7 +334,7 @@ def loftq_init(
             errors.append(mx.linalg.norm(lost - scale * (lora_a @ lora_b).T).item())
             target = _residual(base, lora_a, lora_b, scale, who)
         mx.eval(lora_a, lora_b, quantized.parameters())
-    return LoRAInit(lora_a, lora_b, quantized, "loftq", tuple(errors))
+    return LoRAInit(lora_a, lora_b, _frozen_like(quantized, base), "loftq", tuple(errors))
 
 
 def init_lora(
@@ -317,20 +356,56 @@ def init_lora(
     ``key`` seeds the random inits (default, gaussian, pissa_niter_N). An unknown value is
     refused, listing the known ones.
     """
-    method = init_lora_weights
-    if method is True or method == "default":
+    method = check_init(init_lora_weights, "init_lora")
+    if method is True:
         return default_init(base, r, key=key)
     if method == "gaussian":
         return gaussian_init(base, r, key=key)
     if method == "pissa":
         return pissa_init(base, r, scale)
+    if method.startswith(_NITER_PREFIX):
+        return pissa_init(base, r, scale, niter=int(method[len(_NITER_PREFIX) :]), key=key)
+    if method == "olora":
+        return olora_init(base, r, scale)
+    return loftq_init(base, r, scale, bits=loftq_bits, group_size=loftq_group_size, num_iter=loftq_iter)
+
+
+def check_init(init_lora_weights, who: str = "init_lora_weights") -> bool | str:
+    """PEFT's ``init_lora_weights`` value, checked: ``True`` for ``True`` and ``"default"``, else the
+    init's name (``"pissa_niter_N"`` with N a count); anything else raises naming ``who``."""
+    method = init_lora_weights
+    if is_default_init(method):
+        return True
     if isinstance(method, str) and method.startswith(_NITER_PREFIX):
         digits = method[len(_NITER_PREFIX) :]
         if not digits.isascii() or not digits.isdigit():
-            fail("init_lora_weights", "pissa_niter_N with N a count of iterations >= 0", repr(method), "init_lora")
-        return pissa_init(base, r, scale, niter=int(digits), key=key)
-    if method == "olora":
-        return olora_init(base, r, scale)
-    if method == "loftq":
-        return loftq_init(base, r, scale, bits=loftq_bits, group_size=loftq_group_size, num_iter=loftq_iter)
-    fail("init_lora_weights", f"True or one of {', '.join(INIT_METHODS)}", repr(method), "init_lora")
+            fail("init_lora_weights", "pissa_niter_N with N a count of iterations >= 0", repr(method), who)
+        return method
+    if method in ("gaussian", "pissa", "olora", "loftq"):
+        return method
+    fail("init_lora_weights", f"True or one of {', '.join(INIT_METHODS)}", repr(method), who)
+
+
+def init_changes_base(init_lora_weights) -> bool:
+    """True for the inits that move part of W into the adapter and give the layer a new base."""
+    method = check_init(init_lora_weights)
+    return method is not True and method != "gaussian"
+
+
+def warn_base_changed(init_lora_weights, modules: int, stacklevel: int = 3) -> None:
+    """Say, once for a model, that an init replaced the base weight of ``modules`` modules, and
+    what that means for the adapter's files (a `UserWarning`; ``stacklevel`` points at the caller's caller)."""
+    if modules == 0 or not init_changes_base(init_lora_weights):
+        return
+    if init_lora_weights == "loftq":
+        what = (
+            "quantized their base weight (the adapter fitted to what quantizing loses): the adapter belongs "
+            "to that quantized base"
+        )
+    else:
+        what = (
+            "moved W's first components into the adapter and left the residual as their base: "
+            "save with convert_to_lora=True (the CLIs' --convert-to-lora) for a plain LoRA of the original "
+            "weights; a file that records the init splits the base it is loaded on again, as PEFT does"
+        )
+    warnings.warn(f"init_lora_weights={init_lora_weights!r} on {modules} modules {what}", stacklevel=stacklevel)

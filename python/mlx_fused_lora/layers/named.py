@@ -36,9 +36,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..ops.dora_norms import base_row_sq_norms
-from .base import base_dims, init_lora_weights
+from .base import base_dims, init_lora_weights, start_adapter
 from .fold import fold_lora
-from .fused_dora_linear import FusedDoRALinear, dora_product, quantization_args
+from .fused_dora_linear import FusedDoRALinear, adapted_norms, dora_product, quantization_args
 from .fused_lora_linear import FusedLoRALinear, draw_dropout_key, lora_product
 
 __all__ = [
@@ -61,7 +61,10 @@ DEFAULT_ADAPTER = "default"
 
 class AdapterWeights(nn.Module):
     """One named adapter of a layer: ``lora_a (in, r)``, ``lora_b (r, out)``, DoRA's ``m (out,)``
-    with the frozen base's squared row norms (state, not a parameter); ``scale``, ``dropout``."""
+    with the frozen base's squared row norms (state, not a parameter); ``scale``, ``dropout``;
+    ``lora_init``: the `LoRAInit` it started from, when not mlx-lm's default."""
+
+    lora_init = None
 
     def __init__(self, lora_a, lora_b, scale: float, dropout: float = 0.0, m=None, base_sq_norms=None):
         super().__init__()
@@ -77,17 +80,30 @@ def base_sq_norms(base: nn.Module) -> mx.array:
     return base_row_sq_norms(base.weight, **quantization_args(base))
 
 
-def new_adapter(base: nn.Module, rank: int, width: int, scale: float, dropout: float, dora: bool) -> AdapterWeights:
-    """A new adapter for ``base``, initialised as mlx-lm does (``lora_b = 0``; DoRA's ``m`` the
-    base's row norms) and allocated ``width >= rank`` wide: the columns of ``lora_a`` and rows
-    of ``lora_b`` past ``rank`` are zeros, which add nothing and stay zero in training."""
+def new_adapter(
+    base: nn.Module, rank: int, width: int, scale: float, dropout: float, dora: bool, init_lora=True
+) -> AdapterWeights:
+    """A new adapter for ``base``, started by PEFT's ``init_lora_weights`` value ``init_lora``
+    (`base.start_adapter`: mlx-lm's by default, ``lora_b = 0``) and allocated ``width >= rank``
+    wide: the columns of ``lora_a`` and rows of ``lora_b`` past ``rank`` are zeros, which add
+    nothing and stay zero in training. An init that splits W leaves the new base in
+    ``lora_init.base``, for the caller to put in place. DoRA's ``m`` starts as the adapted
+    rows' norms (the base's, for mlx-lm's init)."""
     input_dims, output_dims = base_dims(base)
-    lora_a, lora_b = init_lora_weights(input_dims, output_dims, rank)
+    weights = AdapterWeights(*init_lora_weights(input_dims, output_dims, rank), scale, dropout)
+    started = start_adapter(weights, base, rank, scale, init_lora)
+    if started is not None and started.changes_base:
+        base = started.base
     if width > rank:
-        lora_a = mx.concatenate([lora_a, mx.zeros((input_dims, width - rank), lora_a.dtype)], axis=1)
-        lora_b = mx.zeros((width, output_dims), lora_b.dtype)
-    norms = base_sq_norms(base) if dora else None
-    return AdapterWeights(lora_a, lora_b, scale, dropout, None if norms is None else mx.sqrt(norms), norms)
+        weights.lora_a = mx.concatenate([weights.lora_a, mx.zeros((input_dims, width - rank))], axis=1)
+        weights.lora_b = mx.concatenate([weights.lora_b, mx.zeros((width - rank, output_dims))], axis=0)
+    if dora:
+        norms = weights._base_sq_norms = base_sq_norms(base)
+        started_at_w = started is None  # lora_b = 0: the adapted rows are the base's
+        weights.m = (
+            mx.sqrt(norms) if started_at_w else adapted_norms(base, weights.lora_a, weights.lora_b, norms, scale)
+        )
+    return weights
 
 
 def resident_name(layer) -> str:
@@ -195,7 +211,7 @@ def layer_with(base: nn.Module, adapters: Sequence[tuple[str, AdapterWeights]]) 
     (name, first), rest = adapters[0], adapters[1:]
     cls = FusedDoRALinear if "m" in first else FusedLoRALinear
     layer = cls.from_base(base, r=first.lora_a.shape[1], dropout=first.dropout, scale=first.scale)
-    layer.lora_a, layer.lora_b = first.lora_a, first.lora_b
+    layer.lora_a, layer.lora_b, layer.lora_init = first.lora_a, first.lora_b, first.lora_init
     if "m" in first:
         layer.m = first.m
     if name != DEFAULT_ADAPTER:
@@ -211,6 +227,7 @@ def decompose(layer) -> list[tuple[str, AdapterWeights]]:
     for name, h in holders(layer).items():
         if h is layer:
             h = AdapterWeights(layer.lora_a, layer.lora_b, layer.scale, layer.dropout, layer.get("m"))
+            h.lora_init = layer.lora_init
             if "m" in layer:
                 h._base_sq_norms = layer._base_sq_norms
         out.append((name, h))

@@ -11,7 +11,8 @@ the key. Where several keys match, the longest (most components) wins (PEFT take
 first in the dict's order; the longest is the one a reader of the config expects).
 
 Used when adapters are read (`adapters.peft_format`) and when they are made
-(`module_rank_alpha`), so both sides agree on which module a key names.
+(`module_rank_alpha`, `module_rank_scale`: every entry point that builds adapters), so both
+sides agree on which module a key names.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ import math
 import numbers
 from collections.abc import Mapping
 
-__all__ = ["PatternError", "ModulePattern", "parse_pattern", "pattern_value", "module_rank_alpha"]
+from .tree import alpha_for, lora_scale
+
+__all__ = [
+    "PatternError",
+    "ModulePattern",
+    "parse_pattern",
+    "pattern_value",
+    "module_rank_alpha",
+    "module_rank_scale",
+    "check_patterns",
+]
 
 MAX_PATTERN_CHARS = 512
 _DIGITS = object()  # a component matching any run of decimal digits
@@ -128,3 +139,43 @@ def module_rank_alpha(
     rank = pattern_value(_parsed(rank_pattern, "rank_pattern", _is_rank, "an integer >= 1"), path, rank)
     alpha = pattern_value(_parsed(alpha_pattern, "alpha_pattern", _is_alpha, "a finite number"), path, alpha)
     return int(rank), float(alpha)
+
+
+def module_rank_scale(
+    path: str,
+    rank: int,
+    scale: float,
+    rank_pattern: Mapping | None = None,
+    alpha_pattern: Mapping | None = None,
+    *,
+    alpha: float | None = None,
+    use_rslora: bool = False,
+) -> tuple[int, float]:
+    """``(rank, scale)`` of the module at ``path`` for an adapter of ``rank`` and ``scale`` (and
+    ``alpha``, when the caller has one; else the alpha that gives ``scale`` at ``rank``), as PEFT
+    resolves its patterns: the alpha stays the adapter's unless ``alpha_pattern`` names the
+    module, and the scale is ``lora_scale(rank, alpha, use_rslora)``. A module no pattern names
+    keeps ``scale`` exactly."""
+    alpha = alpha_for(rank, scale, use_rslora) if alpha is None else float(alpha)
+    module_rank, module_alpha = module_rank_alpha(path, rank, alpha, rank_pattern, alpha_pattern)
+    if (module_rank, module_alpha) == (rank, alpha):
+        return int(rank), float(scale)
+    return module_rank, lora_scale(module_rank, module_alpha, use_rslora)
+
+
+def check_patterns(rank_pattern: Mapping | None, alpha_pattern: Mapping | None, where: str, paths=None) -> None:
+    """Check both patterns' keys and values (a `PatternError` names ``where``, the field and the
+    key); with ``paths`` (the modules being adapted), also refuse a key that names none of them:
+    a typo would otherwise leave its module at the common rank without a word."""
+    for field, mapping, is_valid, expected in (
+        ("rank_pattern", rank_pattern, _is_rank, "an integer >= 1"),
+        ("alpha_pattern", alpha_pattern, _is_alpha, "a finite number"),
+    ):
+        try:
+            parsed = _parsed(mapping, field, is_valid, expected)
+        except PatternError as e:
+            raise PatternError(f"{where}: {e}") from None
+        for (pattern, _), key in zip(parsed, mapping or {}, strict=True):
+            if paths is not None and not any(pattern.matches(p) for p in paths):
+                some = ", ".join(sorted(paths)[:3])
+                raise PatternError(f"{where}: {field} key {key!r} names none of the adapted modules (e.g. {some})")
