@@ -11,10 +11,13 @@ import math
 
 import mlx.core as mx
 
+from ..layers.patterns import PatternError, parse_pattern
+
 __all__ = [
     "AdapterError",
     "config_field",
     "init_lora_weights_field",
+    "pattern_field",
     "check_lora_pair",
     "check_rank",
     "check_module_paths",
@@ -92,10 +95,26 @@ def config_field(config: dict, name: str, kind: str, where: str, default=_MISSIN
     return value
 
 
-def init_lora_weights_field(config: dict, where: str) -> bool | str:
+def pattern_field(config: dict, field: str, kind: str, where: str) -> list:
+    """``config[field]``, PEFT's ``rank_pattern`` / ``alpha_pattern`` (may be absent or null), as
+    (`ModulePattern`, value) pairs: keys parsed by `layers.patterns` (never run as regular
+    expressions), values of ``kind``; a bad one is an `AdapterError` naming the file and key."""
+    values = config_field(config, field, "dict", where, {}, nullable=True) or {}
+    out = []
+    for key, value in values.items():
+        try:
+            pattern = parse_pattern(key, field, where)
+        except PatternError as e:
+            raise AdapterError(str(e)) from None
+        config_field(values, key, kind, f"{where}: {field}")
+        out.append((pattern, value))
+    return out
+
+
+def init_lora_weights_field(config: dict, where: str, default=True) -> bool | str:
     """``config["init_lora_weights"]`` as PEFT writes it: true/false or an init's name
-    (default true). Only recorded: reading an adapter never runs an init."""
-    value = config.get("init_lora_weights", True)
+    (default ``default``). Reading an adapter never runs an init (`model_io.load_adapters` may)."""
+    value = config.get("init_lora_weights", default)
     if not isinstance(value, (bool, str)):
         raise AdapterError(
             f"{where}: field 'init_lora_weights' must be true, false or a string, got {type(value).__name__} {value!r:.80}"

@@ -6,8 +6,10 @@ defaults (rank 8, scale 20, dropout 0), plus what the package's configs already 
 ``alpha`` and ``use_rslora`` (``scale = alpha / r``, or ``alpha / sqrt(r)``; give ``scale`` or
 ``alpha``), ``use_dora``, and ``max_rank``: the width the adapter's tensors are given
 (zero columns of ``lora_a`` and rows of ``lora_b`` past ``rank``, which change nothing), so a
-later `hotswap_adapter` can put an adapter of any rank up to it in place. An unknown key
-is refused, naming it.
+later `hotswap_adapter` can put an adapter of any rank up to it in place. PEFT's
+``init_lora_weights`` (`layers.init`: how the adapter starts) and ``rank_pattern`` /
+``alpha_pattern`` (other ranks and alphas for the modules they name, `layers.patterns`) are
+taken too. An unknown key is refused, naming it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from ..layers.init import check_init
+from ..layers.patterns import check_patterns, module_rank_scale
 from ..layers.tree import lora_scale
 
 __all__ = ["AdapterConfig"]
@@ -37,11 +41,29 @@ class AdapterConfig:
     use_rslora: bool = False
     use_dora: bool = False
     max_rank: int | None = None
+    init_lora_weights: bool | str = True  # PEFT's: True (mlx-lm's init) or an init's name
+    rank_pattern: dict | None = None  # {module-path pattern: rank}, PEFT's matching rule
+    alpha_pattern: dict | None = None  # {module-path pattern: alpha}
 
     @property
     def width(self) -> int:
         """The rank the adapter's tensors are allocated with (``max_rank``, else ``rank``)."""
         return self.max_rank or self.rank
+
+    def module_rank_scale(self, path: str) -> tuple[int, float, int]:
+        """``(rank, scale, width)`` of the adapter on the module at ``path``: the patterns' rank
+        and alpha where one names it (the scale from them, PEFT's rule), allocated at least
+        ``max_rank`` wide."""
+        rank, scale = module_rank_scale(
+            path,
+            self.rank,
+            self.scale,
+            self.rank_pattern,
+            self.alpha_pattern,
+            alpha=self.alpha,
+            use_rslora=self.use_rslora,
+        )
+        return rank, scale, max(rank, self.max_rank or 0)
 
     @classmethod
     def parse(cls, config, where: str = "adapter config") -> AdapterConfig:
@@ -83,6 +105,9 @@ class AdapterConfig:
             if isinstance(keys, str) or not all(isinstance(k, str) and k for k in keys) or not keys:
                 raise _bad(where, "keys", "a non-empty list of module paths", keys)
             keys = tuple(keys)
+        init = check_init(c.get("init_lora_weights", True), where)
+        patterns = {k: c.get(k) for k in ("rank_pattern", "alpha_pattern")}
+        check_patterns(patterns["rank_pattern"], patterns["alpha_pattern"], where)
         num_layers = c.get("num_layers")
         if num_layers is not None and (not isinstance(num_layers, int) or isinstance(num_layers, bool)):
             raise _bad(where, "num_layers", "an integer or None", num_layers)
@@ -96,6 +121,9 @@ class AdapterConfig:
             use_rslora=use_rslora,
             use_dora=c.get("use_dora", False),
             max_rank=max_rank,
+            init_lora_weights=init,
+            rank_pattern=dict(patterns["rank_pattern"]) if patterns["rank_pattern"] else None,
+            alpha_pattern=dict(patterns["alpha_pattern"]) if patterns["alpha_pattern"] else None,
         )
 
 

@@ -9,8 +9,11 @@ will use), their configs, which run with which weights, which are trained, and w
 all are switched off. Every change is checked on every layer before any layer changes.
 
 - `add_adapter(model, name, config)`: a new adapter on the modules its config targets,
-  initialised as mlx-lm does (``lora_b = 0``: it changes nothing yet). As in PEFT it is
-  not made active, unless it is the model's first.
+  initialised as mlx-lm does (``lora_b = 0``: it changes nothing yet) or by the config's
+  ``init_lora_weights`` (`layers.init`), each module at the rank and alpha of its config's
+  patterns. As in PEFT it is not made active, unless it is the model's first. An init that
+  replaces the base weight (PiSSA, OLoRA, LoftQ) is refused beside other adapters: they run
+  on that base too.
 - `set_adapter(model, names, weights=None, trainable=None)`: the adapters that run (one or
   several, stacked in one op call per layer), their weights, and which of them train
   (default: all active ones); every other adapter is frozen.
@@ -35,6 +38,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from ..layers import FusedDoRALinear, FusedLoRALinear
+from ..layers.init import init_changes_base, warn_base_changed
 from ..layers.named import (
     DEFAULT_ADAPTER,
     AdapterWeights,
@@ -46,7 +50,7 @@ from ..layers.named import (
     new_adapter,
     route,
 )
-from ..layers.patterns import parse_pattern
+from ..layers.patterns import check_patterns, parse_pattern
 from ..layers.tree import fuse_lora_layers, is_lora_layer, lora_layers
 from .config import AdapterConfig
 
@@ -152,16 +156,18 @@ def _base_of(module):
     return module.linear if is_lora_layer(module) else module
 
 
-def _restructure(model: nn.Module, reg: AdapterRegistry, changes: dict) -> None:
+def _restructure(model: nn.Module, reg: AdapterRegistry, changes: dict, bases: dict | None = None) -> None:
     """Rebuild the layers at ``changes`` ({path: [(name, AdapterWeights)]}, any order; [] gives
-    the bare base) with their adapters in the registry's order, then route the model."""
+    the bare base) with their adapters in the registry's order, around ``bases[path]`` where
+    given (an init's new base), then route the model."""
     order = {n: i for i, n in enumerate(reg.configs)}
     modules = dict(model.named_modules())
     updates = []
     for path, items in changes.items():
         old = modules[path]
         items = sorted(items, key=lambda item: order[item[0]])
-        new = layer_with(_base_of(old), items) if items else _base_of(old)
+        base = (bases or {}).get(path) or _base_of(old)
+        new = layer_with(base, items) if items else base
         new.train(old.training)
         updates.append((path, new))
     after = {**dict(lora_layers(model)), **dict(updates)}
@@ -218,43 +224,58 @@ def add_adapter(model: nn.Module, name: str, config) -> nn.Module:
         raise ValueError(f"{where}: keys {config.keys} with num_layers {config.num_layers} match no linear module")
     reg = registry(model)
     first = not reg.configs
+    if not first and init_changes_base(config.init_lora_weights):
+        raise ValueError(
+            f"{where}: init_lora_weights {config.init_lora_weights!r} replaces the base weight of every module it "
+            f"adapts, which the model's adapters {list(reg.configs)} run on too: only a model's first adapter may "
+            "start that way (fuse or delete the others first)"
+        )
+    check_patterns(config.rank_pattern, config.alpha_pattern, where, paths)
     modules = dict(model.named_modules())
-    changes = {}
+    changes, bases = {}, {}
     for path in paths:
         module = modules[path]
         if is_lora_layer(module) and not isinstance(module, (FusedLoRALinear, FusedDoRALinear)):
             raise TypeError(f"{where}: {path} is a {type(module).__name__}; named adapters need fused layers")
+        rank, scale, width = config.module_rank_scale(path)
         weights = new_adapter(
-            _base_of(module), config.rank, config.width, config.scale, config.dropout, config.use_dora
+            _base_of(module), rank, width, scale, config.dropout, config.use_dora, config.init_lora_weights
         )
+        if weights.lora_init is not None and weights.lora_init.changes_base:
+            bases[path] = weights.lora_init.base
         changes[path] = [*_layer_adapters(module), (name, weights)]
     if first:
         model.freeze()
     reg = replace(reg, configs={**reg.configs, name: config})
     if first:
         reg = replace(reg, active=((name, 1.0),), trainable=frozenset([name]))
-    _restructure(model, reg, changes)
+    _restructure(model, reg, changes, bases)
     mx.eval(model.parameters())
+    warn_base_changed(config.init_lora_weights, len(bases))
     return model
 
 
-def put_adapter(model: nn.Module, name: str, plan: Sequence, dropout: float, config=None) -> nn.Module:
+def put_adapter(model: nn.Module, name: str, plan: Sequence, dropout: float, config=None, inits=None) -> nn.Module:
     """Make adapter ``name`` exactly ``plan`` ((path, module, base, `ModuleAdapter`), checked
     by the caller): replaced where it exists, added otherwise. Activation is kept; a
-    model's first adapter becomes active and trained."""
+    model's first adapter becomes active and trained. ``inits``: {path: `LoRAInit`} of the
+    modules whose base an init split again (the plan holds the new base)."""
     reg = registry(model)
     first = not reg.configs
     reg = replace(reg, configs={**reg.configs, name: config})
     if first:
         reg = replace(reg, active=((name, 1.0),), trainable=frozenset([name]))
         model.freeze()
+    inits = inits or {}
     changes = {p: [(n, w) for n, w in _layer_adapters(m) if n != name] for p, m in _holding(model, name)}
     for path, module, base, m in plan:
         norms = None if m.magnitude is None else base_sq_norms(base)
         weights = AdapterWeights(m.lora_a, m.lora_b, m.scale, dropout, m.magnitude, norms)
+        prior = holders(module).get(name) if is_lora_layer(module) else None  # its init's residual stays the base
+        weights.lora_init = inits.get(path, getattr(prior, "lora_init", None))
         kept = changes[path] if path in changes else [(n, w) for n, w in _layer_adapters(module) if n != name]
         changes[path] = [*kept, (name, weights)]
-    _restructure(model, reg, changes)
+    _restructure(model, reg, changes, {p: base for p, _, base, _ in plan if p in inits})
     mx.eval(model.parameters())
     return model
 

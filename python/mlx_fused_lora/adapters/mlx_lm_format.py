@@ -7,6 +7,10 @@
   them. Extra fields mlx-lm ignores keep what its schema cannot say: ``lora_parameters.alpha``,
   ``use_rslora``, and ``scale_pattern`` / ``alpha_pattern`` / ``rank_pattern`` (exact module
   paths, never patterns) for modules whose scale, alpha or rank differs from the common one.
+  Read too: PEFT's ``rank_pattern`` / ``alpha_pattern`` / ``init_lora_weights`` inside
+  ``lora_parameters``, where ``python -m mlx_fused_lora.lm_lora`` (mlx-lm's trainer, which saves
+  its arguments) keeps them: patterns matched by PEFT's rule, each module's scale
+  ``alpha / r`` from them (the common alpha ``lora_parameters.alpha``, else ``scale * rank``).
   PEFT's ``init_lora_weights`` is written when the adapter did not start from the default
   init. Every field is checked against the tensors on reading (`checks`): ranks equal to the
   tensors', scales finite in float32, every pattern naming a module the tensors hold.
@@ -21,8 +25,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..layers.patterns import module_rank_scale
 from .adapter_set import AdapterSet, ModuleAdapter, attach_magnitudes, lora_pairs, most_common, split_magnitudes
-from .checks import AdapterError, check_lora_pair, check_module_paths, check_rank, config_field, init_lora_weights_field
+from .checks import (
+    AdapterError,
+    check_lora_pair,
+    check_module_paths,
+    check_rank,
+    config_field,
+    init_lora_weights_field,
+    pattern_field,
+)
 from .registry import AdapterFormat, load_tensors, read_json, register_format
 
 __all__ = ["MLX_LM", "CSM_CLI"]
@@ -67,17 +80,31 @@ def _read(d: Path, fmt: AdapterFormat) -> AdapterSet:
     scale_pattern = _module_map(config, "scale_pattern", "float32", where)
     alpha_pattern = _module_map(config, "alpha_pattern", "float32", where)
     rank_pattern = _module_map(config, "rank_pattern", "rank", where)
+    patterns = {f: params.get(f) for f in ("rank_pattern", "alpha_pattern")}  # PEFT's, as lm_lora saves them
+    pattern_field(params, "rank_pattern", "rank", pwhere)
+    pattern_field(params, "alpha_pattern", "float32", pwhere)
     tensors_where = str(d / fmt.weights_file)
     tensors, magnitudes = split_magnitudes(load_tensors(d / fmt.weights_file), ".m")
     modules = {}
     for path, ab in lora_pairs(tensors, _MLX_KEY, fmt.name, tensors_where).items():
         check_lora_pair(path, ab["a"], ab["b"], tensors_where)
+        module_scale = scale
         if path in rank_pattern:
             check_rank(where, path, ab["a"].shape[1], f"rank_pattern[{path!r}]", rank_pattern[path], tensors_where)
         elif rank is not None:
-            check_rank(where, path, ab["a"].shape[1], "lora_parameters.rank", rank, tensors_where)
+            expected, module_scale = module_rank_scale(
+                path,
+                rank,
+                scale,
+                patterns["rank_pattern"],
+                patterns["alpha_pattern"],
+                alpha=default_alpha,
+                use_rslora=use_rslora,
+            )
+            field = "lora_parameters.rank" if expected == rank else "lora_parameters.rank_pattern"
+            check_rank(where, path, ab["a"].shape[1], field, expected, tensors_where)
         modules[path] = ModuleAdapter(
-            ab["a"], ab["b"], float(scale_pattern.get(path, scale)), alpha_pattern.get(path, default_alpha)
+            ab["a"], ab["b"], float(scale_pattern.get(path, module_scale)), alpha_pattern.get(path, default_alpha)
         )
     for name, pattern in (
         ("scale_pattern", scale_pattern),
@@ -87,7 +114,7 @@ def _read(d: Path, fmt: AdapterFormat) -> AdapterSet:
         check_module_paths(where, name, pattern, modules)
     modules = attach_magnitudes(modules, magnitudes, ftype == "dora", ".m", tensors_where)
     extra = {"model_type": config_field(config, "model_type", "str", where)} if "model_type" in config else {}
-    init = init_lora_weights_field(config, where)
+    init = init_lora_weights_field(config, where, init_lora_weights_field(params, pwhere))
     return AdapterSet(modules, float(dropout), use_rslora, num_layers, extra, init_lora_weights=init)
 
 

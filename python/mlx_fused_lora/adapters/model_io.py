@@ -6,6 +6,13 @@ Works for any MLX model whose adapted modules are LoRA layers (`FusedLoRALinear`
 circulate under other names (CSM's Hugging Face and torchtune names) registers
 `ModelAdapterHooks` for its class: a ``rename`` from those names to its own, applied on
 load, and ``extra`` config fields written on save. This module knows layers, not models.
+
+Adapters whose init split W (PiSSA, OLoRA: `layers.init`) run on the residual base that
+init made. `save_adapters` records the init; with ``convert_to_lora`` it writes them as
+plain LoRA of the original weights instead (`init_conversion`). `load_adapters` does what
+PEFT does with a file that records such an init: it splits the base it loads onto again
+(the trained adapter then runs on that residual, which is the trained model when the base
+is the original one), unless the layer there already started from that init.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..layers import FusedDoRALinear, FusedLoRALinear
 from ..layers.base import base_dims
-from ..layers.named import DEFAULT_ADAPTER, holders
+from ..layers.init import LoRAInit, init_changes_base, init_lora, is_default_init
+from ..layers.named import DEFAULT_ADAPTER, holders, resident_name
 from ..layers.tree import freeze_all_but_lora, is_lora_layer, lora_dropout_p, lora_layers
 from . import manager
 from .adapter_set import AdapterSet, ModuleAdapter
 from .checks import AdapterError
+from .init_conversion import convert_to_lora as convert_set
 from .registry import adapter_dir, detect_adapter_format, get_format, read_adapters, write_adapters
 
 __all__ = [
@@ -93,10 +102,49 @@ def _adapter_set_of(model: nn.Module, name: str | None = None) -> AdapterSet:
         idx = [int(p.split("layers.", 1)[1].split(".", 1)[0]) for p in modules if "layers." in p]
         if idx:
             num_layers = len(model.layers) - min(idx)
-    return AdapterSet(modules, max(dropouts), use_rslora, num_layers, dict(_hooks_for(model).extra))
+    inits = {_init_of(h) for h in held.values()}
+    if len(inits) > 1:
+        raise ValueError(
+            f"the adapter's modules started from different inits {sorted(map(str, inits))}: no one "
+            "init_lora_weights can be recorded for them"
+        )
+    extra = dict(_hooks_for(model).extra)
+    return AdapterSet(modules, max(dropouts), use_rslora, num_layers, extra, init_lora_weights=inits.pop())
 
 
-def save_adapters(model: nn.Module, path: str | Path, format: str = "mlx-lm", *, name: str | None = None) -> Path:
+def _init_of(holder) -> bool | str:
+    init = getattr(holder, "lora_init", None)
+    return True if init is None else init.init_lora_weights
+
+
+def _initial_set(model: nn.Module, name: str | None, source) -> AdapterSet:
+    """The adapter as its init made it (before training): from the layers (``source`` True),
+    or the file at ``source`` (PEFT's ``path_initial_model_for_weight_conversion``)."""
+    if source is not True:
+        initial, _ = read_adapters(source)
+        rename = _hooks_for(model).rename
+        return rename(initial, model) if rename is not None else initial
+    modules = {}
+    for path, layer in lora_layers(model):
+        h = layer if name is None else holders(layer).get(name)
+        init = getattr(h, "lora_init", None)
+        if init is not None and init.changes_base:
+            modules[path] = ModuleAdapter(init.lora_a, init.lora_b, float(h.scale))
+    return AdapterSet(modules)
+
+
+def _to_write(model: nn.Module, name: str | None, convert_to_lora, alone: bool) -> AdapterSet:
+    """Adapter ``name``'s set, converted to plain LoRA of the original weights when asked and its
+    init split W (an adapter written ``alone`` with another init: refused, saying why)."""
+    adapters = _adapter_set_of(model, name)
+    if not convert_to_lora or (not alone and not init_changes_base(adapters.init_lora_weights)):
+        return adapters
+    return convert_set(adapters, _initial_set(model, name, convert_to_lora))
+
+
+def save_adapters(
+    model: nn.Module, path: str | Path, format: str = "mlx-lm", *, name: str | None = None, convert_to_lora=None
+) -> Path:
     """Write the model's adapters to directory ``path`` in ``format``; returns the weights
     file (the default adapter's, or the first written).
 
@@ -104,14 +152,19 @@ def save_adapters(model: nn.Module, path: str | Path, format: str = "mlx-lm", *,
     in ``path`` itself. Without it, every adapter in PEFT's named-adapter layout: "default"
     in ``path``, each other one in ``path/<name>/`` (a model with one adapter, "default",
     writes just ``path``, as before).
+
+    ``convert_to_lora``: an adapter whose init split W (PiSSA, OLoRA) is written as plain LoRA
+    of the original weights, rank 2r (`convert_to_lora`), which loads anywhere on the original
+    model. ``True`` takes the initial adapter each layer kept from its init; a path takes it
+    from the adapter saved right after the init (PEFT's ``path_initial_model_for_weight_conversion``).
     """
     fmt = get_format(format).name
     if name is not None:
-        return write_adapters(_adapter_set_of(model, name), path, fmt)
+        return write_adapters(_to_write(model, name, convert_to_lora, True), path, fmt)
     names = manager.list_adapters(model)
     if names in ([], [DEFAULT_ADAPTER]):
-        return write_adapters(_adapter_set_of(model), path, fmt)
-    written = [write_adapters(_adapter_set_of(model, n), _named_dir(path, n), fmt) for n in names]
+        return write_adapters(_to_write(model, None, convert_to_lora, True), path, fmt)
+    written = [write_adapters(_to_write(model, n, convert_to_lora, False), _named_dir(path, n), fmt) for n in names]
     return written[names.index(DEFAULT_ADAPTER)] if DEFAULT_ADAPTER in names else written[0]
 
 
@@ -185,22 +238,26 @@ def load_adapters(
         except (KeyError, ValueError) as e:  # a hook names the module; the file is ours to name
             raise AdapterError(f"{where}: {e.args[0] if e.args else e}") from None
     plan = _plan(model, adapters, where)
-    if name is not None or not manager.is_plain(model):
-        return manager.put_adapter(model, name or DEFAULT_ADAPTER, plan, adapters.dropout)
+    plain = name is None and manager.is_plain(model)
+    plan, inits = _split_again(model, plan, adapters.init_lora_weights, where, name if not plain else None)
+    if not plain:
+        return manager.put_adapter(model, name or DEFAULT_ADAPTER, plan, adapters.dropout, inits=inits)
     # Build every new layer before assigning anything: constructing one cannot fail halfway.
-    # A LoRA layer of the other kind (LoRA <-> DoRA) is rebuilt around its base.
+    # A LoRA layer of the other kind (LoRA <-> DoRA), or whose base was split again, is rebuilt.
     cls = FusedDoRALinear if adapters.use_dora else FusedLoRALinear
     layers = [
         module
-        if is_lora_layer(module) and ("m" in module) == adapters.use_dora
+        if p not in inits and is_lora_layer(module) and ("m" in module) == adapters.use_dora
         else cls.from_base(base, r=m.r, dropout=adapters.dropout)
-        for _, module, base, m in plan
+        for p, module, base, m in plan
     ]
     replacements = []
     for (p, module, _, m), layer in zip(plan, layers, strict=True):
         layer.lora_a = m.lora_a
         layer.lora_b = m.lora_b
         layer.scale = m.scale
+        if p in inits:
+            layer.lora_init = inits[p]
         if m.magnitude is not None:
             layer.m = m.magnitude
         if layer is not module:
@@ -210,6 +267,57 @@ def load_adapters(
     freeze_all_but_lora(model)
     mx.eval(model.parameters())
     return model
+
+
+def _split_again(model, plan: list, init, where: str, name: str | None) -> tuple[list, dict[str, LoRAInit]]:
+    """PEFT's rule for a file recording an init that split W (pissa, pissa_niter_N, olora): split
+    each module's base again, so the adapter runs on the residual it was trained on when the
+    base is the original weight; a layer that already started from that init keeps its base.
+    A LoftQ file is loaded as is (its base is the quantized one LoftQ made), with a warning
+    where it lands on a dense base. Returns the plan with the new bases, and the inits by path."""
+    if init is False or is_default_init(init) or init in ("gaussian", "eva"):  # the base as it was
+        return plan, {}
+    try:
+        init_changes_base(init)
+    except ValueError:
+        warnings.warn(
+            f"{where} records init_lora_weights={init!r}, an init this package does not know: loaded as is; if "
+            "that init changed the base weights, load the adapter on the base it made",
+            stacklevel=3,
+        )
+        return plan, {}
+    started = {
+        p: holders(module).get(name or resident_name(module)) for p, module, _, _ in plan if is_lora_layer(module)
+    }
+    started = {p: getattr(h, "lora_init", None) for p, h in started.items()}
+    todo = [(p, base, m) for p, _, base, m in plan if getattr(started.get(p), "init_lora_weights", None) != init]
+    if init == "loftq":
+        dense = [p for p, base, _ in todo if not isinstance(base, nn.QuantizedLinear)]
+        if dense:
+            warnings.warn(
+                f"{where} records init_lora_weights='loftq': it was fitted to the quantized base LoftQ made, and "
+                f"{len(dense)} of its modules land on a dense base here (e.g. {dense[0]}); start the model with "
+                "the same init first (apply_lora / linear_to_lora_layers with init_lora_weights='loftq')",
+                stacklevel=3,
+            )
+        return plan, {}
+    others = [n for n in manager.list_adapters(model) if n != (name or DEFAULT_ADAPTER)]
+    if todo and others:
+        raise AdapterError(
+            f"{where} records init_lora_weights={init!r}: loading it splits the base weights again, which the "
+            f"model's adapters {others} run on too; load it into a model without them, or save it with "
+            "convert_to_lora=True first"
+        )
+    inits = {p: init_lora(base, m.r, m.scale, init) for p, base, m in todo}
+    if inits:
+        randomized = " (randomized: not exactly the split it was trained on)" if init.startswith("pissa_niter_") else ""
+        warnings.warn(
+            f"{where} records init_lora_weights={init!r}: split the base weight of {len(inits)} modules again, "
+            f"as PEFT does{randomized}; on the original model this gives the trained one",
+            stacklevel=3,
+        )
+    plan = [(p, module, inits[p].base if p in inits else base, m) for p, module, base, m in plan]
+    return plan, inits
 
 
 def _holds_adapter(path: Path) -> bool:

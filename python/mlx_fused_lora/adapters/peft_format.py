@@ -21,10 +21,10 @@ import re
 import warnings
 from pathlib import Path
 
-from ..layers.patterns import PatternError, parse_pattern, pattern_value
+from ..layers.patterns import pattern_value
 from ..layers.tree import lora_scale
 from .adapter_set import AdapterSet, ModuleAdapter, attach_magnitudes, lora_pairs, most_common, split_magnitudes
-from .checks import AdapterError, check_lora_tensor, check_rank, config_field, init_lora_weights_field
+from .checks import AdapterError, check_lora_tensor, check_rank, config_field, init_lora_weights_field, pattern_field
 from .registry import AdapterFormat, load_tensors, read_json, register_format
 
 __all__ = ["PEFT"]
@@ -33,19 +33,6 @@ _PREFIX = "base_model.model."
 _MAGNITUDE = ".lora_magnitude_vector"  # PEFT drops the ".weight" of its DoRA module when saving
 _KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])\.weight$")
 _NAMED = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_[AB]|lora_magnitude_vector)\.(?P<name>[^.]+)(?P<tail>\.weight)?$")
-
-
-def _patterns(config: dict, field: str, kind: str, where: str) -> list:
-    values = config_field(config, field, "dict", where, {}, nullable=True) or {}
-    out = []
-    for key, value in values.items():
-        try:
-            pattern = parse_pattern(key, field, where)
-        except PatternError as e:
-            raise AdapterError(str(e)) from None
-        config_field(values, key, kind, f"{where}: {field}")
-        out.append((pattern, value))
-    return out
 
 
 def _adapter_of(key: str) -> tuple[str, str]:
@@ -102,8 +89,8 @@ def _read(d: Path, adapter_name: str | None = None) -> AdapterSet:
         raise AdapterError(f"{where}: field 'lora_dropout' must be in [0, 1), got {dropout!r}")
     use_rslora = config_field(config, "use_rslora", "bool", where, False)
     init = init_lora_weights_field(config, where)
-    rank_pattern = _patterns(config, "rank_pattern", "rank", where)
-    alpha_pattern = _patterns(config, "alpha_pattern", "float32", where)
+    rank_pattern = pattern_field(config, "rank_pattern", "rank", where)
+    alpha_pattern = pattern_field(config, "alpha_pattern", "float32", where)
     if not isinstance(config.get("target_modules"), str):  # one string: a regex or "all-linear" (never run)
         config_field(config, "target_modules", "str list", where, None, nullable=True)
     weights = d / PEFT.weights_file
