@@ -20,6 +20,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..layers import FusedDoRALinear, FusedLoRALinear
+from ..layers.init import check_init, warn_base_changed
+from ..layers.patterns import check_patterns, module_rank_scale
 from ..layers.tree import (
     freeze_all_but_lora,
     fuse_lora_layers,
@@ -65,6 +67,9 @@ class LoRASettings:
     target_modules: list[str]
     target_layers: object = None
     use_dora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict | None = None
+    alpha_pattern: dict | None = None
 
     @property
     def scale(self) -> float:
@@ -140,6 +145,9 @@ def apply_lora(
     use_rslora: bool = False,
     use_dora: bool = False,
     adapter_name: str = "default",
+    init_lora_weights: bool | str = True,
+    rank_pattern: Mapping | None = None,
+    alpha_pattern: Mapping | None = None,
 ) -> LoRAReport:
     """Replace the targeted linears of a CSM by `FusedLoRALinear` (`FusedDoRALinear` with
     ``use_dora``: DoRA's magnitude ``m`` is trained too) and freeze the rest.
@@ -150,10 +158,15 @@ def apply_lora(
     ``scale = alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``). ``bias=True`` also
     trains the adapted layers' existing biases (CSM's linears have none).
     ``adapter_name`` names the adapter (`mlx_fused_lora.adapters.list_adapters`; PEFT's
-    "default" unless given). Returns and logs the trainable-parameter report.
+    "default" unless given). ``init_lora_weights`` is PEFT's (`layers.init`: pissa, olora and
+    loftq replace the adapted layers' base weights, said once in a warning);
+    ``rank_pattern`` / ``alpha_pattern`` give the modules they name (by path, PEFT's rule:
+    ``v_proj``, ``decoder.layers.0.mlp.up_proj``) another rank or alpha. Returns and logs the
+    trainable-parameter report.
     """
     if r < 1:
         raise ValueError(f"r must be >= 1, got {r}")
+    init_lora_weights = check_init(init_lora_weights, "apply_lora")
     targets = _normalize_targets(target_modules)
     layers = _layers_per_stack(model, target_layers)
     scale = lora_scale(r, alpha, use_rslora)
@@ -168,6 +181,7 @@ def apply_lora(
             for t in targets:
                 if t in LAYER_TARGETS:
                     paths.append(f"{s}.layers.{i}.{LAYER_TARGETS[t]}")
+    check_patterns(rank_pattern, alpha_pattern, "apply_lora", paths)
     modules = dict(model.named_modules())
     replacements = []
     for p in paths:
@@ -176,11 +190,20 @@ def apply_lora(
             raise ValueError(f"{p} already has a LoRA adapter")
         if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
             raise ValueError(f"{p} is a {type(base).__name__}, not a linear layer")
-        layer = layer_class.from_base(base, r=r, dropout=dropout, scale=scale)
+        rank, module_scale = module_rank_scale(
+            p, r, scale, rank_pattern, alpha_pattern, alpha=alpha, use_rslora=use_rslora
+        )
+        layer = layer_class.from_base(
+            base, r=rank, dropout=dropout, scale=module_scale, init_lora_weights=init_lora_weights
+        )
         if adapter_name != "default":
             layer.adapter_name = adapter_name
         replacements.append((p, layer))
     model.update_modules(tree_unflatten(replacements))
+    warn_base_changed(
+        init_lora_weights,
+        sum(layer.lora_init is not None and layer.lora_init.changes_base for _, layer in replacements),
+    )
     freeze_all_but_lora(model, train_bias=bias)
     if bias and not any("bias" in m.linear for _, m in replacements):
         warnings.warn("bias=True but none of the adapted layers has a bias", stacklevel=2)
@@ -193,6 +216,9 @@ def apply_lora(
         target_modules=targets,
         target_layers=target_layers,
         use_dora=use_dora,
+        init_lora_weights=init_lora_weights,
+        rank_pattern=dict(rank_pattern) if rank_pattern else None,
+        alpha_pattern=dict(alpha_pattern) if alpha_pattern else None,
     )
     report = LoRAReport(
         trainable=sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
