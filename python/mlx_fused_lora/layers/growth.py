@@ -29,12 +29,13 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .init import init_lora
 from .named import holders
 from .tree import lora_layers
 
-__all__ = ["RankSchedule", "adapter_rank", "grow_rank"]
+__all__ = ["RankSchedule", "adapter_rank", "grow_rank", "growth_key"]
 
 _ENTRY = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -94,6 +95,12 @@ class RankSchedule:
 
     def __str__(self) -> str:
         return ",".join(f"{r}:{s}" for s, r in ((0, self.start), *self.growths))
+
+
+def growth_key(seed: int, step: int) -> mx.array:
+    """The key a trainer draws step ``step``'s new columns from: a function of the seed and the
+    step alone, so a resumed run draws what the uninterrupted one did, on every data-parallel rank."""
+    return mx.random.key(int(np.random.default_rng([seed, step, 0x6E0]).integers(2**31)))
 
 
 def _count(value) -> bool:
