@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from .cli_args import DefaultsOnceFormatter, OneLineErrorParser, apply_config_file, check_args
+from .cli_args import DefaultsOnceFormatter, OneLineErrorParser, apply_config_file, check_args, pattern_entry
 
 __all__ = ["build_parser", "main"]
 
@@ -135,6 +135,42 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME=PATH",
         help="named adapters loaded frozen and run stacked under the trained one, which is added beside them",
+    )
+    g.add_argument(
+        "--init-lora-weights",
+        default="default",
+        help="how the adapter starts, PEFT's init_lora_weights: default (mlx-lm's), gaussian, pissa, pissa_niter_N "
+        "(randomized SVD, N iterations), olora, loftq (4-bit base); pissa, olora and loftq replace the adapted "
+        "layers' base weights",
+    )
+    g.add_argument(
+        "--rank-pattern",
+        nargs="+",
+        type=pattern_entry(int),
+        default=None,
+        metavar="PATTERN=RANK",
+        help="other ranks for the modules a pattern names (PEFT's rank_pattern: v_proj=4 decoder.layers.0.mlp.up_proj=16)",
+    )
+    g.add_argument(
+        "--alpha-pattern",
+        nargs="+",
+        type=pattern_entry(float),
+        default=None,
+        metavar="PATTERN=ALPHA",
+        help="other alphas for the modules a pattern names (PEFT's alpha_pattern); scale = alpha / rank per module",
+    )
+    g.add_argument(
+        "--rank-schedule",
+        default=None,
+        metavar="RANK:STEP,...",
+        help="grow the adapter's rank during training, e.g. 16:500,32:2000 (from --lora-r at step 0); the optimizer "
+        "keeps its state, the new columns start at zero in lora_b, the saved adapter has the final rank",
+    )
+    g.add_argument(
+        "--convert-to-lora",
+        action="store_true",
+        help="with --init-lora-weights pissa or olora: write the adapter as plain LoRA (rank 2r) of the original "
+        "weights, which loads anywhere (PEFT's path_initial_model_for_weight_conversion)",
     )
     g.add_argument(
         "--lora-layer",
@@ -313,6 +349,10 @@ def _run(args, run: dict) -> int:
             adapter_name=args.adapter_name,
             resume_adapter_file=args.resume_adapter_file,
             frozen_adapters=args.frozen_adapters or (),
+            init_lora_weights=args.init_lora_weights,
+            rank_pattern=dict(args.rank_pattern or ()),
+            alpha_pattern=dict(args.alpha_pattern or ()),
+            rank_schedule=args.rank_schedule,
             learning_rate=args.learning_rate,
             semantic_weight=args.semantic_weight,
             acoustic_weight=args.acoustic_weight,
@@ -350,6 +390,7 @@ def _run(args, run: dict) -> int:
             sample_prompt=args.sample_prompt,
             speaker_id=args.speaker_id,
             overwrite=args.overwrite,
+            convert_to_lora=args.convert_to_lora,
         )
     if world.is_main:
         val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .settings import finite_float32
 
-__all__ = ["OneLineErrorParser", "DefaultsOnceFormatter", "apply_config_file", "check_args"]
+__all__ = ["OneLineErrorParser", "DefaultsOnceFormatter", "pattern_entry", "apply_config_file", "check_args"]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -32,6 +32,24 @@ class DefaultsOnceFormatter(argparse.HelpFormatter):
         return text + " (default: %(default)s)"
 
 
+def pattern_entry(kind):
+    """An argparse ``type`` for ``PATTERN=VALUE`` (``v_proj=4``): a (pattern, ``kind``) pair."""
+
+    def parse(text: str):
+        key, sep, value = str(text).rpartition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected PATTERN=VALUE (e.g. v_proj=4), got {text!r}")
+        try:
+            return key, kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{value!r} in {text!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
+
+    parse.__name__ = "PATTERN=VALUE"
+    return parse
+
+
 def _convert(parser, action, key: str, value, path: Path):
     def bad(why: str):
         parser.error(f"config file {path}: {key}: {why}")
@@ -49,7 +67,7 @@ def _convert(parser, action, key: str, value, path: Path):
         bad(f"expected an integer, got {value!r}")
     try:
         out = kind(value) if kind is not str else str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
         bad(f"expected {getattr(kind, '__name__', 'a value')}, got {value!r}")
     if action.choices is not None and out not in action.choices:
         bad(f"expected one of {', '.join(map(str, action.choices))}, got {value!r}")
@@ -110,6 +128,8 @@ def apply_config_file(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
             parser.error(f"config file {path}: keys {keys[dest]!r} and {key!r} both give {action.option_strings[-1]}")
         keys[dest] = key
         if action.nargs in ("+", "*"):
+            if isinstance(value, dict):  # a pattern map ({v_proj: 4}) as its PATTERN=VALUE flags
+                value = [f"{k}={v}" for k, v in value.items()]
             items = value if isinstance(value, list) else [value]
             defaults[dest] = [_convert(parser, action, f"{key}[{i}]", v, path) for i, v in enumerate(items)]
         else:

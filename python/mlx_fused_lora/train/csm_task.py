@@ -24,6 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..layers.growth import RankSchedule, adapter_rank, grow_rank, growth_key
 from . import loop, outputs
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import (
@@ -169,11 +170,13 @@ class CSMLoRATrainer:
         its LoRA layers); returns the weights file."""
         return outputs.write_merged(self.model, path)[0]
 
-    def save_outputs(self, save_mode: str) -> list[Path]:
-        """``lora``: ``fine_tuned_model.safetensors`` + ``fine_tuned_model_metadata.json``;
+    def save_outputs(self, save_mode: str, convert_to_lora: bool = False) -> list[Path]:
+        """``lora``: ``fine_tuned_model.safetensors`` + ``fine_tuned_model_metadata.json``
+        (``convert_to_lora``: a PiSSA / OLoRA adapter as plain LoRA of the original weights);
         ``full``: the merged model as ``model.safetensors`` + ``config.json``; ``both``.
         Returns every file written."""
-        return outputs.write_outputs(self.model, self.output_dir, save_mode, self.settings.adapter_name)
+        name = self.settings.adapter_name
+        return outputs.write_outputs(self.model, self.output_dir, save_mode, name, convert_to_lora)
 
     # -- samples --
 
@@ -283,6 +286,7 @@ class CSMLoRATrainer:
             "micro_batches_done": micro,
             **self._run_facts(batch_size),
             "rng_key": [int(v) for v in np.array(mx.random.state[0]).reshape(-1)],
+            "lora_rank": adapter_rank(self.model, self.settings.adapter_name),  # grown by --rank-schedule
             "settings": asdict(self.settings),
             "model": self.model_record,
         }
@@ -291,11 +295,30 @@ class CSMLoRATrainer:
         adapters, opt_state, state = load_checkpoint(path)
         run = self._run_facts(batch_size)
         notes = check_resume(state, asdict(self.settings), self.model_record, run)
+        if "lora_rank" in state:  # the rank the adapter had grown to: the checkpoint's tensors have it
+            grow_rank(self.model, int(state["lora_rank"]), optimizer, name=self.settings.adapter_name)
         restore(self.model, optimizer, adapters, opt_state, state["checkpoint_dir"])
         if notes and self.world.is_main:
             log.warning("resuming with changed settings: %s", "; ".join(notes))
         log.info("resumed from %s at step %d", state["checkpoint_dir"], state["step"])
         return int(state["step"]), Path(state["checkpoint_dir"])
+
+    def _grow(self, optimizer):
+        """``prepare_step`` for the loop: the adapter (and the optimizer's moments) grown to the
+        rank ``--rank-schedule`` gives each step; the new columns drawn from (seed, step)."""
+        s = self.settings
+        if s.rank_schedule is None:
+            return None
+        schedule = RankSchedule.parse(s.rank_schedule, s.lora_r)
+
+        def prepare(step: int) -> bool:
+            rank = schedule.rank_at(step)
+            grown = grow_rank(self.model, rank, optimizer, name=s.adapter_name, key=growth_key(s.seed, step))
+            if grown and self.world.is_main:
+                log.info("step %d: LoRA rank %d on %d modules (--rank-schedule %s)", step, rank, grown, schedule)
+            return grown > 0
+
+        return prepare
 
     def train(
         self,
@@ -310,6 +333,7 @@ class CSMLoRATrainer:
         sample_prompt: str = DEFAULT_SAMPLE_PROMPT,
         speaker_id: int = 0,
         overwrite: bool = False,
+        convert_to_lora: bool = False,
     ) -> loop.TrainResult:
         """Train; returns the `TrainResult` (``outputs`` names every file written).
 
@@ -319,7 +343,8 @@ class CSMLoRATrainer:
         `NonFiniteLossError` without saving it. ``overwrite`` lets a new run delete an
         earlier run in ``output_dir`` (refused otherwise). The output folder's lock is held
         throughout: another run into it is refused (`FolderInUseError`). A resumed run
-        with no step left writes only the outputs it lacks.
+        with no step left writes only the outputs it lacks. ``convert_to_lora`` writes a PiSSA /
+        OLoRA adapter as plain LoRA of the original weights (`save_outputs`).
         """
         s, world, model = self.settings, self.world, self.model
         plan = self.plan_run(epochs, batch_size, max_steps)
@@ -379,14 +404,24 @@ class CSMLoRATrainer:
                 metrics=metrics,
                 progress=self.progress,
                 last_checkpoint=resumed,
+                prepare_step=self._grow(optimizer),
             )
             if world.is_main:
                 self._finish(
-                    result, metrics, result.steps > start, save_mode, generate_samples, sample_prompt, speaker_id
+                    result,
+                    metrics,
+                    result.steps > start,
+                    save_mode,
+                    generate_samples,
+                    sample_prompt,
+                    speaker_id,
+                    convert_to_lora,
                 )
             return result
 
-    def _finish(self, result, metrics, trained, save_mode, generate_samples, sample_prompt, speaker_id) -> None:
+    def _finish(
+        self, result, metrics, trained, save_mode, generate_samples, sample_prompt, speaker_id, convert_to_lora
+    ) -> None:
         """The outputs after the loop: all of them after training; only the missing ones when a
         finished run was resumed (its sample is not generated again); none when interrupted."""
         if result.checkpoint is not None:
@@ -396,7 +431,7 @@ class CSMLoRATrainer:
             model_files = outputs.expected_outputs(self.output_dir, save_mode, sample=False, codec=False)
             if trained or not all(p.is_file() for p in model_files):
                 self.stage = "writing the outputs"
-                result.outputs += self.save_outputs(save_mode)
+                result.outputs += self.save_outputs(save_mode, convert_to_lora)
             if generate_samples and (
                 trained or not outputs.sample_file(self.output_dir, self.codec is not None).is_file()
             ):

@@ -183,13 +183,17 @@ def train(
     metrics: MetricsLog | None = None,
     progress: bool = True,
     last_checkpoint: Path | None = None,
+    prepare_step: Callable[[int], bool] | None = None,
 ) -> TrainResult:
     """Run steps ``settings.start_step .. settings.steps``; returns the `TrainResult`.
 
     ``save(step)`` writes a checkpoint and returns its path (None on ranks that do not
     write); ``evaluate()`` gives the validation loss; ``last_checkpoint`` is the one the
-    run resumed from (at ``start_step``). A non-finite loss or trained tensor raises
-    `NonFiniteLossError` naming the newest checkpoint whose parameters gave a finite loss.
+    run resumed from (at ``start_step``). ``prepare_step(step)`` runs before each step (a
+    rank growth, `layers.growth`); it returns True when it changed the trained arrays' shapes,
+    so the compiled step traces again and that step is not timed. A non-finite loss or
+    trained tensor raises `NonFiniteLossError` naming the newest checkpoint whose parameters
+    gave a finite loss.
     """
     world = world or init_world()
     s, start = settings, settings.start_step
@@ -234,6 +238,7 @@ def train(
                 result.interrupted = True
                 break
             t0 = time.perf_counter()
+            reshaped = bool(prepare_step(step)) if prepare_step is not None else False
             mx.random.seed(step_seed(s.seed, step, world.rank))
             grad, shapes, outs, tokens = None, [], [], 0.0
             for a in range(A):
@@ -250,7 +255,9 @@ def train(
                 raise _non_finite_loss(loss, step + 1, checkpoints)
             tokens *= world.size
             all_steps, all_s, all_tokens = all_steps + 1, all_s + dt, all_tokens + tokens
-            if all(sh in seen_shapes for sh in shapes):  # steps that compiled a new graph are not timed
+            if not reshaped and all(
+                sh in seen_shapes for sh in shapes
+            ):  # steps that compiled a new graph are not timed
                 timed_steps, timed_s, timed_tokens = timed_steps + 1, timed_s + dt, timed_tokens + tokens
             seen_shapes.update(shapes)
             done = step + 1

@@ -41,6 +41,9 @@ def load_model_for_lora(model_path: Path, s: TrainSettings) -> tuple[nn.Module, 
         dropout=s.lora_dropout,
         bias=s.lora_bias,
         adapter_name=s.adapter_name,
+        init_lora_weights=s.init_lora_weights,
+        rank_pattern=s.rank_pattern,
+        alpha_pattern=s.alpha_pattern,
     )
     if s.resume_adapter_file:
         start_from_adapter(model, s.resume_adapter_file, s.adapter_name)
@@ -88,7 +91,7 @@ def use_plain_lora_layers(model: nn.Module, train_bias: bool = False) -> None:
     swapped = []
     for name, layer in lora_layers(model):
         plain = cls.from_base(layer.linear, r=layer.lora_a.shape[1], dropout=lora_dropout_p(layer), scale=layer.scale)
-        plain.lora_a, plain.lora_b = layer.lora_a, layer.lora_b
+        plain.lora_a, plain.lora_b, plain.lora_init = layer.lora_a, layer.lora_b, layer.lora_init
         swapped.append((name, plain))
     model.update_modules(tree_unflatten(swapped))
     freeze_all_but_lora(model, train_bias=train_bias)

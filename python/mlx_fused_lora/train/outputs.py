@@ -69,13 +69,20 @@ def check_lora_target(path: str | Path, format: str = "csm-cli") -> None:
     check_write_target(path, format)
 
 
-def write_lora(model: nn.Module, path: str | Path, format: str = "csm-cli", name: str | None = None) -> list[Path]:
+def write_lora(
+    model: nn.Module, path: str | Path, format: str = "csm-cli", name: str | None = None, convert_to_lora: bool = False
+) -> list[Path]:
     """The adapters (``name``: that one alone) in directory ``path`` (each file replaced whole);
-    returns the files, weights first."""
+    ``convert_to_lora``: a PiSSA / OLoRA adapter as plain LoRA of the original weights
+    (`adapters.save_adapters`). Returns the files, weights first."""
     from ..adapters import save_adapters
 
     check_lora_target(path, format)
-    return _weights_first(atomic_write_dir(path, lambda tmp: save_adapters(model, tmp, format=format, name=name)))
+
+    def write(tmp):
+        return save_adapters(model, tmp, format=format, name=name, convert_to_lora=convert_to_lora or None)
+
+    return _weights_first(atomic_write_dir(path, write))
 
 
 def write_merged(model: nn.Module, path: str | Path) -> list[Path]:
@@ -91,15 +98,21 @@ def write_merged(model: nn.Module, path: str | Path) -> list[Path]:
 
 
 def write_outputs(
-    model: nn.Module, output_dir: str | Path, save_mode: str, adapter_name: str | None = None
+    model: nn.Module,
+    output_dir: str | Path,
+    save_mode: str,
+    adapter_name: str | None = None,
+    convert_to_lora: bool = False,
 ) -> list[Path]:
-    """``lora``: the adapters (``adapter_name``: that one); ``full``: the merged model (the
-    adapters that run folded in); ``both``. Returns every file written."""
+    """``lora``: the adapters (``adapter_name``: that one; ``convert_to_lora``: see `write_lora`);
+    ``full``: the merged model (the adapters that run folded into their bases: for an init
+    that split W, its residual, which gives the trained model's weights); ``both``. Returns
+    every file written."""
     if save_mode not in SAVE_MODES:
         raise ValueError(f"save_mode must be lora, full or both, got {save_mode!r}")
     out = []
     if save_mode in ("lora", "both"):
-        out += write_lora(model, output_dir, name=adapter_name)
+        out += write_lora(model, output_dir, name=adapter_name, convert_to_lora=convert_to_lora)
     if save_mode in ("full", "both"):
         out += write_merged(model, output_dir)
     return out

@@ -55,9 +55,19 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # settings a resumed run must share with its checkpoint: they fix what the adapters are
-MUST_MATCH = ("lora_r", "lora_alpha", "target_modules", "target_layers", "lora_bias")
+MUST_MATCH = (
+    "lora_r",
+    "lora_alpha",
+    "target_modules",
+    "target_layers",
+    "lora_bias",
+    "init_lora_weights",
+    "rank_pattern",
+    "alpha_pattern",
+    "rank_schedule",
+)
 # settings that only steer the optimization: a change is stated, not refused
-_FLAG = {k: "--" + k.replace("_", "-") for k in ("lora_r", "lora_alpha", "target_modules", "target_layers")}
+_FLAG = {k: "--" + k.replace("_", "-") for k in MUST_MATCH if k != "lora_bias"}
 
 
 class OutputDirError(ValueError):

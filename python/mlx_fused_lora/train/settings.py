@@ -11,6 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..layers.growth import RankSchedule
+from ..layers.init import check_init, init_changes_base
+from ..layers.patterns import check_patterns
+
 __all__ = ["TrainSettings", "RunPlan", "plan_steps", "finite_float32"]
 
 
@@ -63,6 +67,10 @@ class TrainSettings:
     adapter_name: str = "default"  # the trained adapter's name (`adapters.list_adapters`)
     resume_adapter_file: str | None = None  # its starting weights (mlx-lm's flag); the run's rank and targets
     frozen_adapters: Sequence[str] = ()  # "NAME=PATH": loaded frozen, running stacked under the trained one
+    init_lora_weights: bool | str = True  # PEFT's: how the adapter starts (`layers.init`)
+    rank_pattern: dict | None = None  # {module-path pattern: rank} (`layers.patterns`)
+    alpha_pattern: dict | None = None  # {module-path pattern: alpha}
+    rank_schedule: str | None = None  # "rank:step,...": the adapter's rank grows (`layers.growth`)
 
     def __post_init__(self):
         if self.lora_layer not in ("fused", "plain"):
@@ -97,6 +105,21 @@ class TrainSettings:
                 raise ValueError(f"frozen adapter {name!r} has the trained adapter's name (--adapter-name)")
         if (self.frozen_adapters or self.adapter_name != "default") and self.lora_layer != "fused":
             raise ValueError("named and frozen adapters need the fused layers (lora_layer 'fused')")
+        self.init_lora_weights = check_init(self.init_lora_weights, "--init-lora-weights")
+        check_patterns(self.rank_pattern, self.alpha_pattern, "--rank-pattern / --alpha-pattern")
+        self.rank_pattern, self.alpha_pattern = (
+            dict(self.rank_pattern or {}) or None,
+            dict(self.alpha_pattern or {}) or None,
+        )
+        if self.rank_schedule is not None:
+            self.rank_schedule = str(RankSchedule.parse(self.rank_schedule, int(self.lora_r)))
+            if self.rank_pattern:
+                raise ValueError("--rank-schedule grows one rank for every module; it cannot follow --rank-pattern")
+            if init_changes_base(self.init_lora_weights):
+                raise ValueError(
+                    f"--rank-schedule needs an init that leaves the base alone (default, gaussian), not "
+                    f"{self.init_lora_weights!r}: a larger rank would have to move more of W out of the base mid-run"
+                )
 
 
 @dataclass
