@@ -5,17 +5,31 @@
 ``LoRALinear`` becomes a ``FusedLoRALinear`` instead, and with ``--fine-tune-type dora``
 every ``DoRALinear`` a ``FusedDoRALinear`` (same parameter names, so adapters are
 interchangeable with plain mlx-lm's). It needs mlx-lm: ``pip install "mlx-fused-lora[lm]"``.
+
+Beyond mlx-lm's arguments it takes PEFT's ``--init-lora-weights``, ``--rank-pattern`` and
+``--alpha-pattern`` (or those keys in the config file's ``lora_parameters``, where mlx-lm keeps
+its LoRA settings and where they are saved), ``--rank-schedule`` (a rank that grows during
+training, `layers.growth`) and ``--convert-to-lora`` (a PiSSA / OLoRA adapter written as plain
+LoRA of the original weights). While the command runs, mlx-lm's ``linear_to_lora_layers`` is
+ours (`layers.convert`, which reads those keys), also for ``--test``'s ``load_adapters``.
 """
 
+import contextlib
+import json
 import sys
+from functools import partial
+from pathlib import Path
 
 if __name__ == "__main__":  # `python -m`: MLX's matmuls on OpenBLAS, before .layers loads mlx.core
     from .fast_blas import enable_for_cli
 
     sys.argv[1:] = enable_for_cli(sys.argv[1:])
 
-from .layers import FusedLoRALinear  # noqa: E402
+from .layers import FusedLoRALinear, linear_to_lora_layers  # noqa: E402
 from .layers.fused_dora_linear import FusedDoRALinear  # noqa: E402
+from .layers.growth import RankSchedule, adapter_rank, grow_rank, growth_key  # noqa: E402
+from .layers.init import check_init, init_changes_base  # noqa: E402
+from .layers.patterns import check_patterns  # noqa: E402
 from .layers.tree import lora_layers  # noqa: E402
 
 INSTALL_HINT = 'pip install "mlx-fused-lora[lm]"'
@@ -100,11 +114,8 @@ def unpatch_mlx_lm():
             setattr(sys.modules[module], name, current.original)
 
 
-def _report_fused_layers(lora_module):
-    """Wrap mlx_lm.lora's linear_to_lora_layers to say, once per call, which fused layers it built."""
-    convert = lora_module.linear_to_lora_layers
-    if getattr(convert, "reports_fused_layers", False):
-        return
+def _reporting(convert):
+    """``convert`` (a ``linear_to_lora_layers``) saying, once per call, which fused layers it built."""
 
     def linear_to_lora_layers(model, *args, **kwargs):
         result = convert(model, *args, **kwargs)
@@ -116,8 +127,153 @@ def _report_fused_layers(lora_module):
         print(f"fused LoRA layers: {kinds or 'none'}", flush=True)
         return result
 
-    linear_to_lora_layers.reports_fused_layers = True
-    lora_module.linear_to_lora_layers = linear_to_lora_layers
+    return linear_to_lora_layers
+
+
+OPTIONS = ("init_lora_weights", "rank_pattern", "alpha_pattern")  # kept in lora_parameters, as mlx-lm keeps its own
+
+
+def _add_options(build_parser):
+    """mlx-lm's ``build_parser`` with this package's options added (defaults None, as mlx-lm's
+    own, so a config file can give them)."""
+
+    def build():
+        from .train.cli_args import pattern_entry
+
+        parser = build_parser()
+        g = parser.add_argument_group("mlx-fused-lora: how the adapters start and grow")
+        g.add_argument(
+            "--init-lora-weights",
+            default=None,
+            help="PEFT's init: default, gaussian, pissa, pissa_niter_N, olora, loftq (pissa, olora, loftq "
+            "replace the adapted layers' base weights)",
+        )
+        g.add_argument("--rank-pattern", nargs="+", type=pattern_entry(int), metavar="PATTERN=RANK", default=None)
+        g.add_argument("--alpha-pattern", nargs="+", type=pattern_entry(float), metavar="PATTERN=ALPHA", default=None)
+        g.add_argument(
+            "--rank-schedule",
+            default=None,
+            metavar="RANK:STEP,...",
+            help="grow the adapters' rank during training, e.g. 16:200,32:600 (from lora_parameters' rank)",
+        )
+        g.add_argument(
+            "--convert-to-lora",
+            action="store_true",
+            default=None,
+            help="write a pissa / olora adapter as plain LoRA (rank 2r) of the original weights at the end",
+        )
+        return parser
+
+    return build
+
+
+def _lora_parameters(args) -> dict:
+    """mlx-lm's ``lora_parameters`` (a copy: its default dict is shared) with this package's
+    options moved in from the command line, checked; returns it."""
+    params = dict(args.lora_parameters or {})
+    for key in OPTIONS:
+        value = getattr(args, key, None)
+        if value is not None:
+            params[key] = value if key == "init_lora_weights" else dict(value)
+        if hasattr(args, key):
+            delattr(args, key)  # saved once, in lora_parameters
+    init = check_init(params.pop("init_lora_weights", True), "--init-lora-weights")
+    if init is not True:
+        params["init_lora_weights"] = init
+    check_patterns(params.get("rank_pattern"), params.get("alpha_pattern"), "--rank-pattern / --alpha-pattern")
+    return params
+
+
+def _schedule(args, params) -> RankSchedule | None:
+    if getattr(args, "rank_schedule", None) is None:
+        return None
+    schedule = RankSchedule.parse(args.rank_schedule, int(params.get("rank", 8)))
+    if params.get("rank_pattern"):
+        raise ValueError("--rank-schedule grows one rank for every module; it cannot follow --rank-pattern")
+    init = params.get("init_lora_weights", True)
+    if init_changes_base(init):
+        raise ValueError(f"--rank-schedule needs the default or gaussian init, not {init!r}")
+    return schedule
+
+
+def _growing(iterate_batches, model, optimizer, schedule: RankSchedule, accumulation: int, seed: int):
+    """mlx-lm's ``iterate_batches`` that, before the training batch of each optimizer step, grows
+    the adapters to the rank ``schedule`` gives that step (a shape change: mlx-lm's compiled step
+    traces again then, and only then)."""
+
+    def batches(*args, **kwargs):
+        if not kwargs.get("loop", False):  # validation and test batches
+            yield from iterate_batches(*args, **kwargs)
+            return
+        for i, batch in enumerate(iterate_batches(*args, **kwargs)):
+            step = i // accumulation
+            if i % accumulation == 0:
+                if grow_rank(model, schedule.rank_at(step), optimizer, key=growth_key(seed, step)):
+                    print(f"step {step}: LoRA rank {schedule.rank_at(step)} (--rank-schedule {schedule})", flush=True)
+            yield batch
+
+    return batches
+
+
+def _train_growing(train, schedule, seed, *args, model, optimizer, iterate_batches=None, **kwargs):
+    from mlx_lm.tuner import trainer
+
+    accumulation = kwargs["args"].grad_accumulation_steps
+    batches = _growing(iterate_batches or trainer.iterate_batches, model, optimizer, schedule, accumulation, seed)
+    return train(*args, model=model, optimizer=optimizer, iterate_batches=batches, **kwargs)
+
+
+def _train_model(lora_module, train_model):
+    """mlx-lm's ``train_model`` with this package's options: into ``lora_parameters`` before the
+    layers are built; a rank schedule around mlx-lm's ``train``; afterwards the saved config's
+    rank made the grown one, and ``--convert-to-lora``."""
+
+    def run(args, model, *rest, **kwargs):
+        args.lora_parameters = params = _lora_parameters(args)
+        schedule = _schedule(args, params)
+        train = lora_module.train
+        if schedule is not None:
+            lora_module.train = partial(_train_growing, train, schedule, args.seed)
+        try:
+            result = train_model(args, model, *rest, **kwargs)
+        finally:
+            lora_module.train = train
+        adapter_path = Path(args.adapter_path)
+        if schedule is not None:
+            config = json.loads((adapter_path / "adapter_config.json").read_text())
+            config["lora_parameters"]["rank"] = adapter_rank(model)  # the file's tensors have the grown rank
+            (adapter_path / "adapter_config.json").write_text(json.dumps(config, indent=4))
+        if getattr(args, "convert_to_lora", None):
+            from .adapters import save_adapters
+
+            save_adapters(model, adapter_path, "mlx-lm", convert_to_lora=True)
+            print(
+                f"wrote {adapter_path}: the {params['init_lora_weights']} adapter as plain LoRA of the original weights"
+            )
+        return result
+
+    return run
+
+
+@contextlib.contextmanager
+def _our_lora_options(lora_module):
+    """While the command runs: mlx-lm's parser with our options, its ``linear_to_lora_layers``
+    ours (in ``mlx_lm.lora`` and in ``mlx_lm.tuner.utils``, which its ``load_adapters`` uses),
+    its ``train_model`` taking our options."""
+    utils = sys.modules["mlx_lm.tuner.utils"]
+    saved = [
+        (lora_module, n, getattr(lora_module, n)) for n in ("build_parser", "linear_to_lora_layers", "train_model")
+    ]
+    saved.append((utils, "linear_to_lora_layers", utils.linear_to_lora_layers))
+    lora_module.build_parser = _add_options(lora_module.build_parser)
+    lora_module.linear_to_lora_layers = _reporting(linear_to_lora_layers)
+    utils.linear_to_lora_layers = linear_to_lora_layers
+    lora_module.train_model = _train_model(lora_module, lora_module.train_model)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def main(argv=None):
@@ -125,16 +281,16 @@ def main(argv=None):
     patch_mlx_lm()
     from mlx_lm import lora
 
-    _report_fused_layers(lora)
-    if argv is None:
-        return lora.main()
-    # mlx_lm.lora.main() parses sys.argv; lend it argv and give the caller's back.
-    saved = sys.argv
-    sys.argv = [saved[0] if saved else "mlx_fused_lora.lm_lora", *argv]
-    try:
-        return lora.main()
-    finally:
-        sys.argv = saved
+    with _our_lora_options(lora):
+        if argv is None:
+            return lora.main()
+        # mlx_lm.lora.main() parses sys.argv; lend it argv and give the caller's back.
+        saved = sys.argv
+        sys.argv = [saved[0] if saved else "mlx_fused_lora.lm_lora", *argv]
+        try:
+            return lora.main()
+        finally:
+            sys.argv = saved
 
 
 if __name__ == "__main__":
