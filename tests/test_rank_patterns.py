@@ -4,8 +4,10 @@ alpha_pattern keys with the matcher the PEFT reader uses, and what it gives roun
 import json
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_fused_lora.adapters import AdapterSet, ModuleAdapter, read_adapters, write_adapters
+from mlx_fused_lora.bench import peft_peer
 from mlx_fused_lora.layers import lora_scale, module_rank_alpha
 from mlx_fused_lora.layers.patterns import PatternError
 
@@ -73,3 +75,78 @@ def test_the_resolved_ranks_and_scales_round_trip_through_the_formats(tmp_path, 
 def test_bad_patterns_are_refused_naming_the_field_and_key(rank_pattern, alpha_pattern, message):
     with pytest.raises(PatternError, match=message):
         module_rank_alpha("model.layers.0.self_attn.q_proj", 8, 16.0, rank_pattern, alpha_pattern)
+
+
+def peft_ranks_and_scales(adapter_dir, modules) -> dict:
+    """PEFT's own reading of a PEFT adapter folder: {path: (r, scaling, its delta s·(B A)ᵀ in our
+    layout)} for ``modules`` ({path: (in, out)}), loaded onto a torch module tree of those paths."""
+    torch = peft_peer.import_torch()
+    from peft import PeftModel
+
+    root = torch.nn.Module()
+    for path, (in_dims, out_dims) in modules.items():
+        parent = root
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, torch.nn.Linear(in_dims, out_dims, bias=False))
+    model = PeftModel.from_pretrained(root, str(adapter_dir))
+    out = {}
+    for path in modules:
+        layer = model.base_model.model.get_submodule(path)
+        a, b = (w["default"].weight.detach().numpy() for w in (layer.lora_A, layer.lora_B))
+        out[path] = (a.shape[0], float(layer.scaling["default"]), layer.scaling["default"] * (b @ a).T)
+    return out
+
+
+def check_in_peft(adapter_dir, adapters):
+    """PEFT loads the folder with every module's rank and scale, and the same delta as ours."""
+    shapes = {p: (m.lora_a.shape[0], m.lora_b.shape[1]) for p, m in adapters.modules.items()}
+    for path, (r, scaling, delta) in peft_ranks_and_scales(adapter_dir, shapes).items():
+        m = adapters.modules[path]
+        assert (r, scaling) == (m.r, pytest.approx(m.scale)), path
+        np.testing.assert_allclose(delta, m.scale * np.array(m.lora_a @ m.lora_b), rtol=1e-5, atol=1e-6)
+
+
+def expected_csm(path):
+    """The (rank, alpha) the finetune run below gives a module, written out by hand."""
+    rank = 2 if path == "decoder.layers.1.self_attn.q_proj" else 4 if "v_proj" in path else 8
+    return rank, 64.0 if "up_proj" in path else 16.0
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """``finetune`` with patterns from flags, and from a config file's maps; the second's adapter
+    converted to PEFT's format: {"flags": dir, "file": dir, "peft": dir}."""
+    from mlx_fused_lora.adapters import convert_adapter
+    from mlx_fused_lora.train.cli import main as finetune
+    from train_helpers import finetune_args, write_tiny_run
+
+    tmp = tmp_path_factory.mktemp("patterns")
+    root, model_dir, audio = write_tiny_run(tmp, 4)
+    config = tmp / "run.yaml"
+    config.write_text("rank_pattern: {v_proj: 4, decoder.layers.1.self_attn.q_proj: 2}\nalpha_pattern: {up_proj: 64}\n")
+    common = ["--max-steps", "2", "--val-every", "0", "--target-modules", "q_proj", "v_proj", "up_proj"]
+    flags = ["--rank-pattern", "v_proj=4", "decoder.layers.1.self_attn.q_proj=2", "--alpha-pattern", "up_proj=64"]
+    dirs = {"flags": tmp / "flags", "file": tmp / "file", "peft": tmp / "peft"}
+    for name, extra in (("flags", flags), ("file", ["-c", str(config)])):
+        assert finetune(finetune_args(model_dir, audio, dirs[name], *common, *extra)) == 0
+    convert_adapter(dirs["file"], dirs["peft"], "peft")
+    assert finetune(finetune_args(model_dir, audio, tmp / "typo", *common, "--rank-pattern", "v_prj=4")) == 1
+    return dirs
+
+
+def test_finetune_patterns_from_flags_and_a_config_file_reach_every_module(finetuned):
+    for name in ("flags", "file", "peft"):
+        adapters = read_adapters(finetuned[name])[0]
+        assert len(adapters.modules) == 12
+        for path, m in adapters.modules.items():
+            rank, alpha = expected_csm(path)
+            assert (m.r, m.scale) == (rank, alpha / rank), (name, path)
+
+
+@pytest.mark.skipif(not peft_peer.available(), reason="needs torch and peft (pip install '.[peft]')")
+def test_finetune_patterns_load_in_peft(finetuned):
+    check_in_peft(finetuned["peft"], read_adapters(finetuned["peft"])[0])
