@@ -138,29 +138,11 @@ def _add_options(build_parser):
     own, so a config file can give them)."""
 
     def build():
-        from .train.cli_args import pattern_entry
+        from .train.cli_args import add_start_and_growth_flags
 
         parser = build_parser()
-        g = parser.add_argument_group("mlx-fused-lora: how the adapters start and grow")
-        g.add_argument(
-            "--init-lora-weights",
-            default=None,
-            help="PEFT's init: default, gaussian, pissa, pissa_niter_N, olora, loftq (pissa, olora, loftq "
-            "replace the adapted layers' base weights)",
-        )
-        g.add_argument("--rank-pattern", nargs="+", type=pattern_entry(int), metavar="PATTERN=RANK", default=None)
-        g.add_argument("--alpha-pattern", nargs="+", type=pattern_entry(float), metavar="PATTERN=ALPHA", default=None)
-        g.add_argument(
-            "--rank-schedule",
-            default=None,
-            metavar="RANK:STEP,...",
-            help="grow the adapters' rank during training, e.g. 16:200,32:600 (from lora_parameters' rank)",
-        )
-        g.add_argument(
-            "--convert-to-lora",
-            action="store_true",
-            default=None,
-            help="write a pissa / olora adapter as plain LoRA (rank 2r) of the original weights at the end",
+        add_start_and_growth_flags(
+            parser.add_argument_group("mlx-fused-lora: how the adapters start and grow"), config_defaults=True
         )
         return parser
 

@@ -17,7 +17,13 @@ import argparse
 import logging
 import sys
 
-from .cli_args import DefaultsOnceFormatter, OneLineErrorParser, apply_config_file, check_args, pattern_entry
+from .cli_args import (
+    DefaultsOnceFormatter,
+    OneLineErrorParser,
+    add_start_and_growth_flags,
+    apply_config_file,
+    check_args,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -136,42 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="named adapters loaded frozen and run stacked under the trained one, which is added beside them",
     )
-    g.add_argument(
-        "--init-lora-weights",
-        default="default",
-        help="how the adapter starts, PEFT's init_lora_weights: default (mlx-lm's), gaussian, pissa, pissa_niter_N "
-        "(randomized SVD, N iterations), olora, loftq (4-bit base); pissa, olora and loftq replace the adapted "
-        "layers' base weights",
-    )
-    g.add_argument(
-        "--rank-pattern",
-        nargs="+",
-        type=pattern_entry(int),
-        default=None,
-        metavar="PATTERN=RANK",
-        help="other ranks for the modules a pattern names (PEFT's rank_pattern: v_proj=4 decoder.layers.0.mlp.up_proj=16)",
-    )
-    g.add_argument(
-        "--alpha-pattern",
-        nargs="+",
-        type=pattern_entry(float),
-        default=None,
-        metavar="PATTERN=ALPHA",
-        help="other alphas for the modules a pattern names (PEFT's alpha_pattern); scale = alpha / rank per module",
-    )
-    g.add_argument(
-        "--rank-schedule",
-        default=None,
-        metavar="RANK:STEP,...",
-        help="grow the adapter's rank during training, e.g. 16:500,32:2000 (from --lora-r at step 0); the optimizer "
-        "keeps its state, the new columns start at zero in lora_b, the saved adapter has the final rank",
-    )
-    g.add_argument(
-        "--convert-to-lora",
-        action="store_true",
-        help="with --init-lora-weights pissa or olora: write the adapter as plain LoRA (rank 2r) of the original "
-        "weights, which loads anywhere (PEFT's path_initial_model_for_weight_conversion)",
-    )
+    add_start_and_growth_flags(g)
     g.add_argument(
         "--lora-layer",
         choices=["fused", "plain"],

@@ -7,7 +7,14 @@ from pathlib import Path
 
 from .settings import finite_float32
 
-__all__ = ["OneLineErrorParser", "DefaultsOnceFormatter", "pattern_entry", "apply_config_file", "check_args"]
+__all__ = [
+    "OneLineErrorParser",
+    "DefaultsOnceFormatter",
+    "pattern_entry",
+    "add_start_and_growth_flags",
+    "apply_config_file",
+    "check_args",
+]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -48,6 +55,43 @@ def pattern_entry(kind):
 
     parse.__name__ = "PATTERN=VALUE"
     return parse
+
+
+def add_start_and_growth_flags(group, *, config_defaults: bool = False) -> None:
+    """``--init-lora-weights``, ``--rank-pattern``, ``--alpha-pattern``, ``--rank-schedule`` and
+    ``--convert-to-lora``: how an adapter starts and grows, for ``finetune`` and ``lm_lora``
+    (``config_defaults``: every default None, so mlx-lm's config file can give them)."""
+    group.add_argument(
+        "--init-lora-weights",
+        default=None if config_defaults else "default",
+        help="how the adapter starts, PEFT's init_lora_weights: default (mlx-lm's), gaussian, pissa, pissa_niter_N "
+        "(randomized SVD, N iterations), olora, loftq (4-bit base); pissa, olora and loftq replace the adapted "
+        "layers' base weights",
+    )
+    for flag, kind, what in (("--rank-pattern", int, "RANK"), ("--alpha-pattern", float, "ALPHA")):
+        group.add_argument(
+            flag,
+            nargs="+",
+            type=pattern_entry(kind),
+            default=None,
+            metavar=f"PATTERN={what}",
+            help=f"other {what.lower()}s for the modules a pattern names (PEFT's {flag[2:].replace('-', '_')}: "
+            "v_proj=4 decoder.layers.0.mlp.up_proj=16); a module's scale is its alpha over its rank",
+        )
+    group.add_argument(
+        "--rank-schedule",
+        default=None,
+        metavar="RANK:STEP,...",
+        help="grow the adapter's rank during training, e.g. 16:500,32:2000 (from the adapter's rank at step 0); "
+        "the optimizer keeps its state, the new columns start at zero in lora_b, the saved adapter has the final rank",
+    )
+    group.add_argument(
+        "--convert-to-lora",
+        action="store_true",
+        default=None if config_defaults else False,
+        help="with --init-lora-weights pissa or olora: write the adapter as plain LoRA (rank 2r) of the original "
+        "weights, which loads anywhere (PEFT's path_initial_model_for_weight_conversion)",
+    )
 
 
 def _convert(parser, action, key: str, value, path: Path):
