@@ -16,6 +16,7 @@ from test_rank_patterns import check_in_peft
 
 pytest.importorskip("mlx_lm")
 
+from mlx_fused_lora.lm_lora import PATCHED_NAMES, _import_mlx_lm_tuner  # noqa: E402
 from mlx_fused_lora.lm_lora import main as lm_lora  # noqa: E402
 
 TRAIN = ["--train", "--iters", "6", "--batch-size", "4", "--num-layers", "2", "--learning-rate", "2e-3"]
@@ -28,11 +29,20 @@ def example(tmp_path_factory):
 
 
 def run(example, adapters, *args) -> str:
-    """The command's output (mlx-lm prints its report; our lines go there too)."""
+    """The command's output (mlx-lm prints its report; our lines go there too). mlx-lm's class
+    names, which the command patches for good, are given back: later tests build mlx-lm's own."""
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the inits' warning about the base (tests/test_init_wiring.py reads it)
-        lm_lora(["--model", str(example.model), "--data", str(example.data), "--adapter-path", str(adapters), *args])
+    modules = _import_mlx_lm_tuner()
+    names = [(modules[module], name) for module, name in PATCHED_NAMES]
+    saved = [(module, name, getattr(module, name)) for module, name in names]
+    try:
+        with contextlib.redirect_stdout(out), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the inits' warning about the base (tests/test_init_wiring.py reads it)
+            args = ["--model", str(example.model), "--data", str(example.data), "--adapter-path", str(adapters), *args]
+            lm_lora(args)
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
     return out.getvalue()
 
 

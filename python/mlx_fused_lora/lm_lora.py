@@ -27,8 +27,8 @@ if __name__ == "__main__":  # `python -m`: MLX's matmuls on OpenBLAS, before .la
 
 from .layers import FusedLoRALinear, linear_to_lora_layers  # noqa: E402
 from .layers.fused_dora_linear import FusedDoRALinear  # noqa: E402
-from .layers.growth import RankSchedule, adapter_rank, grow_rank, growth_key  # noqa: E402
-from .layers.init import check_init, init_changes_base  # noqa: E402
+from .layers.growth import RankSchedule, adapter_rank, growing, rank_schedule  # noqa: E402
+from .layers.init import check_init  # noqa: E402
 from .layers.patterns import check_patterns  # noqa: E402
 from .layers.tree import lora_layers  # noqa: E402
 
@@ -169,29 +169,22 @@ def _lora_parameters(args) -> dict:
 def _schedule(args, params) -> RankSchedule | None:
     if getattr(args, "rank_schedule", None) is None:
         return None
-    schedule = RankSchedule.parse(args.rank_schedule, int(params.get("rank", 8)))
-    if params.get("rank_pattern"):
-        raise ValueError("--rank-schedule grows one rank for every module; it cannot follow --rank-pattern")
     init = params.get("init_lora_weights", True)
-    if init_changes_base(init):
-        raise ValueError(f"--rank-schedule needs the default or gaussian init, not {init!r}")
-    return schedule
+    return rank_schedule(args.rank_schedule, params.get("rank", 8), init, params.get("rank_pattern"))
 
 
-def _growing(iterate_batches, model, optimizer, schedule: RankSchedule, accumulation: int, seed: int):
-    """mlx-lm's ``iterate_batches`` that, before the training batch of each optimizer step, grows
-    the adapters to the rank ``schedule`` gives that step (a shape change: mlx-lm's compiled step
-    traces again then, and only then)."""
+def _growing(iterate_batches, grow, accumulation: int):
+    """mlx-lm's ``iterate_batches`` that runs ``grow(step)`` (`layers.growth.growing`) before the
+    first training batch of each optimizer step: a growth changes shapes, so mlx-lm's compiled
+    step traces again then, and only then."""
 
     def batches(*args, **kwargs):
         if not kwargs.get("loop", False):  # validation and test batches
             yield from iterate_batches(*args, **kwargs)
             return
         for i, batch in enumerate(iterate_batches(*args, **kwargs)):
-            step = i // accumulation
             if i % accumulation == 0:
-                if grow_rank(model, schedule.rank_at(step), optimizer, key=growth_key(seed, step)):
-                    print(f"step {step}: LoRA rank {schedule.rank_at(step)} (--rank-schedule {schedule})", flush=True)
+                grow(i // accumulation)
             yield batch
 
     return batches
@@ -200,8 +193,8 @@ def _growing(iterate_batches, model, optimizer, schedule: RankSchedule, accumula
 def _train_growing(train, schedule, seed, *args, model, optimizer, iterate_batches=None, **kwargs):
     from mlx_lm.tuner import trainer
 
-    accumulation = kwargs["args"].grad_accumulation_steps
-    batches = _growing(iterate_batches or trainer.iterate_batches, model, optimizer, schedule, accumulation, seed)
+    grow = growing(model, schedule, optimizer, seed=seed, say=partial(print, flush=True))
+    batches = _growing(iterate_batches or trainer.iterate_batches, grow, kwargs["args"].grad_accumulation_steps)
     return train(*args, model=model, optimizer=optimizer, iterate_batches=batches, **kwargs)
 
 
@@ -229,9 +222,8 @@ def _train_model(lora_module, train_model):
             from .adapters import save_adapters
 
             save_adapters(model, adapter_path, "mlx-lm", convert_to_lora=True)
-            print(
-                f"wrote {adapter_path}: the {params['init_lora_weights']} adapter as plain LoRA of the original weights"
-            )
+            init = params.get("init_lora_weights")  # save_adapters refused any init it cannot convert
+            print(f"wrote {adapter_path}: the {init} adapter as plain LoRA of the original weights", flush=True)
         return result
 
     return run

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import mlx.nn as nn
 
-from .fold import fold_lora
-from .init import LoRAInit, base_dims, init_lora, init_lora_weights, is_default_init
+from .fold import base_dims, fold_lora
+from .init import LoRAInit, init_lora, init_lora_weights, is_default_init
 
 __all__ = ["base_dims", "check_lora_args", "init_lora_weights", "start_adapter", "LoRALinearBase"]
 

@@ -15,7 +15,15 @@ import warnings
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["dense_weight", "fold_lora"]
+__all__ = ["base_dims", "dense_weight", "fold_lora"]
+
+
+def base_dims(linear: nn.Module) -> tuple[int, int]:
+    """``(input_dims, output_dims)`` of a linear or quantized linear base layer."""
+    output_dims, input_dims = linear.weight.shape
+    if isinstance(linear, nn.QuantizedLinear):
+        input_dims = input_dims * 32 // linear.bits  # packed: 32 // bits values per uint32
+    return input_dims, output_dims
 
 
 def dense_weight(linear: nn.Module) -> mx.array:

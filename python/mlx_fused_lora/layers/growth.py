@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .init import init_lora
+from .init import init_changes_base, init_lora
 from .named import holders
 from .tree import lora_layers
 
-__all__ = ["RankSchedule", "adapter_rank", "grow_rank", "growth_key"]
+__all__ = ["RankSchedule", "rank_schedule", "adapter_rank", "grow_rank", "growth_key", "growing"]
 
 _ENTRY = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -95,6 +96,21 @@ class RankSchedule:
 
     def __str__(self) -> str:
         return ",".join(f"{r}:{s}" for s, r in ((0, self.start), *self.growths))
+
+
+def rank_schedule(spec, rank: int, init_lora_weights=True, rank_pattern=None) -> RankSchedule:
+    """The trainers' ``--rank-schedule`` for an adapter of ``rank``: parsed, and refused (naming
+    the flag) with a rank pattern (the schedule is one rank for every module) or an init that
+    replaced the base (see the module's docstring)."""
+    schedule = RankSchedule.parse(spec, int(rank))
+    if rank_pattern:
+        raise ValueError("--rank-schedule grows one rank for every module; it cannot follow --rank-pattern")
+    if init_changes_base(init_lora_weights):
+        raise ValueError(
+            f"--rank-schedule needs an init that leaves the base alone (default, gaussian), not "
+            f"{init_lora_weights!r}: a larger rank would have to move more of W out of the base mid-run"
+        )
+    return schedule
 
 
 def growth_key(seed: int, step: int) -> mx.array:
@@ -204,3 +220,21 @@ def grow_rank(
         for entry, field, value in moments:
             entry[field] = value
     return len(grown)
+
+
+def growing(
+    model: nn.Module, schedule: RankSchedule, optimizer, *, name: str | None = None, seed: int = 0, say=None
+) -> Callable[[int], bool]:
+    """A trainer's hook to run before each optimizer step ``step``: adapter ``name`` (and the
+    optimizer's moments) grown to ``schedule.rank_at(step)``, the new columns drawn from
+    `growth_key` (seed, step); True when it grew (the next step traces again). ``say(text)``
+    reports a growth."""
+
+    def prepare(step: int) -> bool:
+        rank = schedule.rank_at(step)
+        grown = grow_rank(model, rank, optimizer, name=name, key=growth_key(seed, step))
+        if grown and say is not None:
+            say(f"step {step}: LoRA rank {rank} on {grown} modules (--rank-schedule {schedule})")
+        return grown > 0
+
+    return prepare

@@ -46,10 +46,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..ops.checks import QUANT_BITS, QUANT_GROUP_SIZES, fail
-from .fold import dense_weight, fold_lora
+from .fold import base_dims, dense_weight, fold_lora
 
 __all__ = [
-    "base_dims",
     "init_lora_weights",
     "is_default_init",
     "check_init",
@@ -85,14 +84,6 @@ class LoRAInit:
     def changes_base(self) -> bool:
         """True when the layer must use `base` instead of its old base (the caller says so)."""
         return self.base is not None
-
-
-def base_dims(linear: nn.Module) -> tuple[int, int]:
-    """``(input_dims, output_dims)`` of a linear or quantized linear base layer."""
-    output_dims, input_dims = linear.weight.shape
-    if isinstance(linear, nn.QuantizedLinear):
-        input_dims = input_dims * 32 // linear.bits  # packed: 32 // bits values per uint32
-    return input_dims, output_dims
 
 
 def init_lora_weights(input_dims: int, output_dims: int, r: int, key: mx.array | None = None):
@@ -392,20 +383,17 @@ def init_changes_base(init_lora_weights) -> bool:
     return method is not True and method != "gaussian"
 
 
+_BASE_CHANGED = {
+    "loftq": "quantized their base weight (the adapter fitted to what quantizing loses): the adapter belongs to it",
+    "split": "moved W's first components into the adapter and left the residual as their base: save with "
+    "convert_to_lora=True (the CLIs' --convert-to-lora) for a plain LoRA of the original weights; a file that "
+    "records the init splits the base it is loaded on again, as PEFT does",
+}
+
+
 def warn_base_changed(init_lora_weights, modules: int, stacklevel: int = 3) -> None:
     """Say, once for a model, that an init replaced the base weight of ``modules`` modules, and
     what that means for the adapter's files (a `UserWarning`; ``stacklevel`` points at the caller's caller)."""
-    if modules == 0 or not init_changes_base(init_lora_weights):
-        return
-    if init_lora_weights == "loftq":
-        what = (
-            "quantized their base weight (the adapter fitted to what quantizing loses): the adapter belongs "
-            "to that quantized base"
-        )
-    else:
-        what = (
-            "moved W's first components into the adapter and left the residual as their base: "
-            "save with convert_to_lora=True (the CLIs' --convert-to-lora) for a plain LoRA of the original "
-            "weights; a file that records the init splits the base it is loaded on again, as PEFT does"
-        )
-    warnings.warn(f"init_lora_weights={init_lora_weights!r} on {modules} modules {what}", stacklevel=stacklevel)
+    if modules and init_changes_base(init_lora_weights):
+        what = _BASE_CHANGED["loftq" if init_lora_weights == "loftq" else "split"]
+        warnings.warn(f"init_lora_weights={init_lora_weights!r} on {modules} modules {what}", stacklevel=stacklevel)

@@ -24,7 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..layers.growth import RankSchedule, adapter_rank, grow_rank, growth_key
+from ..layers.growth import RankSchedule, adapter_rank, grow_rank, growing
 from . import loop, outputs
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import (
@@ -303,22 +303,12 @@ class CSMLoRATrainer:
         log.info("resumed from %s at step %d", state["checkpoint_dir"], state["step"])
         return int(state["step"]), Path(state["checkpoint_dir"])
 
-    def _grow(self, optimizer):
-        """``prepare_step`` for the loop: the adapter (and the optimizer's moments) grown to the
-        rank ``--rank-schedule`` gives each step; the new columns drawn from (seed, step)."""
-        s = self.settings
-        if s.rank_schedule is None:
-            return None
-        schedule = RankSchedule.parse(s.rank_schedule, s.lora_r)
-
-        def prepare(step: int) -> bool:
-            rank = schedule.rank_at(step)
-            grown = grow_rank(self.model, rank, optimizer, name=s.adapter_name, key=growth_key(s.seed, step))
-            if grown and self.world.is_main:
-                log.info("step %d: LoRA rank %d on %d modules (--rank-schedule %s)", step, rank, grown, schedule)
-            return grown > 0
-
-        return prepare
+    def _growth(self, optimizer):
+        """The loop's ``prepare_step`` for ``--rank-schedule`` (`layers.growth.growing`), or None."""
+        s, say = self.settings, log.info if self.world.is_main else None
+        if s.rank_schedule is not None:
+            schedule = RankSchedule.parse(s.rank_schedule, s.lora_r)
+            return growing(self.model, schedule, optimizer, name=s.adapter_name, seed=s.seed, say=say)
 
     def train(
         self,
@@ -404,7 +394,7 @@ class CSMLoRATrainer:
                 metrics=metrics,
                 progress=self.progress,
                 last_checkpoint=resumed,
-                prepare_step=self._grow(optimizer),
+                prepare_step=self._growth(optimizer),
             )
             if world.is_main:
                 self._finish(

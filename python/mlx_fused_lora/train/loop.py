@@ -255,9 +255,8 @@ def train(
                 raise _non_finite_loss(loss, step + 1, checkpoints)
             tokens *= world.size
             all_steps, all_s, all_tokens = all_steps + 1, all_s + dt, all_tokens + tokens
-            if not reshaped and all(
-                sh in seen_shapes for sh in shapes
-            ):  # steps that compiled a new graph are not timed
+            traced = reshaped or not all(sh in seen_shapes for sh in shapes)
+            if not traced:  # steps that compiled a new graph are not timed
                 timed_steps, timed_s, timed_tokens = timed_steps + 1, timed_s + dt, timed_tokens + tokens
             seen_shapes.update(shapes)
             done = step + 1

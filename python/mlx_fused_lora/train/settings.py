@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..layers.growth import RankSchedule
-from ..layers.init import check_init, init_changes_base
+from ..layers.growth import rank_schedule
+from ..layers.init import check_init
 from ..layers.patterns import check_patterns
 
 __all__ = ["TrainSettings", "RunPlan", "plan_steps", "finite_float32"]
@@ -112,14 +112,8 @@ class TrainSettings:
             dict(self.alpha_pattern or {}) or None,
         )
         if self.rank_schedule is not None:
-            self.rank_schedule = str(RankSchedule.parse(self.rank_schedule, int(self.lora_r)))
-            if self.rank_pattern:
-                raise ValueError("--rank-schedule grows one rank for every module; it cannot follow --rank-pattern")
-            if init_changes_base(self.init_lora_weights):
-                raise ValueError(
-                    f"--rank-schedule needs an init that leaves the base alone (default, gaussian), not "
-                    f"{self.init_lora_weights!r}: a larger rank would have to move more of W out of the base mid-run"
-                )
+            spec, rank = self.rank_schedule, self.lora_r
+            self.rank_schedule = str(rank_schedule(spec, rank, self.init_lora_weights, self.rank_pattern))
 
 
 @dataclass
