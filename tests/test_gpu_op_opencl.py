@@ -248,8 +248,7 @@ def test_the_cuda_backend_checks_with_tf32_bounds_and_plans_for_an_h100():
     assert not gpu.backend("metal").tf32 and gpu.backend("metal").model is costs.M3_MAX
 
 
-@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
-@pytest.mark.parametrize("r", [1, 40])
+@pytest.mark.parametrize("dtype,r", [(mx.float16, 1), (mx.bfloat16, 40)], ids=str)
 def test_the_self_check_passes_every_plan_on_pocl(dtype, r):
     """Every case and plan the op's first use checks, on PoCL (r = 40: the kernels for h
     and dA, e; two GEMMs for dS, dB)."""
