@@ -36,7 +36,8 @@ SHARED_FLOATS = 8192
 # The largest r the masked kernels (down_proj, down_grad) take: above, their register and
 # shared tiles would not fit; the op then runs MLX's GEMMs with the device mask.
 MAX_RANK = 128
-# The largest r low_rank_grad takes (above, two GEMMs are always cheaper: costs.py).
+# The largest r low_rank_grad's tiles take (at 4096 the cost model leaves it for two GEMMs
+# from r = 20 or so already: benchmarks/results/gpu_estimates.json).
 MAX_LOW_RANK = 32
 
 
