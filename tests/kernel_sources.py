@@ -16,11 +16,20 @@ the same at v0.32.1 and at the newest MLX commit read; 0.32.4's own tree was not
 
 ``RecordingLauncher`` stands in for a launcher (ops/gpu/kernels.py): it records what
 ``Kernels`` would launch and returns lazy zeros, so real launches can be turned into
-sources (and their grids checked) for any shape, however large.
+sources (and their grids checked) for any shape, however large. ``record_op_launches``
+records what the whole op (forward and backward) launches; ``variant_launches`` every
+kernel variant the op can build: dtype x rank class x dropout.
 """
 
 import mlx.core as mx
-from mlx_fused_lora.ops.gpu import bodies, kernels
+from mlx_fused_lora.ops import layout
+from mlx_fused_lora.ops.backends import gpu
+from mlx_fused_lora.ops.gpu import bodies, costs, kernels, self_check
+
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+# One r per class of tiles: a padded rank chunk (1, 17), one chunk (8, 16), several (32),
+# and each of down_grad's group sizes (16: 256 threads, 64: 128, 128: 64).
+RANK_CLASSES = [1, 8, 16, 17, 32, 64, 128]
 
 METAL_TYPES = {
     mx.float32: "float",
@@ -152,18 +161,33 @@ def cuda_source(launch):
     )
 
 
-def record_op_launches(dtype, m=37, k=150, n=70, r=16, p=0.1):
-    """The launches of every kernel of the fused op for one small problem."""
+def record_op_launches(dtype, m=37, k=150, n=70, r=16, p=0.1, plan=None, caps=None):
+    """The launches of the op's forward and backward for one small problem, with the
+    kernels wherever the op may take them (`plan`: the self-check's first plan)."""
     recorder = RecordingLauncher()
-    ks = kernels.Kernels(recorder)
-    x, dy = mx.zeros((m, k), dtype=dtype), mx.zeros((m, n), dtype=dtype)
-    a, b, h = mx.zeros((k, r)), mx.zeros((r, n)), mx.zeros((m, r))
+    ks = kernels.Kernels(recorder) if caps is None else kernels.Kernels(recorder, *caps)
+    plan = plan or self_check.plans(r, p > 0)[0]
+    op = gpu.gpu_op(ks, 2.0, p, costs.H100, plan)
+    x, w, b = mx.zeros((m, k), dtype=dtype), mx.zeros((n, k), dtype=dtype), mx.zeros((n,), dtype=dtype)
     key = mx.random.key(0)
-    ks.dropout_mask(key, (m, k), p)
-    ks.down_proj(x, a, key, p)
-    ks.low_rank_grad(dy, h, b, 2.0)
-    ks.down_grad(x, h, a, key, p)
+    ks.dropout_mask(key, (m, k), p) if p > 0 else None
+    mx.vjp(
+        lambda *a: op(*a)[0],
+        list(layout.op_inputs(x, w, b, mx.zeros((k, r)), mx.zeros((r, n)), key, p)),
+        [mx.zeros((m, n), dtype=dtype)],
+    )
     return recorder.launches
+
+
+def variant_launches():
+    """One launch of every kernel variant the op builds, by its CUDA source."""
+    launches = {}
+    for dtype in DTYPES:
+        for r in RANK_CLASSES:
+            for p in (0.0, 0.1):
+                for launch in record_op_launches(dtype, r=r, p=p):
+                    launches.setdefault(cuda_source(launch), launch)
+    return list(launches.values())
 
 
 def mlx_metal_source(launch, tmp_dir):

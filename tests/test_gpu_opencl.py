@@ -1,8 +1,9 @@
 """Every GPU kernel body, run on the CPU through OpenCL C on PoCL (real work-groups,
 local memory and barriers), against numpy, the CPU extension's mask and itself.
 
-Kernels compile once per (kernel, dtype, r): the parametrization keeps that set small
-(every r in float32, every dtype at r = 16); p, shapes and offsets vary at run time.
+Kernels compile once per (kernel, dtype, tiles): the parametrization keeps that set
+small (every class of rank tiles in float32, every dtype at r = 16); p, shapes and
+offsets vary at run time.
 """
 
 import mlx.core as mx
@@ -16,11 +17,14 @@ from mlx_fused_lora._extension import _ext  # noqa: E402
 from mlx_fused_lora.ops.gpu import geometry, kernels, opencl  # noqa: E402
 
 KEY = mx.array(np.array([123456789, 987654321], dtype=np.uint32))
-M, K, N = 37, 150, 70  # tails against every tile size (16/32/64 rows, 32/64/128 columns)
-# Rows of 150 and 70 elements take the scalar loads; rows of 148 and 68 (multiples of 4,
-# still with tails) the 4-wide loads and stores.
-SHAPES = [(M, K, N), (M, 148, 68)]
-CONFIGS = [(mx.float32, 1), (mx.float32, 16), (mx.float32, 64), (mx.float32, 128), (mx.float16, 16), (mx.bfloat16, 16)]
+M, K, N = 37, 150, 70  # tails against every tile size (16/32/64 rows, 16/32/64/128 columns)
+# Rows of 150 and 70 elements take the element-wise loads; rows of 148 and 68 (multiples
+# of 4, still with tails) the 4-wide loads and stores; 150 x 300 x 300 several row tiles,
+# column blocks and splits (its partials summed).
+SHAPES = [(M, K, N), (M, 148, 68), (150, 300, 300)]
+# r = 1: one padded chunk; 17: two chunks with padding; 64 and 128: down_grad's smaller
+# groups (no low_rank_grad: r > 32 takes two GEMMs).
+CONFIGS = [(mx.float32, 1), (mx.float32, 17), (mx.float32, 64), (mx.float32, 128), (mx.float16, 16), (mx.bfloat16, 16)]
 IDS = [f"{str(d).split('.')[-1]}-r{r}" for d, r in CONFIGS]
 
 
@@ -107,9 +111,10 @@ def test_kernels_match_numpy(gpu, dtype, r, shape):
         mask = cpu_mask(x.shape, p) if p > 0 else np.ones(x.shape, np.float32)
         h = gpu.down_proj(x, a, KEY, p)
         close(np.array(h), (xn * mask) @ an, 1e-5)
-        d_s, d_b = gpu.low_rank_grad(dy, h, b, 1.5)
-        close(np.array(d_s), 1.5 * dyn @ bn.T, 1e-5)
-        close(np.array(d_b), 1.5 * np.array(h).T @ dyn, 1e-5)
+        if r <= geometry.MAX_LOW_RANK:
+            d_s, d_b = gpu.low_rank_grad(dy, h, b, 1.5)
+            close(np.array(d_s), 1.5 * dyn @ bn.T, 1e-5)
+            close(np.array(d_b), 1.5 * np.array(h).T @ dyn, 1e-5)
         da, e = gpu.down_grad(x, ds, a, KEY, p)
         close(np.array(da), (xn * mask).T @ dsn, 1e-5)
         assert e.dtype == dtype
@@ -139,8 +144,9 @@ def test_bitwise_deterministic_across_runs(gpu, shape):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_group_stride_loops_cover_every_tile(launcher, shape):
-    """With the grid capped at 2 groups in x, the bodies walk the remaining tiles."""
-    few = kernels.Kernels(launcher, max_groups=2)
+    """With the grid capped at 2 groups in x and 2 splits in y, the bodies walk the
+    remaining tiles, several per split."""
+    few = kernels.Kernels(launcher, max_groups=2, max_splits=2)
     x, a, b, dy, ds = inputs(mx.float32, 16, shape)
     mask = cpu_mask(x.shape, 0.1)
     assert np.array_equal(np.array(few.dropout_mask(KEY, x.shape, 0.1)), mask)
@@ -161,6 +167,25 @@ def test_every_output_element_is_written(launcher, shape):
     x, a, b, dy, ds = inputs(mx.float32, 1, shape)
     for out in (gpu.down_proj(x, a, KEY, 0.0), *gpu.low_rank_grad(dy, ds, b, 1.0), *gpu.down_grad(x, ds, a, KEY, 0.0)):
         assert np.isfinite(np.array(out)).all()
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
+def test_a_sliced_x_takes_the_element_wise_path_and_is_right(gpu, launcher, dtype):
+    """x a view one element into its buffer, rows a multiple of 4: the runner keeps the
+    offset (as MLX hands the view to a GPU kernel), so CUDA's alignment rule sends the
+    kernels down their element-wise path, and the results are unchanged."""
+    m, k = 21, 148
+    whole = mx.array(np.random.default_rng(3).standard_normal(m * k + 1).astype(np.float32)).astype(dtype)
+    x, aligned = whole[1:].reshape(m, k), whole[:-1].reshape(m, k)
+    assert opencl.element_offset(x) == 1 and opencl.element_offset(aligned) == 0
+    _, a, _, _, ds = inputs(dtype, 16, (m, k, 8))
+    mask = cpu_mask((m, k), 0.1)
+    h = gpu.down_proj(x, a, KEY, 0.1)
+    assert "mfl_buffer_x + 1;" in launcher.sources["down_proj"]
+    close(np.array(h), (f32(x) * mask) @ f32(a), 1e-5)
+    da, e = gpu.down_grad(x, ds, a, KEY, 0.1)
+    close(np.array(da), (f32(x) * mask).T @ f32(ds), 1e-5)
+    close(f32(e), mask * (f32(ds) @ f32(a).T), 1e-5 if dtype == mx.float32 else 1e-2)
 
 
 def test_the_runner_runs_the_shared_body_in_mlx_grid(launcher):

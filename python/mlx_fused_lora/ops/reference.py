@@ -1,20 +1,29 @@
 """The fused LoRA linear op in plain MLX, taking an explicit dropout mask.
 
-This is the oracle every test holds the kernels against, and the fallback for a
-device that has no kernels yet. It computes in float32 and casts the result to
-x's dtype once, so it is the most accurate version of the formula, not the fastest.
+This is the oracle every test holds the kernels against. It computes in float32 and
+casts the result to x's dtype once, so it is the most accurate version of the formula,
+not the fastest. The LoRA formula itself is written once, in two halves: ``down_project``
+(``h = (mask * x) @ lora_a``) and ``lora_terms`` (``y + bias + scale * h @ lora_b``); the
+oracle runs them in float32, the lean fallback of devices without (working) kernels
+(``backends/reference.py``) in x's dtype, a block of rows at a time.
 """
 
 import mlx.core as mx
 
 
-def _add_bias_and_lora(y, x32, bias, lora_a, lora_b, scale, mask):
-    """y (float32 base product) + bias + scale * ((mask * x) @ lora_a) @ lora_b."""
+def down_project(x, mask, lora_a, dtype):
+    """``h = (mask * x) @ lora_a`` with every operand in `dtype` (mask None: no dropout)."""
+    x = x.astype(dtype)
+    dropped = x if mask is None else x * mask.astype(dtype)
+    return dropped @ lora_a.astype(dtype)
+
+
+def lora_terms(y, h, bias, lora_b, scale, dtype):
+    """``y + bias + scale * h @ lora_b`` with every operand in `dtype` (y, the base
+    product, and h already are)."""
     if bias is not None:
-        y = y + bias.astype(mx.float32)
-    dropped = x32 if mask is None else x32 * mask.astype(mx.float32)
-    h = dropped @ lora_a.astype(mx.float32)
-    return y + scale * (h @ lora_b.astype(mx.float32))
+        y = y + bias.astype(dtype)
+    return y + scale * (h @ lora_b.astype(dtype))
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, mask=None):
@@ -25,7 +34,8 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, mask=None):
     """
     x32 = x.astype(mx.float32)
     y = x32 @ weight.astype(mx.float32).T
-    return _add_bias_and_lora(y, x32, bias, lora_a, lora_b, scale, mask).astype(x.dtype)
+    h = down_project(x32, mask, lora_a, mx.float32)
+    return lora_terms(y, h, bias, lora_b, scale, mx.float32).astype(x.dtype)
 
 
 def quantized_matmul_dtype(x_dtype, scales_dtype):
@@ -54,4 +64,5 @@ def qlora_linear(x, weight, scales, biases, bias, lora_a, lora_b, scale, mask=No
     ``quantized_matmul`` on float32 x, the LoRA term as in ``lora_linear``."""
     x32 = x.astype(mx.float32)
     y = quantized_matmul(x32, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
-    return _add_bias_and_lora(y.astype(mx.float32), x32, bias, lora_a, lora_b, scale, mask).astype(x.dtype)
+    h = down_project(x32, mask, lora_a, mx.float32)
+    return lora_terms(y.astype(mx.float32), h, bias, lora_b, scale, mx.float32).astype(x.dtype)

@@ -1,50 +1,212 @@
-"""The fallback backend: the plain-MLX reference (ops/reference.py) with the CPU
-extension's mask, for devices that have no fused kernels (enabled) yet."""
+"""The lean fallback backend: plain MLX on the device, for GPUs without (working) kernels.
+
+The op as mlx-lm formulates its LoRA layer, in x's dtype (the oracle's formula,
+``reference.down_project`` and ``reference.lora_terms``): the base GEMM, ``h = (m * x) @
+A``, ``scale * h @ B``, adapters cast to x's dtype (r-sized casts; x and W are never
+copied to float32). The dropout mask is generated on the device by MLX's integer ops
+(``device_dropout_mask``: the same bits as ``csrc/kernels/lora_dropout.h``), a block of
+``STEP_ELEMENTS`` at a time, each block's dropped rows going straight into their part
+of ``h``, and never stored: an ``mx.custom_function`` whose VJP regenerates it from the
+key, as the fused op does, and differentiates the same formula (which recomputes the
+rank-r ``h``). What the backward holds is what the caller holds anyway (x, W, the
+adapters, the key); the mask's transients are a block's, whatever M*K is.
+
+Used, with one warning, where MLX_FUSED_LORA_GPU_KERNELS=0 or no kernels exist, for a
+quantized base on a GPU, and by ``backends/gpu.py`` for a configuration whose kernels
+failed their self-check.
+"""
 
 import functools
 import warnings
 
 import mlx.core as mx
+import numpy as np
 
 from .. import layout, reference
-from . import cpu
+
+U32 = mx.uint32
 
 
 @functools.cache
 def _warn_once(device, hint):
     warnings.warn(
         f"mlx_fused_lora: fused kernels for {device} are not enabled{hint}; running the plain-MLX "
-        "reference (same results and dropout masks, plain-MLX speed).",
+        "formulation on the device (same results to the input dtype's precision, same dropout masks, "
+        "plain-MLX speed).",
         stacklevel=4,
     )
 
 
+def _mix(h):
+    """lora_dropout.h's mfl_mix32 over uint32 arrays (products wrap, as in C)."""
+    h = h ^ (h >> 16)
+    h = h * mx.array(0x7FEB352D, dtype=U32)
+    h = h ^ (h >> 15)
+    h = h * mx.array(0x846CA68B, dtype=U32)
+    return h ^ (h >> 16)
+
+
+def _keep_threshold_and_scale(p):
+    """mfl_keep_threshold and mfl_keep_scale, rounded in float32 as the header does."""
+    t = (np.float32(1) - np.float32(p)) * np.float32(4294967296.0)
+    threshold = 0xFFFFFFFF if t >= np.float32(4294967295.0) else int(t)
+    return threshold, float(np.float32(1) / (np.float32(1) - np.float32(p)))
+
+
+def _mask_rows(key, row0, rows, cols, p, dtype):
+    """The multipliers of rows row0 .. row0 + rows - 1 (row0 a uint64 array) of an x
+    with `cols` columns (the flat index split into 32-bit halves from a 64-bit row
+    start, as lora_dropout.h takes it)."""
+    start = (mx.arange(rows, dtype=mx.uint64)[:, None] + row0) * cols
+    row_lo, row_hi = (start & 0xFFFFFFFF).astype(U32), (start >> 32).astype(U32)
+    lo = row_lo + mx.arange(cols, dtype=U32)[None, :]
+    hi = row_hi + (lo < row_lo).astype(U32)  # the carry out of the low word
+    key = key.astype(U32)
+    bits = _mix(_mix(lo ^ key[0]) ^ (key[1] + hi * mx.array(0x9E3779B9, dtype=U32)))
+    threshold, keep = _keep_threshold_and_scale(p)
+    mask = mx.where(bits < mx.array(threshold, dtype=U32), mx.array(keep, dtype=mx.float32), 0.0)
+    return mask.astype(dtype)
+
+
+@functools.cache
+def _compiled_mask_rows(dtype):
+    return mx.compile(lambda key, row0, rows, cols, p: _mask_rows(key, row0, rows, cols, p, dtype))
+
+
+def mask_rows(key, row0, rows, cols, p, dtype):
+    """``_mask_rows``, one fused kernel on a GPU (mx.compile; retraced per block shape),
+    MLX's ops one by one on the CPU (where only the tests run it: the CPU op has its
+    own kernels, and MLX's CPU compile runs a C++ compiler)."""
+    row0 = mx.array(row0, dtype=mx.uint64)
+    if mx.default_device() == mx.cpu:
+        return _mask_rows(key, row0, rows, cols, p, dtype)
+    return _compiled_mask_rows(dtype)(key, row0, rows, cols, p)
+
+
+def device_dropout_mask(key, shape, p, dtype=mx.float32):
+    """The dropout multipliers of an x of `shape` under `key`, computed with MLX's ops on
+    the default device: bit for bit the CPU extension's ``dropout_mask``."""
+    shape = tuple(int(d) for d in shape)
+    cols = shape[-1] if shape else 1
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    return mask_rows(key, 0, rows, cols, p, dtype).reshape(shape)
+
+
+# Elements of x whose mask exists at one time (1 MiB of uint32 per intermediate: MLX
+# keeps up to 10 operations in flight, each with its output allocated).
+STEP_ELEMENTS = 2**18
+
+
+def _starts(x):
+    """Where x's blocks of rows start (after the first)."""
+    m, k = x.shape
+    step = max(1, STEP_ELEMENTS // max(1, k))
+    return list(range(step, m, step))
+
+
+def split_like(x, other):
+    """`other` (rows like x's) split into x's blocks of rows."""
+    starts = _starts(x)
+    return mx.split(other, starts, axis=0) if starts else [other]
+
+
+def row_blocks(x, key, p):
+    """x split into blocks of rows (split, not sliced: the gradient of x is one
+    concatenation) with each block's dropout multipliers in x's dtype."""
+    return [
+        (part, mask_rows(key, row0, part.shape[0], x.shape[1], p, x.dtype))
+        for row0, part in zip([0, *_starts(x)], split_like(x, x), strict=True)
+    ]
+
+
+def down_project_in_steps(x, key, lora_a, p):
+    """h = (m * x) @ lora_a in x's dtype, the mask generated a block of rows at a time."""
+    if p == 0:
+        return reference.down_project(x, None, lora_a, x.dtype)
+    blocks = [reference.down_project(part, mask, lora_a, x.dtype) for part, mask in row_blocks(x, key, p)]
+    return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=0)
+
+
+def _recomputing_op(base, scale, p):
+    """An mx.custom_function over slots (x, *base_arrays, bias, lora_a, lora_b, key): y
+    in x's dtype, the mask generated from the key in the forward and again in the
+    backward. Returns (op, grads) where grads(primals, dy, wrt) are the cotangents of
+    the slots numbered `wrt`, by MLX's autodiff of the formula."""
+
+    def formula(x, *rest):
+        *base_arrays, bias, lora_a, lora_b, key = rest
+        h = down_project_in_steps(x, key, lora_a, p)
+        return reference.lora_terms(base(x, *base_arrays), h, layout.bias_or_none(bias), lora_b, scale, x.dtype)
+
+    def grads(primals, dy, wrt):
+        # The key, hence the regenerated mask, waits for dY: else MLX may evaluate the
+        # mask (and the dropped rows) right after the forward and hold them until the
+        # backward reaches them.
+        primals = [*primals[:-1], mx.depends(primals[-1], dy)]
+
+        def along(*values):
+            args = list(primals)
+            for i, v in zip(wrt, values, strict=True):
+                args[i] = v
+            return formula(*args)
+
+        return mx.vjp(along, [primals[i] for i in wrt], [dy])[1]
+
+    return mx.custom_function(lambda *slots: (formula(*slots),)), grads
+
+
+@functools.cache
+def _dense_op(scale, p):
+    op, grads = _recomputing_op(lambda x, weight: x @ weight.T, scale, p)
+
+    @op.vjp
+    def op_vjp(primals, cotangents, outputs):
+        dy = cotangents[0].astype(primals[0].dtype)
+        dx, d_lora_a, d_lora_b = grads(primals, dy, wrt=(0, 3, 4))
+        return layout.cotangents(layout.Inputs(*primals), dy, dx=dx, d_lora_a=d_lora_a, d_lora_b=d_lora_b)
+
+    return op
+
+
+@functools.cache
+def _quantized_op(scale, p, group_size, bits):
+    def base(x, weight, scales, biases):
+        y = reference.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+        return y.astype(x.dtype)
+
+    op, grads = _recomputing_op(base, scale, p)
+
+    @op.vjp
+    def op_vjp(primals, cotangents, outputs):
+        dy = cotangents[0].astype(primals[0].dtype)
+        names = ("dx", "d_scales", "d_biases", "d_lora_a", "d_lora_b")  # slots 0, 2, 3, 5, 6
+        found = dict(zip(names, grads(primals, dy, wrt=(0, 2, 3, 5, 6)), strict=True))
+        return layout.q_cotangents(layout.QInputs(*primals), dy, **found)
+
+    return op
+
+
+def lean_lora_linear(inputs, scale, p):
+    """y (M, N) for the fixed slots `inputs` (layout.Inputs), lean plain MLX, no warning."""
+    return _dense_op(scale, p)(*inputs)[0]
+
+
 def lora_linear(inputs, scale, p, hint=""):
-    """y (M, N) for the fixed slots `inputs` (layout.Inputs), in plain MLX."""
+    """y (M, N) for the fixed slots `inputs` (layout.Inputs), in plain MLX (one warning)."""
     _warn_once(str(mx.default_device()), hint)
-    x, weight, bias, lora_a, lora_b, key = inputs
-    mask = cpu.dropout_mask(key, x.shape, p, mx.float32) if p > 0 else None
-    return reference.lora_linear(x, weight, layout.bias_or_none(bias), lora_a, lora_b, scale, mask)
+    return lean_lora_linear(inputs, scale, p)
+
+
+def lean_qlora_linear(inputs, scale, p, *, group_size, bits):
+    """y (M, N) for the quantized op's fixed slots `inputs` (layout.QInputs), no warning."""
+    return _quantized_op(scale, p, group_size, bits)(*inputs)[0]
 
 
 def qlora_linear(inputs, scale, p, *, group_size, bits, hint=""):
     """y (M, N) for the quantized op's fixed slots `inputs` (layout.QInputs), in plain MLX."""
     _warn_once(str(mx.default_device()), hint)
-    x, weight, scales, biases, bias, lora_a, lora_b, key = inputs
-    mask = cpu.dropout_mask(key, x.shape, p, mx.float32) if p > 0 else None
-    return reference.qlora_linear(
-        x,
-        weight,
-        scales,
-        biases,
-        layout.bias_or_none(bias),
-        lora_a,
-        lora_b,
-        scale,
-        mask,
-        group_size=group_size,
-        bits=bits,
-    )
+    return lean_qlora_linear(inputs, scale, p, group_size=group_size, bits=bits)
 
 
-dropout_mask = cpu.dropout_mask
+dropout_mask = device_dropout_mask
+quantized_matmul = reference.quantized_matmul  # backends.quantized_matmul's GPU branch

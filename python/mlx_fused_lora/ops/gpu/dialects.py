@@ -6,19 +6,30 @@ prelude defines at the top of the body:
     MFL_TID                 the thread's index in its group (x), uint32_t
     MFL_GROUP_X/Y           the group's index in the grid, int64_t
     MFL_GROUPS_X/Y          the number of groups in the grid, int64_t
-    MFL_SHARED              the address space of group-shared arrays (declared at the
-                            body's top level)
+    MFL_SHARED_FLOATS(s, n) declares float s[n] in group-shared memory, 16-byte aligned
+                            (n a multiple of 4; at the body's top level)
+    MFL_SHARED_LOAD4(s, o, v)   float v[4] = s[o..o+3], one 16-byte shared load (o % 4 == 0)
+    MFL_SHARED_STORE4(s, o, v)  s[o..o+3] = v[0..3], one 16-byte shared store
     MFL_BARRIER()           a barrier over the group, making shared writes visible
+    MFL_UNROLL              before a loop of constant trip count: unroll it (its arrays
+                            then stay in registers; ptxas would put them on the stack)
     MFL_SCALAR(name)        a 0-d input: ``name[0]`` in CUDA and OpenCL, ``name`` in Metal
                             (MLX passes 0-d inputs to Metal by reference)
     MFL_LOAD(p, i)          element i of an array of the kernel's element type T, as float
     MFL_STORE(p, i, v)      stores float v as T (round to nearest even)
-    MFL_LOAD4(p, i, v)      elements i..i+3 of a T array into float v[4], i a multiple
-                            of 4 (one 16-byte load of float32, 8-byte of 16-bit types)
-    MFL_STORE4(p, i, v)     float v[4] into elements i..i+3 as T, i a multiple of 4
-    MFL_VEC_ALIGNED(p)      whether p may take MFL_LOAD4/STORE4 (CUDA's wide accesses
-                            need 4-element alignment; a row-contiguous view may start
-                            anywhere)
+    MFL_LOAD4(p, i, v)      elements i..i+3 of a T array into float v[4]: one vector load
+                            (16 bytes of float32, 8 of 16-bit types)
+    MFL_STORE4(p, i, v)     float v[4] into elements i..i+3 as T
+    MFL_VEC_ALIGNED(p)      whether p may take MFL_LOAD4/STORE4 at every multiple of 4
+                            (CUDA's wide accesses need 4-element alignment and a row-
+                            contiguous view may start anywhere; Metal's packed vectors need
+                            only the element's; OpenCL follows CUDA's rule, so a sliced
+                            view takes on PoCL the path it takes on CUDA)
+    MFL_QUAD_LOAD(p, i, count, vec, v), MFL_QUAD_STORE(p, i, count, vec, v)
+                            the first `count` (>= 1) of elements i..i+3, the rest of v 0:
+                            MFL_LOAD4/STORE4 when `vec`, else one element at a time
+    MFL_MULT(index)         the dropout multiplier of flat element `index` (bodies that
+                            start with ``MASK``, taking key, dropout and index_base)
     uint32_t, int64_t, uint64_t
 
 and C casts (``(int64_t)(x)``), never C++ ones, because OpenCL C is C. Template
@@ -26,6 +37,11 @@ parameters (``T``, ``R``, ``TG``, ...) arrive as MLX makes them: ``constexpr``/`
 lines in CUDA, template parameters in Metal, ``#define`` lines in OpenCL (the runner,
 ``opencl.py``, writes those). The per-element mask math is ``csrc/kernels/lora_dropout.h``
 with ``MFL_FN`` defined per dialect.
+
+No warp/SIMD intrinsics and no tensor-core matrices (Metal ``simdgroup_matrix``, CUDA
+WMMA): PoCL has no subgroups, so a body using them could not run in CI, and a kernel
+nobody ran is not shipped. The rank-r products are register tiles fed by 16-byte shared
+loads instead (``bodies.py``).
 
 bfloat16 in OpenCL has no type: it travels as 16-bit words (``ushort``), widened by a
 shift and narrowed with round-to-nearest-even (NaN kept quiet), as MLX rounds it.
@@ -77,22 +93,42 @@ __device__ inline void mfl_store4(__nv_bfloat16* p, uint64_t i, const float* v) 
 #endif
 """
 
-# Metal: four neighbouring accesses per thread (device or constant inputs), left to the
-# Metal compiler to widen.
+# Metal: one packed-vector access per call (packed vectors need only the element's
+# alignment, so any view qualifies); bfloat16 is read as its 16-bit words, whatever
+# MLX's bfloat16_t is (Metal's bfloat or MLX's struct). Inputs MLX puts in `constant`
+# (fewer than 8 elements) take the element-wise overload.
 _METAL_VECTOR = """
 #ifndef MFL_VECTOR_HELPERS
 #define MFL_VECTOR_HELPERS
-template <typename U>
-inline void mfl_load4(const device U* p, uint64_t i, thread float* v) {
-  for (int j = 0; j < 4; ++j) v[j] = float(p[i + j]);
+inline void mfl_load4(const device float* p, uint64_t i, thread float* v) {
+  const packed_float4 q = *(const device packed_float4*)(p + i);
+  v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+}
+inline void mfl_load4(const device half* p, uint64_t i, thread float* v) {
+  const packed_half4 q = *(const device packed_half4*)(p + i);
+  v[0] = float(q.x); v[1] = float(q.y); v[2] = float(q.z); v[3] = float(q.w);
+}
+inline void mfl_load4(const device bfloat16_t* p, uint64_t i, thread float* v) {
+  const packed_ushort4 q = *(const device packed_ushort4*)(p + i);
+  v[0] = as_type<float>(uint(q.x) << 16); v[1] = as_type<float>(uint(q.y) << 16);
+  v[2] = as_type<float>(uint(q.z) << 16); v[3] = as_type<float>(uint(q.w) << 16);
 }
 template <typename U>
 inline void mfl_load4(const constant U* p, uint64_t i, thread float* v) {
   for (int j = 0; j < 4; ++j) v[j] = float(p[i + j]);
 }
-template <typename U>
-inline void mfl_store4(device U* p, uint64_t i, const thread float* v) {
-  for (int j = 0; j < 4; ++j) p[i + j] = U(v[j]);
+inline void mfl_store4(device float* p, uint64_t i, const thread float* v) {
+  packed_float4 q;
+  q.x = v[0]; q.y = v[1]; q.z = v[2]; q.w = v[3];
+  *(device packed_float4*)(p + i) = q;
+}
+inline void mfl_store4(device half* p, uint64_t i, const thread float* v) {
+  packed_half4 q;
+  q.x = half(v[0]); q.y = half(v[1]); q.z = half(v[2]); q.w = half(v[3]);
+  *(device packed_half4*)(p + i) = q;
+}
+inline void mfl_store4(device bfloat16_t* p, uint64_t i, const thread float* v) {
+  for (int j = 0; j < 4; ++j) p[i + j] = bfloat16_t(v[j]);
 }
 #endif
 """
@@ -105,8 +141,12 @@ _CUDA = """
 #define MFL_GROUP_Y ((int64_t)blockIdx.y)
 #define MFL_GROUPS_X ((int64_t)gridDim.x)
 #define MFL_GROUPS_Y ((int64_t)gridDim.y)
-#define MFL_SHARED __shared__
+#define MFL_SHARED_FLOATS(s, n) __shared__ float4 s##_v4[(n) / 4]; float* s = (float*)(s##_v4)
+#define MFL_SHARED_LOAD4(s, o, v) { const float4 q_ = *reinterpret_cast<const float4*>(&(s)[o]); \\
+    (v)[0] = q_.x; (v)[1] = q_.y; (v)[2] = q_.z; (v)[3] = q_.w; }
+#define MFL_SHARED_STORE4(s, o, v) { *reinterpret_cast<float4*>(&(s)[o]) = make_float4((v)[0], (v)[1], (v)[2], (v)[3]); }
 #define MFL_BARRIER() __syncthreads()
+#define MFL_UNROLL _Pragma("unroll")
 #define MFL_SCALAR(name) (name[0])
 #define MFL_LOAD(p, i) ((float)((p)[i]))
 #define MFL_STORE(p, i, v) ((p)[i] = (T)(v))
@@ -115,14 +155,25 @@ _CUDA = """
 #define MFL_VEC_ALIGNED(p) ((size_t)(p) % (4 * sizeof(*(p))) == 0)
 """
 
+# MFL_SHARED_STORAGE is empty on Metal; tests/metal_shim.h sets it to `static`, as clang
+# has no automatic variables in an address space.
 _METAL = """
+#ifndef MFL_SHARED_STORAGE
+#define MFL_SHARED_STORAGE
+#endif
 #define MFL_TID ((uint32_t)thread_position_in_threadgroup.x)
 #define MFL_GROUP_X ((int64_t)threadgroup_position_in_grid.x)
 #define MFL_GROUP_Y ((int64_t)threadgroup_position_in_grid.y)
 #define MFL_GROUPS_X ((int64_t)threadgroups_per_grid.x)
 #define MFL_GROUPS_Y ((int64_t)threadgroups_per_grid.y)
-#define MFL_SHARED threadgroup
+#define MFL_SHARED_FLOATS(s, n) MFL_SHARED_STORAGE threadgroup float4 s##_v4[(n) / 4]; \\
+    threadgroup float* s = (threadgroup float*)(s##_v4)
+#define MFL_SHARED_LOAD4(s, o, v) { const float4 q_ = *(const threadgroup float4*)(&(s)[o]); \\
+    (v)[0] = q_.x; (v)[1] = q_.y; (v)[2] = q_.z; (v)[3] = q_.w; }
+#define MFL_SHARED_STORE4(s, o, v) { float4 q_; q_.x = (v)[0]; q_.y = (v)[1]; q_.z = (v)[2]; q_.w = (v)[3]; \\
+    *(threadgroup float4*)(&(s)[o]) = q_; }
 #define MFL_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define MFL_UNROLL _Pragma("unroll")
 #define MFL_SCALAR(name) (name)
 #define MFL_LOAD(p, i) ((float)((p)[i]))
 #define MFL_STORE(p, i, v) ((p)[i] = (T)(v))
@@ -137,13 +188,37 @@ _OPENCL = """
 #define MFL_GROUP_Y ((int64_t)get_group_id(1))
 #define MFL_GROUPS_X ((int64_t)get_num_groups(0))
 #define MFL_GROUPS_Y ((int64_t)get_num_groups(1))
-#define MFL_SHARED __local
+#define MFL_SHARED_FLOATS(s, n) __local float4 s##_v4[(n) / 4]; __local float* s = (__local float*)(s##_v4)
+#define MFL_SHARED_LOAD4(s, o, v) { const float4 q_ = vload4(0, &(s)[o]); \\
+    (v)[0] = q_.s0; (v)[1] = q_.s1; (v)[2] = q_.s2; (v)[3] = q_.s3; }
+#define MFL_SHARED_STORE4(s, o, v) { vstore4((float4)((v)[0], (v)[1], (v)[2], (v)[3]), 0, &(s)[o]); }
 #define MFL_BARRIER() barrier(CLK_LOCAL_MEM_FENCE)
+#define MFL_UNROLL _Pragma("unroll")
 #define MFL_SCALAR(name) (name[0])
-#define MFL_VEC_ALIGNED(p) ((size_t)(p) % sizeof(*(p)) == 0)
+#define MFL_VEC_ALIGNED(p) ((size_t)(p) % (4 * sizeof(*(p))) == 0)
 """
 
-BODY_PRELUDE = {"cuda": _CUDA, "metal": _METAL, "opencl": _OPENCL}
+# Every dialect: a quad of a row, vector-wide where it may be, element-wise at a tail.
+_QUADS = """
+#define MFL_QUAD_LOAD(p, i, count, vec, v) { if (vec) { MFL_LOAD4(p, i, v); } else { \\
+    MFL_UNROLL for (int q_ = 0; q_ < 4; ++q_) { (v)[q_] = q_ < (count) ? MFL_LOAD(p, (i) + q_) : 0.0f; } } }
+#define MFL_QUAD_STORE(p, i, count, vec, v) { if (vec) { MFL_STORE4(p, i, v); } else { \\
+    MFL_UNROLL for (int q_ = 0; q_ < 4; ++q_) { if (q_ < (count)) { MFL_STORE(p, (i) + q_, (v)[q_]); } } } }
+"""
+
+# The dropout mask state and MFL_MULT(index), the multiplier of flat element `index` (1 at
+# p = 0), for the bodies that apply dropout (after the prelude; needs key, dropout and
+# index_base inputs).
+MASK = """
+const float mfl_p = MFL_SCALAR(dropout);
+const uint64_t mfl_base = MFL_SCALAR(index_base);
+const uint32_t mfl_threshold = mfl_keep_threshold(mfl_p);
+const float mfl_keep = mfl_keep_scale(mfl_p);
+#define MFL_MULT(index) (mfl_p > 0.0f ? mfl_dropout_multiplier(mfl_dropout_bits(key[0], key[1], \\
+    (uint32_t)(mfl_base + (index)), (uint32_t)((mfl_base + (index)) >> 32)), mfl_threshold, mfl_keep) : 1.0f)
+"""
+
+BODY_PRELUDE = {"cuda": _CUDA + _QUADS, "metal": _METAL + _QUADS, "opencl": _OPENCL + _QUADS}
 
 # OpenCL C: the integer names the bodies use, and bfloat16 as 16-bit words.
 OPENCL_HEADER = """

@@ -5,90 +5,245 @@ into ceil(grid / group) blocks (at most 65535 in y) and shrinks the block to the
 when the grid is smaller. So every grid here is a whole number of groups, at most
 ``MAX_GROUPS`` groups in x (the bodies walk the rest with a group-stride loop) and at
 most ``MAX_SPLITS`` in y: every dimension stays far below 2^31 whatever M*K is.
+
+The template parameters of each body (``bodies.py``), all ints:
+
+- down_proj: R; rank chunk RC (a multiple of 4) x CH chunks (R padded up to CH*RC);
+  RT row threads x TR rows each (TM = RT*TR rows per tile); KL lanes, each 4 columns of
+  a TK = 4*KL step of K; XS and AS the x and A tiles' row strides; SMEM floats; TG.
+- low_rank_grad: R; dB's rank chunk RCB x CHB chunks and RLB row lanes; NG groups of 4
+  columns (TN = 4*NG per block); TM rows per tile, dS's TRS rows per thread; the dY, h
+  and B tiles' strides YS, HS, BS; SMEM; TG.
+- down_grad: R; dA's rank chunk RC x CH chunks and RL row lanes; KG groups of 4 columns
+  (TK = 4*KG per block); e's TRE rows per thread (TM = TG/KG*TRE rows per tile); the x,
+  dS and A^T tiles' strides XS, DS, AT; SMEM; TG.
+
+Every shared stride is a multiple of 4 floats whose count of 16-byte words is odd (see
+``stride``), and every rank-r product reads at least 4 FMAs' worth per 16-byte shared
+load (``fmas_per_load``, held by tests/test_gpu_kernels.py for every r the kernels take).
 """
 
-import math
-
-# Threads per group: a multiple of every GPU's SIMD width.
+# Threads per group: a multiple of every GPU's SIMD width (down_grad takes fewer at large r).
 GROUP = 256
 # Groups in x before the bodies' group-stride loops take over.
 MAX_GROUPS = 65535
-# Row splits (grid y) of the backward reductions, and the groups they aim to fill.
+# Splits (grid y) of the reductions, and the groups they aim to fill (2 per SM of an
+# H100's 132 and more: 512).
 MAX_SPLITS = 32
 TARGET_GROUPS = 512
 # Shared memory per group, in floats (32 KiB: Metal's limit per threadgroup).
 SHARED_FLOATS = 8192
+# The largest r the masked kernels (down_proj, down_grad) take: above, their register and
+# shared tiles would not fit; the op then runs MLX's GEMMs with the device mask.
+MAX_RANK = 128
+# The largest r low_rank_grad's tiles take (at 4096 the cost model leaves it for two GEMMs
+# from r = 20 or so already: benchmarks/results/gpu_estimates.json).
+MAX_LOW_RANK = 32
 
 
 def _ceil(a, b):
     return -(-a // b)
 
 
-def _pick(candidates, shared):
-    """The first (tm, tk) of `candidates` whose shared arrays fit."""
-    for tm, tk in candidates:
-        if shared(tm, tk) <= SHARED_FLOATS:
-            return tm, tk
-    raise ValueError(f"no tile fits {SHARED_FLOATS} floats of shared memory")
+def _ceil4(a):
+    return 4 * _ceil(a, 4)
 
 
-def _tiles(widths):
-    """(rows, columns) tiles to try, widest first, keeping at least 8 rows a step (fewer
-    rows mean more barriers per row) until no width fits."""
-    return [(tm, w) for tm in (16, 8) for w in widths] + [(tm, w) for tm in (4, 2, 1) for w in widths]
+def _chunks(r, largest):
+    """(CH, RC): the fewest chunks, a power of two, of RC ranks each (a multiple of 4, at
+    most `largest`) that cover r."""
+    ch = 1
+    while _ceil4(_ceil(r, ch)) > largest:
+        ch *= 2
+    return ch, _ceil4(_ceil(r, ch))
 
 
-def _grid(groups_x, groups_y=1):
-    return (groups_x * GROUP, groups_y, 1), (GROUP, 1, 1)
+def stride(width):
+    """A shared row stride for rows of `width` floats (a multiple of 4): an odd number
+    of 16-byte words, so 8 threads reading 16 bytes each from 8 rows hit 32 banks."""
+    return width if (width // 4) % 2 else width + 4
 
 
-def _splits(rows, tm, col_groups, max_splits):
-    return max(1, min(max_splits, _ceil(TARGET_GROUPS, col_groups), _ceil(rows, tm)))
+def _grid(groups_x, groups_y, group=GROUP):
+    return (groups_x * group, groups_y, 1), (group, 1, 1)
+
+
+def _splits(rows, tm, col_groups, max_splits, cap):
+    return max(1, min(max_splits, _ceil(TARGET_GROUPS, col_groups), _ceil(rows, tm), cap))
+
+
+def _split_cap(length, element_size, r):
+    """The most splits of a reduction of `length` elements whose partials (r floats per
+    output per split, written and read once) stay within half the reduced array's bytes;
+    2 are always allowed."""
+    return max(2, length * element_size // (16 * r))
+
+
+def _check_rank(r, limit, name):
+    if not 1 <= r <= limit:
+        raise ValueError(f"{name} takes 1 <= r <= {limit}, got r = {r}")
 
 
 def elementwise(size, max_groups=MAX_GROUPS):
     """(template, grid, threadgroup) of dropout_mask / sum_parts over `size` elements."""
-    return {"TG": GROUP}, *_grid(max(1, min(max_groups, _ceil(size, GROUP))))
+    return {"TG": GROUP}, *_grid(max(1, min(max_groups, _ceil(size, GROUP))), 1)
 
 
-def down_proj(rows, r, max_groups=MAX_GROUPS):
-    """h = (m*x) @ A: TM rows per group (about 8 outputs per thread), K in steps of TK."""
-    tm = max(1, min(64, 8 * GROUP // r))
-    tm, tk = _pick(
-        [(tm, tk) for tk in (64, 32, 16, 8, 4, 2, 1)] + [(1, 1)],
-        lambda tm, tk: tm * (tk + 1) + tk * r,
-    )
-    template = {"R": r, "TG": GROUP, "TM": tm, "TK": tk, "P": _ceil(tm * r, GROUP)}
-    return template, *_grid(max(1, min(max_groups, _ceil(rows, tm))))
+def down_proj(rows, cols, r, element_size=4, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS):
+    """h partials: TM-row tiles (grid x) and splits of K (grid y); see the module doc.
+
+    Split-K fills the GPU at small M (M = 512: 32 row tiles x 16 splits); the splits are
+    capped where their partials (S*M*r floats, written and read once) would pass half
+    of x's bytes, but 2 are always allowed."""
+    _check_rank(r, MAX_RANK, "down_proj")
+    ch, rc = _chunks(r, 16)
+    rt, tr = 8, 2
+    kl = GROUP // (rt * ch)
+    tk, tm = 4 * kl, rt * tr
+    xs, as_ = stride(tk), stride(ch * rc)
+    smem = max(tm * xs + tk * as_, (kl // 2) * tm * as_)
+    template = {"R": r, "RC": rc, "CH": ch, "RT": rt, "TR": tr, "KL": kl, "XS": xs, "AS": as_}
+    template |= {"SMEM": smem, "TG": GROUP}
+    groups = max(1, min(max_groups, _ceil(rows, tm)))
+    splits = max(1, min(max_splits, _ceil(cols, tk), _ceil(TARGET_GROUPS, groups), _split_cap(cols, element_size, r)))
+    return template, *_grid(groups, splits)
 
 
-def low_rank_grad(rows, cols, r, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS):
-    """dS and dB partials: TN columns per group (grid x), row splits (grid y), TM rows a step."""
-    tm, tn = _pick(
-        _tiles((128, 64, 32, 16, 8, 4, 2, 1)),
-        lambda tm, tn: tm * (tn + 1) + tm * r + r * (tn + 1),
-    )
-    col_groups = max(1, min(max_groups, _ceil(cols, tn)))
-    splits = _splits(rows, tm, col_groups, max_splits)
-    template = {"R": r, "TG": GROUP, "TM": tm, "TN": tn, "P1": _ceil(r * tn, GROUP), "P2": _ceil(tm * r, GROUP)}
+def _low_rank_tiles(r):
+    chb, rcb = _chunks(r, 8)
+    rp, tm, trs = chb * rcb, 32, 2
+    for tn in (128, 64, 32):
+        ng = tn // 4
+        lanes, outputs = GROUP // ng, (tm // trs) * (rp // 4)
+        if lanes < chb or GROUP % outputs:
+            continue
+        ys, hs, bs = stride(tn), stride(rp), stride(tn)
+        tiles = rp * bs + tm * ys + tm * hs
+        sl = GROUP // outputs
+        if (sl // 2) * tm * hs > tm * (ys + hs):
+            continue
+        smem = max(tiles, (lanes // chb // 2) * rp * tn)
+        if smem <= SHARED_FLOATS:
+            return dict(R=r, RCB=rcb, CHB=chb, RLB=lanes // chb, NG=ng, TM=tm, TRS=trs, YS=ys, HS=hs, BS=bs, SMEM=smem, TG=GROUP)  # fmt: skip
+    raise ValueError(f"no low_rank_grad tile fits r = {r}")
+
+
+def low_rank_grad(rows, cols, r, element_size=4, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS):
+    """dS and dB partials: column blocks of TN (grid x), row splits (grid y)."""
+    _check_rank(r, MAX_LOW_RANK, "low_rank_grad")
+    template = _low_rank_tiles(r)
+    col_groups = max(1, min(max_groups, _ceil(cols, 4 * template["NG"])))
+    splits = _splits(rows, template["TM"], col_groups, max_splits, _split_cap(rows, element_size, r))
     return template, *_grid(col_groups, splits)
 
 
-def down_grad(rows, cols, r, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS):
-    """dA partials and e: TK columns per group (grid x), row splits (grid y), TM rows a step."""
-    tm, tk = _pick(
-        _tiles((32, 16, 8, 4, 2, 1)),
-        lambda tm, tk: 2 * tm * (tk + 1) + tm * r + tk * (r + 1),
-    )
-    col_groups = max(1, min(max_groups, _ceil(cols, tk)))
-    splits = _splits(rows, tm, col_groups, max_splits)
-    template = {"R": r, "TG": GROUP, "TM": tm, "TK": tk, "P1": _ceil(tk * r, GROUP)}
-    return template, *_grid(col_groups, splits)
+def _down_grad_tiles(r):
+    ch, rc = _chunks(r, 12)
+    rp = ch * rc
+    for group, kg, tre in ((256, 16, 2), (128, 8, 2), (64, 4, 2)):
+        lanes = group // kg
+        if lanes < ch:
+            continue
+        tm, tk = lanes * tre, 4 * kg
+        xs, ds, at = stride(tk), stride(rp), stride(tk)
+        smem = max(2 * tm * xs + tm * ds + rp * at, (lanes // ch // 2) * rp * tk)
+        if smem <= SHARED_FLOATS:
+            return dict(R=r, RC=rc, CH=ch, RL=lanes // ch, KG=kg, TRE=tre, XS=xs, DS=ds, AT=at, SMEM=smem, TG=group)
+    raise ValueError(f"no down_grad tile fits r = {r}")
 
 
-def column_blocks(cols, template):
-    """How many column blocks (partials) low_rank_grad writes for `cols` columns."""
-    return math.ceil(cols / template["TN"])
+def down_grad(rows, cols, r, element_size=4, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS):
+    """dA partials and e: column blocks of TK (grid x), row splits (grid y)."""
+    _check_rank(r, MAX_RANK, "down_grad")
+    template = _down_grad_tiles(r)
+    group = template["TG"]
+    tm = group // template["KG"] * template["TRE"]
+    col_groups = max(1, min(max_groups, _ceil(cols, 4 * template["KG"])))
+    splits = _splits(rows, tm, col_groups, max_splits, _split_cap(rows, element_size, r))
+    return template, *_grid(col_groups, splits, group)
+
+
+def row_tile(name, template):
+    """Rows per tile of kernel `name`."""
+    if name == "down_proj":
+        return template["RT"] * template["TR"]
+    if name == "low_rank_grad":
+        return template["TM"]
+    return template["TG"] // template["KG"] * template["TRE"]
+
+
+def column_tile(name, template):
+    """Columns per step (down_proj: of K) or per block (the others) of kernel `name`."""
+    return 4 * template[{"down_proj": "KL", "low_rank_grad": "NG", "down_grad": "KG"}[name]]
+
+
+def padded_rank(name, template):
+    """r rounded up to the kernel's rank chunks (its columns past r are zeros)."""
+    if name == "low_rank_grad":
+        return max(template["CHB"] * template["RCB"], _ceil4(template["R"]))
+    return template["CH"] * template["RC"]
+
+
+def fmas_per_load(name, template):
+    """FMAs per 16-byte shared load in the kernel's rank-r products (the worst of them)."""
+    if name == "down_proj":
+        tr, rc = template["TR"], template["RC"]
+        return 4 * tr * rc / (tr + rc)
+    if name == "low_rank_grad":
+        db = 4 * template["RCB"] / (1 + template["RCB"] / 4)
+        ds = 16 * template["TRS"] / (template["TRS"] + 4)
+        return min(db, ds)
+    da = 4 * template["RC"] / (1 + template["RC"] / 4)
+    e = 16 * template["TRE"] / (template["TRE"] + 4)
+    return min(da, e)
+
+
+def paths(name, template, grid, rows, cols, aligned):
+    """The code paths a launch of kernel `name` takes over a (rows, cols) array (x for
+    down_proj and down_grad, dY for low_rank_grad; `aligned`: whether it starts on a
+    16-byte word), read off its geometry: what a check must run before real data does."""
+    tm, tw = row_tile(name, template), column_tile(name, template)
+    groups_x, splits = grid[0] // template["TG"], grid[1]
+    taken = {"4-wide accesses" if cols % 4 == 0 and aligned else "element-wise accesses"}
+    if cols % 4 == 0 and not aligned:
+        taken.add("misaligned view (element-wise, rows a multiple of 4)")
+    if padded_rank(name, template) > template["R"]:
+        taken.add("rank tail (padded rank columns)")
+    if name == "down_proj":
+        tiles, span = _ceil(rows, tm), _ceil(cols, splits * tw) * tw
+        steps = {"K splits > 1 (partials summed)": splits > 1, "K steps > 1 in a split": span > tw}
+        steps |= {"K tail": cols % tw != 0, "lane tree": template["KL"] > 1}
+    else:
+        tiles, per_split = _ceil(cols, tw), _ceil(rows, splits * tm) * tm
+        steps = {"column blocks > 1 (partials summed)": tiles > 1, "column tail": cols % tw != 0}
+        steps |= {"row splits > 1 (partials summed)": splits > 1, "row tiles > 1 in a split": per_split > tm}
+        lanes = template["RLB"] if name == "low_rank_grad" else template["RL"]
+        steps |= {"row-lane tree": lanes > 1}
+        if name == "low_rank_grad":
+            outputs = (template["TM"] // template["TRS"]) * (padded_rank(name, template) // 4)
+            steps |= {"column-lane tree": template["TG"] // outputs > 1}
+    steps |= {"row tiles > 1": _ceil(rows, tm) > 1, "row tail": rows % tm != 0, "group-stride loop": tiles > groups_x}
+    return taken | {path for path, hit in steps.items() if hit}
+
+
+def possible_paths(name, template):
+    """Every path kernel `name` can take with this template, whatever the sizes."""
+    fixed = {"4-wide accesses", "element-wise accesses", "row tiles > 1", "row tail", "group-stride loop"}
+    fixed.add("misaligned view (element-wise, rows a multiple of 4)")
+    if padded_rank(name, template) > template["R"]:
+        fixed.add("rank tail (padded rank columns)")
+    if name == "down_proj":
+        fixed |= {"K splits > 1 (partials summed)", "K steps > 1 in a split", "K tail"}
+        return fixed | ({"lane tree"} if template["KL"] > 1 else set())
+    fixed |= {"column blocks > 1 (partials summed)", "column tail", "row splits > 1 (partials summed)"}
+    fixed.add("row tiles > 1 in a split")
+    if (template["RLB"] if name == "low_rank_grad" else template["RL"]) > 1:
+        fixed.add("row-lane tree")
+    if name == "low_rank_grad":
+        outputs = (template["TM"] // template["TRS"]) * (padded_rank(name, template) // 4)
+        if template["TG"] // outputs > 1:
+            fixed.add("column-lane tree")
+    return fixed
 
 
 def check_grid(grid, threadgroup):

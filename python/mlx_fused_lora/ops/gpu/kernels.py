@@ -10,6 +10,10 @@ runs every kernel and the whole GPU op without a GPU. A launcher has one method:
 
 with ``outputs`` a list of (shape, dtype) and ``template`` a dict of int parameters
 (``T`` = ``element_dtype`` is added by the launcher, as each dialect spells it).
+
+MLX 0.32 keeps the kernels it builds in memory only: a custom CUDA kernel is compiled by
+NVRTC once per process (MLX's on-disk PTX cache is not used for custom kernels), a Metal
+one once per process too.
 """
 
 import functools
@@ -71,13 +75,19 @@ class Kernels:
 
     Shapes: x (M, K) and dy (M, N) in T (float32, float16 or bfloat16); a (K, r),
     b (r, N), h and ds (M, r) float32. ``index_base`` offsets the mask's flat indices
-    (0 in the op). ``max_groups`` caps the grid's x groups (tests lower it to run the
-    group-stride loops).
+    (0 in the op). ``max_groups`` and ``max_splits`` cap the grid's groups in x and y
+    (the self-check and the tests lower them to run the group-stride loops and the
+    multi-tile walks at small sizes).
     """
 
-    def __init__(self, launcher, max_groups=geometry.MAX_GROUPS):
+    def __init__(self, launcher, max_groups=geometry.MAX_GROUPS, max_splits=geometry.MAX_SPLITS):
         self.launcher = launcher
         self.max_groups = max_groups
+        self.max_splits = max_splits
+
+    def capped(self, max_groups, max_splits):
+        """The same kernels on the same launcher with smaller grids."""
+        return Kernels(self.launcher, max_groups, max_splits)
 
     def _launch(self, name, inputs, outputs, template, element_dtype, grid, group):
         geometry.check_grid(grid, group)
@@ -99,22 +109,23 @@ class Kernels:
 
     def down_proj(self, x, a, key, p, index_base=0):
         """h = (m * x) @ a, float32 (M, r)."""
-        m, r = x.shape[0], a.shape[1]
-        template, grid, group = geometry.down_proj(m, r, self.max_groups)
+        m, k = x.shape
+        r = a.shape[1]
+        template, grid, group = geometry.down_proj(m, k, r, x.dtype.size, self.max_groups, self.max_splits)
         inputs = [x, a.astype(F32)] + self._mask_inputs(key, p, index_base)
-        (h,) = self._launch("down_proj", inputs, [((m, r), F32)], template, x.dtype, grid, group)
-        return h
+        (h_part,) = self._launch("down_proj", inputs, [((grid[1], m, r), F32)], template, x.dtype, grid, group)
+        return self.sum_parts(h_part, 1.0)
 
     def low_rank_grad(self, dy, h, b, scale):
         """(dS, dB) = (scale * dy @ b.T, scale * h.T @ dy), float32, in one pass over dy."""
         m, n = dy.shape
         r = h.shape[1]
-        template, grid, group = geometry.low_rank_grad(m, n, r, self.max_groups)
-        blocks, splits = geometry.column_blocks(n, template), grid[1]
+        template, grid, group = geometry.low_rank_grad(m, n, r, dy.dtype.size, self.max_groups, self.max_splits)
+        blocks = -(-n // geometry.column_tile("low_rank_grad", template))
         ds_part, db_part = self._launch(
             "low_rank_grad",
             [dy, h.astype(F32), b.astype(F32)],
-            [((blocks, m, r), F32), ((splits, r, n), F32)],
+            [((blocks, m, r), F32), ((grid[1], r, n), F32)],
             template,
             dy.dtype,
             grid,
@@ -126,14 +137,17 @@ class Kernels:
         """(dA, e) = ((m * x).T @ ds float32 (K, r), m * (ds @ a.T) in x's dtype (M, K))."""
         m, k = x.shape
         r = ds.shape[1]
-        template, grid, group = geometry.down_grad(m, k, r, self.max_groups)
+        template, grid, group = geometry.down_grad(m, k, r, x.dtype.size, self.max_groups, self.max_splits)
         inputs = [x, ds.astype(F32), a.astype(F32)] + self._mask_inputs(key, p, index_base)
         outputs = [((grid[1], k, r), F32), ((m, k), x.dtype)]
         da_part, e = self._launch("down_grad", inputs, outputs, template, x.dtype, grid, group)
         return self.sum_parts(da_part, 1.0), e
 
     def sum_parts(self, parts, scale):
-        """scale * parts.sum(axis=0), summed in index order (deterministic)."""
+        """scale * parts.sum(axis=0), summed in index order (deterministic); one part
+        with scale 1 is returned as it is."""
+        if parts.shape[0] == 1 and scale == 1.0:
+            return parts[0]
         template, grid, group = geometry.elementwise(parts.shape[1] * parts.shape[2], self.max_groups)
         inputs = [parts, _scalar(scale, F32)]
         (out,) = self._launch("sum_parts", inputs, [(parts.shape[1:], F32)], template, F32, grid, group)

@@ -5,8 +5,10 @@ kernel the way MLX writes its CUDA and Metal ones (inputs in order, each followe
 ``name_shape`` when the body names it, then outputs; template parameters as ``#define``
 lines), compiles it once with pyopencl, and runs it with the same grid and group sizes
 MLX would launch: real work-groups, local memory and barriers. Arrays travel as numpy
-(bfloat16 as its 16-bit words). Outputs start filled with NaN bytes, so an element a
-kernel forgets to write shows up.
+(bfloat16 as its 16-bit words), each input at its own alignment: a row-contiguous view
+that starts inside a 16-byte word (a sliced x) starts inside one in its OpenCL buffer
+too, so it takes the element-wise path it takes on CUDA. Outputs start filled with NaN
+bytes, so an element a kernel forgets to write shows up.
 
 Needs ``pip install "pyopencl[pocl]"`` (the ``test`` extra).
 """
@@ -53,13 +55,46 @@ def from_numpy(values, dtype):
     return mx.array(values)
 
 
-def opencl_source(name, inputs, outputs, template, element_dtype):
-    """The OpenCL program for kernel `name`: inputs and outputs are (dtype, ndim) pairs."""
+def _address(array):
+    """The address of an evaluated array's first element (bfloat16 through its words)."""
+    words = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array
+    view = np.asarray(memoryview(words))
+    return view.__array_interface__["data"][0], view.flags["C_CONTIGUOUS"]
+
+
+@functools.cache
+def _fresh_alignment():
+    """Where MLX's allocator puts a new array's data, modulo 16 bytes (8 on Linux: its
+    CPU allocator keeps the buffer's size in front of the data)."""
+    fresh = mx.zeros((4,))
+    mx.eval(fresh)
+    return _address(fresh)[0] % 16
+
+
+def element_offset(array):
+    """Elements between `array`'s first element and the 16-byte word it starts in, as
+    MLX would hand it to a GPU kernel (a row-contiguous view keeps its offset; anything
+    else is copied, aligned, first)."""
+    mx.eval(array)
+    if array.size == 0 or array.ndim == 0:
+        return 0
+    address, contiguous = _address(array)
+    if not contiguous:
+        return 0
+    return ((address - _fresh_alignment()) % 16) // array.dtype.size % 4
+
+
+def opencl_source(name, inputs, outputs, template, element_dtype, offsets=None):
+    """The OpenCL program for kernel `name`: inputs and outputs are (dtype, ndim) pairs;
+    input i is read `offsets[i]` elements into its buffer (0 by default)."""
     header, body = kernels.kernel_source("opencl", name)
     _, input_names, output_names = bodies.KERNELS[name]
-    params = []
-    for arg, (dtype, ndim) in zip(input_names, inputs, strict=True):
-        params.append(f"__global const {dialects.OPENCL_TYPES[_DTYPE_NAMES[dtype]]}* {arg}")
+    offsets = offsets or [0] * len(inputs)
+    params, starts = [], []
+    for arg, (dtype, ndim), offset in zip(input_names, inputs, offsets, strict=True):
+        ctype = dialects.OPENCL_TYPES[_DTYPE_NAMES[dtype]]
+        params.append(f"__global const {ctype}* mfl_buffer_{arg}")
+        starts.append(f"__global const {ctype}* {arg} = mfl_buffer_{arg} + {offset};\n")
         if ndim > 0 and f"{arg}_shape" in body:
             params.append(f"__global const int* {arg}_shape")
     for arg, (dtype, _) in zip(output_names, outputs, strict=True):
@@ -74,6 +109,7 @@ def opencl_source(name, inputs, outputs, template, element_dtype):
         + f"__kernel void mfl_{name}(\n  "
         + ",\n  ".join(params)
         + ") {\n"
+        + "".join(starts)
         + body
         + "\n}\n"
     )
@@ -107,17 +143,23 @@ class OpenCLLauncher:
     def launch(self, name, inputs, outputs, template, element_dtype, grid, threadgroup):
         cl = self.cl
         mf = cl.mem_flags
+        offsets = [element_offset(a) for a in inputs]
         source = opencl_source(
-            name, [(a.dtype, a.ndim) for a in inputs], [(d, len(s)) for s, d in outputs], template, element_dtype
+            name,
+            [(a.dtype, a.ndim) for a in inputs],
+            [(d, len(s)) for s, d in outputs],
+            template,
+            element_dtype,
+            offsets,
         )
         self.sources[name] = source
         kernel = self._kernel(name, source)
         body = kernels.kernel_source("opencl", name)[1]
         _, input_names, _ = bodies.KERNELS[name]
         args = []
-        for arg, array in zip(input_names, inputs, strict=True):
+        for arg, array, offset in zip(input_names, inputs, offsets, strict=True):
             values = np.ascontiguousarray(to_numpy(array)).reshape(-1)
-            values = values if values.size else np.zeros(1, values.dtype)
+            values = np.concatenate([np.zeros(offset, values.dtype), values, np.zeros(1, values.dtype)])
             args.append(cl.Buffer(self.context, mf.READ_ONLY | mf.COPY_HOST_PTR, hostbuf=values))
             if array.ndim > 0 and f"{arg}_shape" in body:
                 shape = np.array(array.shape, dtype=np.int32)

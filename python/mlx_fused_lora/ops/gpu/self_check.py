@@ -1,22 +1,89 @@
 """The GPU op's first-use self-check: forward and every gradient against reference.py,
-the mask against the CPU extension's, on a small input with tails.
+the masks against the CPU extension's, on inputs that take every kernel path.
 
 Run once per (device, dtype, r, dropout on/off) by backends/gpu.py before the kernels
 are trusted with real data: the last guard for kernels this project could only compile
 and run on the CPU (PoCL), never on the user's GPU.
+
+Like with like: the reference runs on the CPU stream in exact float32, and each result
+element is held to a rounding bound, not to a fixed tolerance: ``|got - want| <= tau *
+magnitude``, where ``magnitude`` is the same result computed by the reference from the
+inputs' absolute values (the sum of the absolute values of every product that makes it
+up: the op is multilinear, so this is the classical bound's right-hand side) and ``tau
+= 8 u + 2 L 2^-24``, with ``u`` the unit roundoff of what the op rounds to (the dtype,
+or TF32 where MLX's float32 GEMMs run in TF32: CUDA by default) and ``L`` the longest
+reduction. A correct kernel cannot fail it; a wrong index, a lost partial or a missed
+mask can pass it only by luck smaller than the rounding itself.
+
+Coverage: ``CASES`` (shapes, a sliced x, a capped grid) times ``plans`` (every kernel
+the op may choose, and the GEMM paths with the device mask) run every path of every
+kernel the op can launch for this r; tests/test_gpu_kernels.py holds that, path by path,
+from the geometry each case produces (``geometry.paths``).
 """
+
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
 
 from .. import layout, reference
+from . import geometry
 
-# (M, K, N) with tails against every tile: rows of a multiple of 4 take the kernels' 4-wide
-# loads and stores, the others the scalar ones. Tolerances are relative to each result's
-# largest value.
-SHAPES = [(37, 148, 68), (9, 30, 14)]
+
+class Case(NamedTuple):
+    shape: tuple  # (M, K, N)
+    offset: int  # x and dY start this many elements into their buffers (a sliced view)
+    caps: tuple | None  # (max_groups, max_splits) of a capped grid, or None
+
+
+CASES = [
+    # rows a multiple of 4 long: the 4-wide accesses; several row tiles and column
+    # blocks with tails for every tile size, split K, split rows
+    Case((150, 300, 300), 0, None),
+    # odd rows: the element-wise accesses
+    Case((37, 150, 70), 0, None),
+    # x and dY sliced one element in: misaligned for CUDA's wide accesses
+    Case((150, 300, 300), 1, None),
+    # 2 groups in x, 2 splits in y: the group-stride loops, several tiles per split
+    Case((150, 300, 300), 0, (2, 2)),
+]
 SCALE, DROPOUT = 1.7, 0.1
-TOLERANCE = {mx.float32: 1e-4, mx.float16: 2e-2, mx.bfloat16: 3e-2}
+UNIT_ROUNDOFF = {mx.float32: 2.0**-24, mx.float16: 2.0**-11, mx.bfloat16: 2.0**-8}
+TF32_ROUNDOFF = 2.0**-11
+NAMES = ["y", "dx", "d_weight", "d_bias", "d_lora_a", "d_lora_b"]
+
+
+def plans(r, dropout):
+    """The op's choices to check: every kernel it may launch for this r, then MLX's GEMMs
+    (with the device mask where there is dropout)."""
+    kernel = {
+        "h": "kernel" if dropout and r <= geometry.MAX_RANK else "gemm",
+        "ds_db": "kernel" if r <= geometry.MAX_LOW_RANK else "gemm",
+        "da_e": "kernel" if dropout and r <= geometry.MAX_RANK else "gemm",
+    }
+    gemm = dict.fromkeys(kernel, "gemm")
+    return [kernel, gemm] if kernel != gemm else [gemm]
+
+
+def tolerance(dtype, tf32, reduction):
+    """tau: the rounding bound per unit of magnitude (see the module doc)."""
+    u = max(UNIT_ROUNDOFF[dtype], TF32_ROUNDOFF if tf32 and dtype == mx.float32 else 0.0)
+    return 8 * u + 2 * reduction * 2.0**-24
+
+
+def case_inputs(dtype, r, case, seed=2024):
+    """(x, weight, bias, lora_a, lora_b, cotangent) for `case`; x and the cotangent are
+    views `case.offset` elements into their buffers. Every value is positive, so no sum
+    cancels: each result is its own magnitude, and a lost term moves it by its share."""
+    rng = np.random.default_rng(seed)
+    m, k, n = case.shape
+
+    def arr(shape, scale=1.0, dt=mx.float32, offset=0):
+        values = (scale * rng.uniform(0.25, 1.0, int(np.prod(shape)) + offset)).astype(np.float32)
+        return mx.array(values).astype(dt)[offset:].reshape(shape)
+
+    x, ct = arr((m, k), dt=dtype, offset=case.offset), arr((m, n), dt=dtype, offset=case.offset)
+    return x, arr((n, k), 0.1, dtype), arr((n,), dt=dtype), arr((k, r), 0.1), arr((r, n), 0.5), ct
 
 
 def _cpu_mask(key, shape, p):
@@ -25,66 +92,66 @@ def _cpu_mask(key, shape, p):
     return cpu.dropout_mask(key, shape, p, mx.float32)
 
 
-def _inputs(dtype, r, shape):
-    rng = np.random.default_rng(2024)
-    m, k, n = shape
-
-    def arr(shape, scale=1.0):
-        return mx.array((scale * rng.standard_normal(shape)).astype(np.float32))
-
-    x, w, b = arr((m, k)).astype(dtype), arr((n, k), 0.1).astype(dtype), arr((n,)).astype(dtype)
-    return x, w, b, arr((k, r), 0.1), arr((r, n), 0.5), arr((m, n))
+def _mask_failure(what, got, key, shape, p):
+    want = np.array(_cpu_mask(key, shape, p))
+    differ = int((np.array(got.astype(mx.float32)).view(np.uint32) != want.view(np.uint32)).sum())
+    return f"{what} differs from the CPU's in {differ} of {want.size} elements" if differ else None
 
 
-def _worst(got, want):
-    got, want = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
-    if got.shape != want.shape:
+def _reference(primals, cotangent, mask):
+    """The oracle's outputs and gradients, and their magnitudes, on the CPU stream."""
+    with mx.stream(mx.cpu):
+        plain = lambda *a: reference.lora_linear(*a[:5], SCALE, mask)  # noqa: E731
+        exact = _evaluated(plain, primals, cotangent)
+        absolute = [mx.abs(a.astype(mx.float32)) for a in primals]
+        magnitude = _evaluated(plain, absolute, [mx.abs(cotangent[0].astype(mx.float32))])
+    return exact, magnitude
+
+
+def _worst(got, want, magnitude, tau):
+    """The largest |got - want| / (tau * magnitude) (<= 1 passes), or inf for a shape
+    mismatch or a non-finite value."""
+    got, want, magnitude = (np.array(a.astype(mx.float32), dtype=np.float64) for a in (got, want, magnitude))
+    if got.shape != want.shape or not np.isfinite(got).all():
         return float("inf")
-    err = np.abs(got - want).max() if got.size else 0.0
-    return float(err / max(1.0, float(np.abs(want).max()) if want.size else 1.0))
+    if not got.size:
+        return 0.0
+    return float((np.abs(got - want) / (tau * magnitude + np.finfo(np.float32).tiny)).max())
 
 
-def _check(kernels, run_op, dtype, r, dropout):
-    for shape in SHAPES:
-        failure = _check_shape(kernels, run_op, dtype, r, dropout, shape)
-        if failure is not None:
-            return failure
-    return None
-
-
-def _check_shape(kernels, run_op, dtype, r, dropout, shape):
+def _check_case(kernels, run_op, dtype, r, dropout, case, tf32):
     key = mx.random.key(17)
     p = DROPOUT if dropout else 0.0
-    m, k, _ = shape
+    m, k, n = case.shape
+    if case.caps is not None:
+        kernels = kernels.capped(*case.caps)
     if dropout:
-        gpu = np.array(kernels.dropout_mask(key, (m, k), p))
-        cpu = np.array(_cpu_mask(key, (m, k), p))
-        differ = int((gpu.view(np.uint32) != cpu.view(np.uint32)).sum())
-        if differ:
-            return f"the dropout mask differs from the CPU's in {differ} of {m * k} elements"
+        from ..backends.reference import device_dropout_mask
+
+        failure = _mask_failure("the dropout mask", kernels.dropout_mask(key, (m, k), p), key, (m, k), p)
+        failure = failure or _mask_failure("the device mask", device_dropout_mask(key, (m, k), p), key, (m, k), p)
+        if failure:
+            return failure
     if r == 0:
         return None
-    x, w, b, a, bb, ct = _inputs(dtype, r, shape)
-    mask = _cpu_mask(key, (m, k), p) if dropout else None
+    x, w, b, a, bb, ct = case_inputs(dtype, r, case)
     slot_key = key if dropout else layout.no_key()
+    primals, cotangent = [x, w, b, a, bb], [ct]
+    want, magnitude = _reference(primals, cotangent, _cpu_mask(key, (m, k), p) if dropout else None)
+    tau = tolerance(dtype, tf32, max(m, k, n) + r)
+    for plan in plans(r, dropout):
 
-    def fused(x, w, b, a, bb):
-        return run_op(layout.Inputs(x, w, b, a, bb, slot_key), SCALE, p)
+        def fused(x, w, b, a, bb, plan=plan):
+            return run_op(kernels, plan, layout.Inputs(x, w, b, a, bb, slot_key), SCALE, p)
 
-    def plain(x, w, b, a, bb):
-        return reference.lora_linear(x, w, b, a, bb, SCALE, mask)
-
-    primals = [x, w, b, a, bb]
-    cotangent = [ct.astype(dtype)]
-    (y, *grads) = _evaluated(fused, primals, cotangent)
-    (y_ref, *grads_ref) = _evaluated(plain, primals, cotangent)
-    tolerance = TOLERANCE[dtype]
-    for name, got, want in zip(
-        ["y", "dx", "d_weight", "d_bias", "d_lora_a", "d_lora_b"], [y, *grads], [y_ref, *grads_ref], strict=True
-    ):
-        err = _worst(got, want)
-        if not err <= tolerance:
-            return f"{name} differs from reference.py by {err:.3g} (relative; tolerance {tolerance}) at (M, K, N) = {shape}"
+        got = _evaluated(fused, primals, cotangent)
+        for name, g, wv, mag in zip(NAMES, got, want, magnitude, strict=True):
+            worst = _worst(g, wv, mag, tau)
+            if not worst <= 1.0:
+                return (
+                    f"{name} differs from reference.py by {worst:.3g}x its rounding bound (tau = {tau:.2g}) "
+                    f"at (M, K, N) = {case.shape}, x offset {case.offset}, grid caps {case.caps}, plan {plan}"
+                )
     return None
 
 
@@ -94,10 +161,17 @@ def _evaluated(f, primals, cotangent):
     return [outputs[0] if isinstance(outputs, list | tuple) else outputs, *vjps]
 
 
-def self_check(kernels, run_op, dtype, r, dropout):
-    """None if the kernels agree with the reference (and the CPU's mask) for this
-    configuration, else what failed, in words. ``run_op(inputs, scale, p)`` runs the op."""
+def self_check(kernels, run_op, dtype, r, dropout, tf32=False):
+    """None if the kernels agree with the reference (and the masks with the CPU's) for
+    this configuration, else what failed, in words. ``run_op(kernels, plan, inputs,
+    scale, p)`` runs the op over `kernels` with the choices `plan`; ``tf32``: the op's
+    float32 GEMMs may round their inputs to TF32 (MLX's default on CUDA); r = 0 checks
+    the masks alone."""
     try:
-        return _check(kernels, run_op, dtype, r, dropout)
+        for case in CASES:
+            failure = _check_case(kernels, run_op, dtype, r, dropout, case, tf32)
+            if failure is not None:
+                return failure
+        return None
     except Exception as e:  # any error disqualifies the kernels, and is reported
         return f"{type(e).__name__}: {e}"
