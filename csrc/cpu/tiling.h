@@ -76,33 +76,6 @@ class Scratch {
   mx::allocator::Data data_;
 };
 
-// Adapters are small (K x r, r x N): one float32 copy per call, scaled and
-// optionally transposed, is cheap next to a pass over x.
-inline Scratch adapter_as_float(const mx::array& a, float multiplier = 1.0f,
-                                bool transpose = false) {
-  const int64_t rows = a.shape(0), cols = a.shape(1);
-  Scratch out(rows * cols);
-  dispatch_float(a.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* src = a.data<T>();
-    for (int64_t i = 0; i < rows; ++i) {
-      for (int64_t j = 0; j < cols; ++j) {
-        out[transpose ? j * rows + i : i * cols + j] =
-            multiplier * static_cast<float>(src[i * cols + j]);
-      }
-    }
-  });
-  return out;
-}
-
-// Writes float32 values into an already allocated output of any float dtype.
-inline void store_as(mx::array& out, const float* src) {
-  dispatch_float(out.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    store_row(out.data<T>(), src, out.size());
-  });
-}
-
 // Float32 row tiles of a matrix for the BLAS: fn(row0, rows, tile). Float32 is
 // handed over whole and uncopied; half types are widened one tile at a time.
 template <typename T, typename Fn>

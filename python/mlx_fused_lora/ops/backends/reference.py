@@ -1,5 +1,7 @@
 """The fallback backend: the plain-MLX reference (ops/reference.py) with the CPU
-extension's mask, for devices that have no fused kernels (enabled) yet."""
+extension's mask, for devices that have no fused kernels (enabled) yet. It takes the
+single-adapter slots and the mixed ones (layout.MixedInputs, layout.QMixedInputs: the
+multiplier of adapter i is scale * scales[i])."""
 
 import functools
 import warnings
@@ -19,19 +21,30 @@ def _warn_once(device, hint):
     )
 
 
+def _routing(scale, routing):
+    """(per-adapter multipliers, ids) of the mixed slots, (scale, None) without them."""
+    if not routing:
+        return scale, None
+    scales, ids = routing
+    return scale * scales, ids
+
+
 def lora_linear(inputs, scale, p, hint=""):
-    """y (M, N) for the fixed slots `inputs` (layout.Inputs), in plain MLX."""
+    """y (M, N) for the fixed slots `inputs` (layout.Inputs or layout.MixedInputs), in plain MLX."""
     _warn_once(str(mx.default_device()), hint)
-    x, weight, bias, lora_a, lora_b, key = inputs
+    x, weight, bias, lora_a, lora_b, key, *routing = inputs
     mask = cpu.dropout_mask(key, x.shape, p, mx.float32) if p > 0 else None
-    return reference.lora_linear(x, weight, layout.bias_or_none(bias), lora_a, lora_b, scale, mask)
+    scales, ids = _routing(scale, routing)
+    return reference.lora_linear(x, weight, layout.bias_or_none(bias), lora_a, lora_b, scales, mask, ids)
 
 
 def qlora_linear(inputs, scale, p, *, group_size, bits, hint=""):
-    """y (M, N) for the quantized op's fixed slots `inputs` (layout.QInputs), in plain MLX."""
+    """y (M, N) for the quantized op's fixed slots `inputs` (layout.QInputs or
+    layout.QMixedInputs), in plain MLX."""
     _warn_once(str(mx.default_device()), hint)
-    x, weight, scales, biases, bias, lora_a, lora_b, key = inputs
+    x, weight, scales, biases, bias, lora_a, lora_b, key, *routing = inputs
     mask = cpu.dropout_mask(key, x.shape, p, mx.float32) if p > 0 else None
+    lora_scales, ids = _routing(scale, routing)
     return reference.qlora_linear(
         x,
         weight,
@@ -40,10 +53,11 @@ def qlora_linear(inputs, scale, p, *, group_size, bits, hint=""):
         layout.bias_or_none(bias),
         lora_a,
         lora_b,
-        scale,
+        lora_scales,
         mask,
         group_size=group_size,
         bits=bits,
+        adapter_ids=ids,
     )
 
 

@@ -1,0 +1,149 @@
+// Which adapter each row of x uses, and the adapters as the rank-r passes read them.
+//
+// The op holds n adapters stacked, lora_a (n, K, r) and lora_b (n, r, N), and an id per
+// row in [-1, n) (-1: the base product alone). The single-adapter op is the case n = 1
+// with no ids array: every row on adapter 0. The passes (lora_passes.h) run the same
+// code for both; only these classes know whether ids exist.
+//
+// Grouping (as SGMV does): a range of rows is ordered by adapter with a stable counting
+// sort of the row indices (M int32s, never a copy of x), so the rank-r kernels take
+// blocks of rows that share an adapter, through their row pointers. Without ids the
+// order is the identity and no array is made. The ids are checked where they are read,
+// at eval time in the pass that needs them (an id out of range throws a named
+// std::invalid_argument, which MLX re-raises at mx.eval): a check before the graph runs
+// would need the ids' values on the host, a synchronization in the hot path.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/tiling.h"
+
+namespace mfl::cpu {
+
+// The adapter of each row: ids (M int32 in [-1, n)) or none (every row on adapter 0).
+class AdapterRows {
+ public:
+  // Checks every id against [-1, n) (throws, naming the first bad one).
+  AdapterRows(const mx::array* ids, int64_t n);
+
+  int64_t count() const { return n_; }
+  bool has_ids() const { return ids_ != nullptr; }
+  int adapter(int64_t row) const { return ids_ ? ids_[row] : 0; }
+  // Whether some row uses adapter i (always true for adapter 0 without ids).
+  bool used(int64_t i) const { return slot_[i] >= 0; }
+  // The used adapters numbered 0, 1, ... (their slot in per-adapter scratch), -1 if unused.
+  int64_t slot(int64_t i) const { return slot_[i]; }
+  int64_t used_count() const { return used_count_; }
+
+ private:
+  const int32_t* ids_;
+  int64_t n_;
+  std::vector<int64_t> slot_;
+  int64_t used_count_ = 0;
+};
+
+// Rows [row0, row0 + size), or the rows listed, ordered by adapter, -1 rows first
+// (stably, so each adapter's rows keep their order). pos indexes the order.
+class RowGroups {
+ public:
+  RowGroups(const AdapterRows& rows, int64_t row0, int64_t size);
+  RowGroups(const AdapterRows& rows, const std::vector<int32_t>& listed);
+
+  int64_t size() const { return size_; }
+  int64_t row(int64_t pos) const { return order_.empty() ? row0_ + pos : order_[pos]; }
+  int adapter(int64_t pos) const { return rows_.adapter(row(pos)); }
+  // One past the last position of pos's adapter.
+  int64_t group_end(int64_t pos) const;
+
+ private:
+  template <typename RowAt>
+  void sort(RowAt&& row_at);
+
+  const AdapterRows& rows_;
+  int64_t row0_, size_;
+  std::vector<int32_t> order_;  // empty: the identity (no ids)
+  std::vector<int64_t> ends_;   // ends_[i + 1]: end of adapter i's positions (ends_[0]: -1's)
+};
+
+// One float32 matrix per used adapter, from a stacked (n, rows, cols) or a single
+// (rows, cols) array of any float dtype: multiplied by multiplier(i) and optionally
+// transposed: one small copy per call, cheap next to a pass over x. Unused adapters
+// get nothing.
+class AdapterFloats {
+ public:
+  template <typename Multiplier>
+  AdapterFloats(const mx::array& stacked, const AdapterRows& rows, bool transpose,
+                Multiplier&& multiplier);
+  AdapterFloats(const mx::array& stacked, const AdapterRows& rows, bool transpose = false)
+      : AdapterFloats(stacked, rows, transpose, [](int64_t) { return 1.0f; }) {}
+
+  const float* operator[](int64_t i) { return data_.data() + rows_.slot(i) * size_; }
+
+ private:
+  const AdapterRows& rows_;
+  int64_t size_;
+  Scratch data_;
+};
+
+// The per-adapter multipliers of the LoRA term: scale * scales[i] (scales: an (n,)
+// float32 array, or none: 1).
+class AdapterScales {
+ public:
+  AdapterScales(float scale, const mx::array* scales) : scale_(scale), scales_(scales) {}
+  float operator()(int64_t i) const {
+    return scales_ ? scale_ * scales_->data<float>()[i] : scale_;
+  }
+
+ private:
+  float scale_;
+  const mx::array* scales_;
+};
+
+// The stacked dims of lora_a (n, K, r) / lora_b (n, r, N), or n = 1 for a 2-D one.
+inline int64_t adapter_count(const mx::array& a) { return a.ndim() == 3 ? a.shape(0) : 1; }
+inline int64_t adapter_dim(const mx::array& a, int i) { return a.shape(a.ndim() - 2 + i); }
+
+// Writes per-used-adapter float32 blocks (`size` each, by slot) into a stacked output of
+// any float dtype: an unused adapter's block is zeros.
+inline void store_adapters(mx::array& out, const AdapterRows& rows, const float* src,
+                           int64_t size) {
+  dispatch_float(out.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t i = 0; i < rows.count(); ++i) {
+      T* dst = out.data<T>() + i * size;
+      if (rows.used(i)) {
+        store_row(dst, src + rows.slot(i) * size, size);
+      } else {
+        std::fill(dst, dst + size, T(0.0f));
+      }
+    }
+  });
+}
+
+template <typename Multiplier>
+AdapterFloats::AdapterFloats(const mx::array& stacked, const AdapterRows& rows, bool transpose,
+                             Multiplier&& multiplier)
+    : rows_(rows),
+      size_(adapter_dim(stacked, 0) * adapter_dim(stacked, 1)),
+      data_(rows.used_count() * size_) {
+  const int64_t r0 = adapter_dim(stacked, 0), c0 = adapter_dim(stacked, 1);
+  dispatch_float(stacked.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t i = 0; i < rows.count(); ++i) {
+      if (!rows.used(i)) {
+        continue;
+      }
+      const T* src = stacked.data<T>() + i * size_;
+      float* out = data_.data() + rows.slot(i) * size_;
+      const float m = multiplier(i);
+      for (int64_t a = 0; a < r0; ++a) {
+        for (int64_t b = 0; b < c0; ++b) {
+          out[transpose ? b * r0 + a : a * c0 + b] = m * static_cast<float>(src[a * c0 + b]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace mfl::cpu
