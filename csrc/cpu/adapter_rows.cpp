@@ -6,14 +6,14 @@
 
 namespace mfl::cpu {
 
-AdapterRows::AdapterRows(const mx::array* ids, int64_t n)
-    : ids_(ids ? ids->data<int32_t>() : nullptr), n_(n), slot_(n, -1) {
+AdapterRows::AdapterRows(const mx::array* ids, int64_t n, int64_t m)
+    : ids_(ids ? ids->data<int32_t>() : nullptr), n_(n), slot_(n, -1), rows_of_(n, 0) {
   if (!ids_) {
     slot_[0] = 0;
     used_count_ = 1;
+    rows_of_[0] = m;
     return;
   }
-  const int64_t m = ids->size();
   for (int64_t row = 0; row < m; ++row) {
     const int32_t id = ids_[row];
     if (id < -1 || id >= n) {
@@ -25,6 +25,9 @@ AdapterRows::AdapterRows(const mx::array* ids, int64_t n)
     }
     if (id >= 0 && slot_[id] < 0) {
       slot_[id] = used_count_++;
+    }
+    if (id >= 0) {
+      ++rows_of_[id];
     }
   }
 }

@@ -71,7 +71,7 @@ template <typename T>
 void low_rank_grad_impl(const mx::array& dy, const mx::array& h, const mx::array& b, float scale,
                         Routing route, mx::array& ds, mx::array& db) {
   const int64_t m = dy.shape(0), n = dy.shape(1), r = h.shape(1);
-  const AdapterRows adapters(route.ids, adapter_count(b));
+  const AdapterRows adapters(route.ids, adapter_count(b), m);
   const AdapterScales c(scale, route.scales);
   AdapterFloats b32(b, adapters);  // (r, N) each
   Scratch db32(adapters.used_count() * r * n, 0.0f);
@@ -125,7 +125,7 @@ void down_grad_impl(const mx::array& x, const mx::array& ds, const mx::array* ke
                     const mx::array* ids, mx::array& da) {
   const int64_t m = x.shape(0), k = x.shape(1), r = ds.shape(1);
   const Dropout d = dropout_from(p, key);
-  const AdapterRows adapters(ids, adapter_count(da));
+  const AdapterRows adapters(ids, adapter_count(da), m);
   const RowGroups groups(adapters, 0, m);
   const int64_t used = adapters.used_count();
   Scratch da32(used * k * r);
@@ -184,7 +184,7 @@ void input_grad_impl(const mx::array& dy, const mx::array& w, const mx::array& d
                      mx::array& dx) {
   const int64_t m = dy.shape(0), n = dy.shape(1), k = w.shape(1), r = adapter_dim(a, 1);
   const Dropout d = dropout_from(p, key);
-  const AdapterRows adapters(ids, adapter_count(a));
+  const AdapterRows adapters(ids, adapter_count(a), m);
   AdapterFloats a_t(a, adapters, /*transpose=*/true);  // (r, K) each
   Scratch zeros(k, 0.0f);
   const float* dsp = ds.data<float>();
@@ -205,7 +205,7 @@ void input_grad_onto_impl(const mx::array& base, const mx::array& ds, const mx::
                           const mx::array* key, float p, const mx::array* ids, mx::array& dx) {
   const int64_t m = ds.shape(0), k = adapter_dim(a, 0), r = adapter_dim(a, 1);
   const Dropout d = dropout_from(p, key);
-  const AdapterRows adapters(ids, adapter_count(a));
+  const AdapterRows adapters(ids, adapter_count(a), m);
   AdapterFloats a_t(a, adapters, /*transpose=*/true);  // (r, K) each
   Scratch zeros(k, 0.0f);
   const float* dsp = ds.data<float>();

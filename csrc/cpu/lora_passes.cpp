@@ -19,6 +19,12 @@ namespace mfl::cpu {
 
 namespace {
 
+// An adapter that serves at least this many rows of a call is widened to float32 once
+// (A transposed, B scaled) for the blocked row kernels; a float32 adapter that serves
+// fewer (decoding, one row per adapter) is read in place, row by row, with the
+// multiplier on the rank-r coefficients: copying it would cost more than its rows.
+constexpr int64_t kCopyRows = kRowGrain;
+
 // The forward's rank-r part: h = (mask ⊙ x) @ A_id and, onto each output row's
 // starting value, + c_id * h @ B_id. One pass over x, each row block read once.
 template <typename T>
@@ -31,9 +37,12 @@ class LowRankForward {
         n_(adapter_dim(b, 1)),
         r_(adapter_dim(a, 1)),
         d_(dropout_from(p, key)),
-        adapters_(route.ids, adapter_count(a)),
-        a_t_(a, adapters_, /*transpose=*/true),                              // (r, K) each
-        b_scaled_(b, adapters_, false, AdapterScales(scale, route.scales)),  // (r, N) each
+        c_(scale, route.scales),
+        adapters_(route.ids, adapter_count(a), x.shape(0)),
+        a_(a),
+        b_(b),
+        a_t_(a, adapters_, /*transpose=*/true, One{}, Copied{this}),  // (r, K) each
+        b_scaled_(b, adapters_, false, c_, Copied{this}),             // (r, N) each
         bias_(bias ? n_ : 0),
         zeros_(n_, 0.0f),
         has_bias_(bias != nullptr),
@@ -54,9 +63,18 @@ class LowRankForward {
     parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
       Scratch buf(kBlock * k_);
       Scratch h_block(kBlock * r_);
+      Scratch coef(r_);
       for_each_block(groups, i0, i1, [&](int64_t pos, int64_t count, int adapter) {
-        if (adapter < 0) {
-          base_only(groups, pos, count, row0, acc, start);
+        if (adapter < 0 || !copied(adapter)) {
+          for (int64_t q = 0; q < count; ++q) {
+            const int64_t row = groups.row(pos + q);
+            float* out = acc + (row - row0) * n_;
+            if (adapter < 0) {
+              base_only(row, out, start);
+            } else {
+              in_place(row, adapter, out, start(row, out), buf.data(), coef.data());
+            }
+          }
           return;
         }
         const float* xr[kBlock];
@@ -77,27 +95,50 @@ class LowRankForward {
   }
 
  private:
-  // Rows on no adapter (id -1): h = 0 and the output row is its starting value.
+  struct One {
+    float operator()(int64_t) const { return 1.0f; }
+  };
+  // Which adapters the blocked kernels take (widened once), the others being read in place.
+  struct Copied {
+    const LowRankForward* self;
+    bool operator()(int64_t i) const { return self->adapters_.used(i) && self->copied(i); }
+  };
+  bool copied(int64_t i) const {
+    return a_.dtype() != mx::float32 || b_.dtype() != mx::float32 ||
+           adapters_.rows_of(i) >= kCopyRows;
+  }
+
+  // A row on no adapter (id -1): h = 0 and the output row is its starting value.
   template <typename Start>
-  void base_only(const RowGroups& groups, int64_t pos, int64_t count, int64_t row0, float* acc,
-                 Start& start) {
-    for (int64_t q = 0; q < count; ++q) {
-      const int64_t row = groups.row(pos + q);
-      float* out = acc + (row - row0) * n_;
-      std::fill(h_ + row * r_, h_ + (row + 1) * r_, 0.0f);
-      const float* init = start(row, out);
-      if (!init) {
-        std::fill(out, out + n_, 0.0f);
-      } else if (init != out) {
-        std::memcpy(out, init, n_ * sizeof(float));
-      }
+  void base_only(int64_t row, float* out, Start& start) {
+    std::fill(h_ + row * r_, h_ + (row + 1) * r_, 0.0f);
+    const float* init = start(row, out);
+    if (!init) {
+      std::fill(out, out + n_, 0.0f);
+    } else if (init != out) {
+      std::memcpy(out, init, n_ * sizeof(float));
     }
+  }
+
+  // A row on a float32 adapter read in place: h = x_row @ A_i, out = init + (c_i h) @ B_i.
+  void in_place(int64_t row, int adapter, float* out, const float* init, float* buf, float* coef) {
+    const float* xr = x_row(x_, k_, row, 0, k_, d_, buf);
+    float* h = h_ + row * r_;
+    row_times_matrix(xr, a_.data<float>() + adapter * k_ * r_, k_, r_, h);
+    const float c = c_(adapter);
+    for (int64_t j = 0; j < r_; ++j) {
+      coef[j] = c * h[j];
+    }
+    combine_rows(out, coef, 1, b_.data<float>() + adapter * r_ * n_, n_, r_, n_, init,
+                 zeros_.data());
   }
 
   const T* x_;
   int64_t k_, n_, r_;
   Dropout d_;
+  AdapterScales c_;
   AdapterRows adapters_;
+  const mx::array &a_, &b_;
   AdapterFloats a_t_, b_scaled_;
   Scratch bias_, zeros_;
   bool has_bias_;

@@ -57,6 +57,45 @@ inline void dot_4x2(const float* const rows[4], const float* const cols[2], int6
   }
 }
 
+inline void row_times_matrix(const float* x, const float* a, int64_t k, int64_t r, float* h) {
+  // Columns in chunks of 16 and 8 (fixed widths the compiler vectorizes), each one pass
+  // over K reading its part of A's rows; the last r % 8 columns as strided dots.
+  int64_t j0 = 0;
+  for (; j0 + 16 <= r; j0 += 16) {
+    float acc[16] = {};
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const float xv = x[kk];
+      const float* row = a + kk * r + j0;
+      for (int l = 0; l < 16; ++l) {
+        acc[l] += xv * row[l];
+      }
+    }
+    for (int l = 0; l < 16; ++l) {
+      h[j0 + l] = acc[l];
+    }
+  }
+  for (; j0 + 8 <= r; j0 += 8) {
+    float acc[8] = {};
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const float xv = x[kk];
+      const float* row = a + kk * r + j0;
+      for (int l = 0; l < 8; ++l) {
+        acc[l] += xv * row[l];
+      }
+    }
+    for (int l = 0; l < 8; ++l) {
+      h[j0 + l] = acc[l];
+    }
+  }
+  for (; j0 < r; ++j0) {
+    float acc = 0.0f;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      acc += x[kk] * a[kk * r + j0];
+    }
+    h[j0] = acc;
+  }
+}
+
 inline void axpy_4(float* y, const float a[4], const float* const x[4], int64_t n, bool overwrite) {
   const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
   const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];

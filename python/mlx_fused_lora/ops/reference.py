@@ -10,6 +10,8 @@ adapter ``adapter_ids[i]`` (-1: the base product alone) through MLX's ``gather_m
 one adapter without ids is the case where every row takes adapter 0.
 """
 
+import math
+
 import mlx.core as mx
 
 
@@ -23,11 +25,14 @@ def _lora_term(dropped, lora_a, lora_b, scale, adapter_ids):
     if a32.ndim == 2:
         a32, b32 = a32[None], b32[None]
     count, k, n = a32.shape[0], dropped.shape[-1], b32.shape[-1]
-    ids = adapter_ids.reshape(-1)
+    m = math.prod(dropped.shape[:-1])
+    if m == 0 or k == 0 or n == 0:  # the empty product (MLX's gather_mm fails on empty shapes)
+        return mx.zeros((*dropped.shape[:-1], n), dtype=mx.float32)
+    ids = adapter_ids.reshape(m)
     known = (ids >= -1) & (ids < count)
     gather = mx.where(ids >= 0, ids, 0) * known
-    h = mx.gather_mm(dropped.reshape(-1, 1, k), a32, rhs_indices=gather)
-    term = mx.gather_mm(h, b32, rhs_indices=gather).reshape(-1, n)
+    h = mx.gather_mm(dropped.reshape(m, 1, k), a32, rhs_indices=gather)
+    term = mx.gather_mm(h, b32, rhs_indices=gather).reshape(m, n)
     scale = scale.astype(mx.float32) if isinstance(scale, mx.array) else mx.array(scale, dtype=mx.float32)
     scales = mx.broadcast_to(scale, (count,))[gather]
     term = mx.where((ids >= 0)[:, None], scales[:, None] * term, 0.0)
