@@ -29,8 +29,8 @@ constexpr int64_t kBlasRun = kRowGrain;
 // tile of dY holding rows [row0, ...), on the row kernels. dS: blocks of rows of one
 // adapter; dB: each worker a slab of N's columns (no reduction), over every block.
 void low_rank_rows(const RowGroups& groups, const float* tile, int64_t row0, int64_t n, int64_t r,
-                   const float* hp, AdapterFloats& b32, const AdapterRows& adapters, float* dsp,
-                   float* db32) {
+                   const float* hp, const AdapterFloats& b32, float* dsp,
+                   const std::vector<float*>& db) {
   const int64_t size = groups.size();
   parallel_for(size, kRowGrain, [&](int64_t p0, int64_t p1, int) {
     Scratch ds_block(kBlock * r);
@@ -55,8 +55,7 @@ void low_rank_rows(const RowGroups& groups, const float* tile, int64_t row0, int
         rows[q] = q < count ? tile + (row - row0) * n + c0 : zeros.data();
         coefs[q] = hp + row * r;
       }
-      accumulate_outer(db32 + adapters.slot(adapter) * r * n + c0, n, coefs, count, rows, r,
-                       c1 - c0);
+      accumulate_outer(db[adapter] + c0, n, coefs, count, rows, r, c1 - c0);
     });
   });
 }
@@ -73,8 +72,19 @@ void low_rank_grad_impl(const mx::array& dy, const mx::array& h, const mx::array
   const int64_t m = dy.shape(0), n = dy.shape(1), r = h.shape(1);
   const AdapterRows adapters(route.ids, adapter_count(b), m);
   const AdapterScales c(scale, route.scales);
-  AdapterFloats b32(b, adapters);  // (r, N) each
-  Scratch db32(adapters.used_count() * r * n, 0.0f);
+  const AdapterFloats b32(b, adapters);  // (r, N) each
+  // dB_i accumulates in float32: in dB itself when it is float32, else in scratch.
+  const bool in_place = db.dtype() == mx::float32;
+  Scratch db32(in_place ? 0 : adapters.used_count() * r * n);
+  std::vector<float*> dbs(adapters.count(), nullptr);
+  for (int64_t i = 0; i < adapters.count(); ++i) {
+    if (adapters.used(i)) {
+      dbs[i] = in_place ? db.data<float>() + i * r * n : db32.data() + adapters.slot(i) * r * n;
+      std::fill(dbs[i], dbs[i] + r * n, 0.0f);
+    } else if (in_place) {
+      std::fill(db.data<float>() + i * r * n, db.data<float>() + (i + 1) * r * n, 0.0f);
+    }
+  }
   float* dsp = ds.data<float>();
   const float* hp = h.data<float>();
   for_each_float_tile(dy.data<T>(), m, n, [&](int64_t row0, int64_t rows, const float* tile) {
@@ -89,7 +99,7 @@ void low_rank_grad_impl(const mx::array& dy, const mx::array& h, const mx::array
         sgemm(false, true, e - s, r, n, 1.0f, tile + s * n, n, b32[id], n, 0.0f,
               dsp + (row0 + s) * r, r);
         sgemm(true, false, r, n, e - s, 1.0f, hp + (row0 + s) * r, r, tile + s * n, n, 1.0f,
-              db32.data() + adapters.slot(id) * r * n, n);
+              dbs[id], n);
       } else {
         for (int64_t i = s; i < e; ++i) {
           scattered.push_back(static_cast<int32_t>(row0 + i));
@@ -97,24 +107,23 @@ void low_rank_grad_impl(const mx::array& dy, const mx::array& h, const mx::array
       }
     }
     if (!scattered.empty()) {
-      low_rank_rows(RowGroups(adapters, scattered), tile, row0, n, r, hp, b32, adapters, dsp,
-                    db32.data());
+      low_rank_rows(RowGroups(adapters, scattered), tile, row0, n, r, hp, b32, dsp, dbs);
     }
   });
   for (int64_t row = 0; row < m; ++row) {
     const int id = adapters.adapter(row);
-    const float ci = id < 0 ? 0.0f : c(id);
     for (int64_t j = 0; id >= 0 && j < r; ++j) {
-      dsp[row * r + j] *= ci;
+      dsp[row * r + j] *= c(id);
     }
   }
   for (int64_t i = 0; i < adapters.count(); ++i) {
-    float* dbi = db32.data() + adapters.slot(i) * r * n;
     for (int64_t e = 0; adapters.used(i) && e < r * n; ++e) {
-      dbi[e] *= c(i);
+      dbs[i][e] *= c(i);
     }
   }
-  store_adapters(db, adapters, db32.data(), r * n);
+  if (!in_place) {
+    store_adapters(db, adapters, db32.data(), r * n);
+  }
 }
 
 // dA_i = (mask ⊙ x_i)^T @ dS_i in one pass over x: each worker owns a slab of x's
@@ -128,42 +137,51 @@ void down_grad_impl(const mx::array& x, const mx::array& ds, const mx::array* ke
   const AdapterRows adapters(ids, adapter_count(da), m);
   const RowGroups groups(adapters, 0, m);
   const int64_t used = adapters.used_count();
-  Scratch da32(used * k * r);
   Scratch zeros(k, 0.0f);
   const T* xp = x.data<T>();
   const float* dsp = ds.data<float>();
-  parallel_for(k, kColumnGrain, [&](int64_t k0, int64_t k1, int) {
-    const int64_t len = k1 - k0;
-    Scratch acc_t(used * r * len, 0.0f);  // (r, len) per used adapter: this slab of dA_i^T
-    Scratch buf(kBlock * len);
-    for_each_block(groups, 0, m, [&](int64_t pos, int64_t count, int adapter) {
-      if (adapter < 0) {
-        return;
-      }
-      const float* xr[kBlock];
-      const float* coefs[kBlock];
-      for (int64_t q = 0; q < kBlock; ++q) {
-        const int64_t row = groups.row(pos + std::min(q, count - 1));
-        xr[q] = q < count ? x_row(xp, k, row, k0, len, d, buf.data() + q * len) : zeros.data();
-        coefs[q] = dsp + row * r;
-      }
-      accumulate_outer(acc_t.data() + adapters.slot(adapter) * r * len, len, coefs, count, xr, r,
-                       len);
-    });
-    for (int64_t s = 0; s < used; ++s) {
-      for (int64_t kk = 0; kk < len; ++kk) {
-        for (int64_t j = 0; j < r; ++j) {
-          da32[s * k * r + (k0 + kk) * r + j] = acc_t[s * r * len + j * len + kk];
+  dispatch_float(da.dtype(), [&](auto tag) {
+    using U = decltype(tag);
+    U* dap = da.data<U>();
+    parallel_for(k, kColumnGrain, [&](int64_t k0, int64_t k1, int) {
+      const int64_t len = k1 - k0;
+      Scratch acc_t(used * r * len, 0.0f);  // (r, len) per used adapter: this slab of dA_i^T
+      Scratch buf(kBlock * len);
+      float* acc = acc_t.data();
+      for_each_block(groups, 0, m, [&](int64_t pos, int64_t count, int adapter) {
+        if (adapter < 0) {
+          return;
+        }
+        const float* xr[kBlock];
+        const float* coefs[kBlock];
+        for (int64_t q = 0; q < kBlock; ++q) {
+          const int64_t row = groups.row(pos + std::min(q, count - 1));
+          xr[q] = q < count ? x_row(xp, k, row, k0, len, d, buf.data() + q * len) : zeros.data();
+          coefs[q] = dsp + row * r;
+        }
+        accumulate_outer(acc + adapters.slot(adapter) * r * len, len, coefs, count, xr, r, len);
+      });
+      // This slab of each dA_i, straight into the output: rows [k0, k1), zeros if unused.
+      for (int64_t i = 0; i < adapters.count(); ++i) {
+        U* dst = dap + (i * k + k0) * r;
+        if (!adapters.used(i)) {
+          std::fill(dst, dst + len * r, U(0.0f));
+          continue;
+        }
+        const float* src = acc + adapters.slot(i) * r * len;
+        for (int64_t kk = 0; kk < len; ++kk) {
+          for (int64_t j = 0; j < r; ++j) {
+            dst[kk * r + j] = static_cast<U>(src[j * len + kk]);
+          }
         }
       }
-    }
+    });
   });
-  store_adapters(da, adapters, da32.data(), k * r);
 }
 
 // Row i of the masked rank-r term of dX, mask ⊙ (dS @ A_id^T), into row (length K):
 // zeros for a row on no adapter.
-void masked_rank_r_row(float* row, const float* ds_row, AdapterFloats& a_t, int id, int64_t k,
+void masked_rank_r_row(float* row, const float* ds_row, const AdapterFloats& a_t, int id, int64_t k,
                        int64_t r, int64_t i, const Dropout& d, const float* zeros) {
   if (id < 0) {
     std::fill(row, row + k, 0.0f);
@@ -212,10 +230,10 @@ void input_grad_onto_impl(const mx::array& base, const mx::array& ds, const mx::
   const T* bp = base.data<T>();
   T* out = dx.data<T>();
   parallel_for(m, kRowGrain, [&](int64_t i0, int64_t i1, int) {
-    Scratch row(k);
+    Scratch scratch(k);
+    float* row = scratch.data();
     for (int64_t i = i0; i < i1; ++i) {
-      masked_rank_r_row(row.data(), dsp + i * r, a_t, adapters.adapter(i), k, r, i, d,
-                        zeros.data());
+      masked_rank_r_row(row, dsp + i * r, a_t, adapters.adapter(i), k, r, i, d, zeros.data());
       for (int64_t kk = 0; kk < k; ++kk) {
         out[i * k + kk] = static_cast<T>(static_cast<float>(bp[i * k + kk]) + row[kk]);
       }

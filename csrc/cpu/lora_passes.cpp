@@ -50,6 +50,13 @@ class LowRankForward {
     if (bias) {
       load_row(bias_.data(), bias->data<T>(), n_);
     }
+    // A row read in place streams its adapter (r x (K + N) floats) from memory: a
+    // block of them is worth a thread, where rows on widened adapters are not.
+    for (int64_t i = 0; i < adapters_.count(); ++i) {
+      if (adapters_.used(i) && !copied(i)) {
+        grain_ = kBlock;
+      }
+    }
   }
 
   const float* bias() { return has_bias_ ? bias_.data() : nullptr; }
@@ -60,7 +67,7 @@ class LowRankForward {
   template <typename Start>
   void rows(int64_t row0, int64_t rows, float* acc, Start&& start) {
     const RowGroups groups(adapters_, row0, rows);
-    parallel_for(rows, kRowGrain, [&](int64_t i0, int64_t i1, int) {
+    parallel_for(rows, grain_, [&](int64_t i0, int64_t i1, int) {
       Scratch buf(kBlock * k_);
       Scratch h_block(kBlock * r_);
       Scratch coef(r_);
@@ -143,6 +150,7 @@ class LowRankForward {
   Scratch bias_, zeros_;
   bool has_bias_;
   float* h_;
+  int64_t grain_ = kRowGrain;
 };
 
 // Forward, dense base: the rank-r pass writes each row block of y as bias +

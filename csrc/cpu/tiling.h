@@ -64,16 +64,20 @@ void store_row(T* dst, const float* src, int64_t n) {
 
 // Float32 scratch memory from MLX's allocator, so that mx.get_peak_memory() counts
 // the op's temporaries like any array's.
+// The pointer is taken once: Buffer::raw_ptr is a call into libmlx, too slow per element.
 class Scratch {
  public:
   explicit Scratch(int64_t count)
-      : data_(mx::allocator::malloc(std::max<int64_t>(count, 1) * sizeof(float))) {}
+      : data_(mx::allocator::malloc(std::max<int64_t>(count, 1) * sizeof(float))),
+        ptr_(static_cast<float*>(data_.buffer().raw_ptr())) {}
   Scratch(int64_t count, float fill) : Scratch(count) { std::fill(data(), data() + count, fill); }
-  float* data() { return static_cast<float*>(data_.buffer().raw_ptr()); }
-  float& operator[](int64_t i) { return data()[i]; }
+  float* data() { return ptr_; }
+  const float* data() const { return ptr_; }
+  float& operator[](int64_t i) { return ptr_[i]; }
 
  private:
   mx::allocator::Data data_;
+  float* ptr_;
 };
 
 // Float32 row tiles of a matrix for the BLAS: fn(row0, rows, tile). Float32 is
