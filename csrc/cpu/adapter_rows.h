@@ -113,14 +113,13 @@ class AdapterFloats {
 // float32 array, or none: 1).
 class AdapterScales {
  public:
-  AdapterScales(float scale, const mx::array* scales) : scale_(scale), scales_(scales) {}
-  float operator()(int64_t i) const {
-    return scales_ ? scale_ * scales_->data<float>()[i] : scale_;
-  }
+  AdapterScales(float scale, const mx::array* scales)
+      : scale_(scale), scales_(scales ? scales->data<float>() : nullptr) {}
+  float operator()(int64_t i) const { return scales_ ? scale_ * scales_[i] : scale_; }
 
  private:
   float scale_;
-  const mx::array* scales_;
+  const float* scales_;  // taken once: array::data is a call into libmlx
 };
 
 // The stacked dims of lora_a (n, K, r) / lora_b (n, r, N), or n = 1 for a 2-D one.

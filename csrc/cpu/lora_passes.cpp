@@ -41,6 +41,8 @@ class LowRankForward {
         adapters_(route.ids, adapter_count(a), x.shape(0)),
         a_(a),
         b_(b),
+        a_in_place_(a.dtype() == mx::float32 ? a.data<float>() : nullptr),
+        b_in_place_(b.dtype() == mx::float32 ? b.data<float>() : nullptr),
         a_t_(a, adapters_, /*transpose=*/true, One{}, Copied{this}),  // (r, K) each
         b_scaled_(b, adapters_, false, c_, Copied{this}),             // (r, N) each
         bias_(bias ? n_ : 0),
@@ -131,13 +133,12 @@ class LowRankForward {
   void in_place(int64_t row, int adapter, float* out, const float* init, float* buf, float* coef) {
     const float* xr = x_row(x_, k_, row, 0, k_, d_, buf);
     float* h = h_ + row * r_;
-    row_times_matrix(xr, a_.data<float>() + adapter * k_ * r_, k_, r_, h);
+    row_times_matrix(xr, a_in_place_ + adapter * k_ * r_, k_, r_, h);
     const float c = c_(adapter);
     for (int64_t j = 0; j < r_; ++j) {
       coef[j] = c * h[j];
     }
-    combine_rows(out, coef, 1, b_.data<float>() + adapter * r_ * n_, n_, r_, n_, init,
-                 zeros_.data());
+    combine_rows(out, coef, 1, b_in_place_ + adapter * r_ * n_, n_, r_, n_, init, zeros_.data());
   }
 
   const T* x_;
@@ -146,6 +147,7 @@ class LowRankForward {
   AdapterScales c_;
   AdapterRows adapters_;
   const mx::array &a_, &b_;
+  const float *a_in_place_, *b_in_place_;  // the float32 adapters, read in place
   AdapterFloats a_t_, b_scaled_;
   Scratch bias_, zeros_;
   bool has_bias_;
