@@ -189,6 +189,21 @@ def test_n1_is_the_single_adapter_op_bit_for_bit(m, dtype, p):
             assert mx.array_equal(u, v)
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_adapters_read_in_place_give_the_bits_of_widened_ones(dtype, p):
+    """An adapter serving few rows is read in place (decoding), one serving many is widened
+    once for the blocked kernels: the same arithmetic, so the same bits. W = 0 leaves the
+    rank-r term alone (the base GEMM of 20 rows and of 4 may round differently)."""
+    x, _, _, a, bb = make((20, 37), 13, 5, 2, dtype)  # K and r with tails
+    w = mx.zeros((13, 37), dtype=dtype)
+    key, scales = mx.random.key(5), mx.array([1.7, 0.3])
+    ids = mx.array([1] * 20, dtype=mx.int32)
+    widened = fused_lora_linear(x, w, None, a, bb, scale=scales, dropout=p, key=key, adapter_ids=ids)
+    in_place = fused_lora_linear(x[:4], w, None, a, bb, scale=scales, dropout=p, key=key, adapter_ids=ids[:4])
+    assert mx.array_equal(widened[:4], in_place)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_mask_is_the_single_ops_mask(p):
     """With W = 0 and identity adapters y = c_i * (mask * x) exactly: the mixed op's mask is

@@ -21,8 +21,8 @@ namespace {
 
 // An adapter that serves at least this many rows of a call is widened to float32 once
 // (A transposed, B scaled) for the blocked row kernels; a float32 adapter that serves
-// fewer (decoding, one row per adapter) is read in place, row by row, with the
-// multiplier on the rank-r coefficients: copying it would cost more than its rows.
+// fewer (decoding, one row per adapter) is read in place, row by row, with the same
+// arithmetic (the same bits): copying it would cost more than its rows.
 constexpr int64_t kCopyRows = kRowGrain;
 
 // The forward's rank-r part: h = (mask ⊙ x) @ A_id and, onto each output row's
@@ -72,7 +72,6 @@ class LowRankForward {
     parallel_for(rows, grain_, [&](int64_t i0, int64_t i1, int) {
       Scratch buf(kBlock * k_);
       Scratch h_block(kBlock * r_);
-      Scratch coef(r_);
       for_each_block(groups, i0, i1, [&](int64_t pos, int64_t count, int adapter) {
         if (adapter < 0 || !copied(adapter)) {
           for (int64_t q = 0; q < count; ++q) {
@@ -81,7 +80,7 @@ class LowRankForward {
             if (adapter < 0) {
               base_only(row, out, start);
             } else {
-              in_place(row, adapter, out, start(row, out), buf.data(), coef.data());
+              in_place(row, adapter, out, start(row, out), buf.data());
             }
           }
           return;
@@ -129,16 +128,14 @@ class LowRankForward {
     }
   }
 
-  // A row on a float32 adapter read in place: h = x_row @ A_i, out = init + (c_i h) @ B_i.
-  void in_place(int64_t row, int adapter, float* out, const float* init, float* buf, float* coef) {
+  // A row on a float32 adapter read in place: h = x_row @ A_i, out = init + h @ (c_i B_i),
+  // with the bits of the widened path (row_times_matrix, combine_rows' vec_scale).
+  void in_place(int64_t row, int adapter, float* out, const float* init, float* buf) {
     const float* xr = x_row(x_, k_, row, 0, k_, d_, buf);
     float* h = h_ + row * r_;
     row_times_matrix(xr, a_in_place_ + adapter * k_ * r_, k_, r_, h);
-    const float c = c_(adapter);
-    for (int64_t j = 0; j < r_; ++j) {
-      coef[j] = c * h[j];
-    }
-    combine_rows(out, coef, 1, b_in_place_ + adapter * r_ * n_, n_, r_, n_, init, zeros_.data());
+    combine_rows(out, h, 1, b_in_place_ + adapter * r_ * n_, n_, r_, n_, init, zeros_.data(),
+                 c_(adapter));
   }
 
   const T* x_;

@@ -60,12 +60,12 @@ inline void project_rows(const float* const rows[kBlock], int64_t count, const f
   }
 }
 
-// out (len) = init + sum_j coef[j * coef_stride] * vecs[j * ld] over j < r: one row
-// of a rank-r product, one pass per four ranks. init may be null (0) or out itself.
-// zeros holds at least len zeros.
+// out (len) = init + sum_j coef[j * coef_stride] * (vec_scale * vecs[j * ld]) over j < r:
+// one row of a rank-r product, one pass per four ranks (vec_scale applied as a scaled copy
+// of vecs would have it). init may be null (0) or out itself. zeros holds at least len zeros.
 inline void combine_rows(float* out, const float* coef, int64_t coef_stride, const float* vecs,
-                         int64_t ld, int64_t r, int64_t len, const float* init,
-                         const float* zeros) {
+                         int64_t ld, int64_t r, int64_t len, const float* init, const float* zeros,
+                         float vec_scale = 1.0f) {
   if (init && init != out) {
     std::memcpy(out, init, len * sizeof(float));
   }
@@ -77,7 +77,11 @@ inline void combine_rows(float* out, const float* coef, int64_t coef_stride, con
       a[q] = real ? coef[(j + q) * coef_stride] : 0.0f;
       x[q] = real ? vecs + (j + q) * ld : zeros;
     }
-    axpy_4(out, a, x, len, /*overwrite=*/!init && j == 0);
+    if (vec_scale == 1.0f) {
+      axpy_4(out, a, x, len, /*overwrite=*/!init && j == 0);
+    } else {
+      axpy_4_scaled(out, a, x, vec_scale, len, /*overwrite=*/!init && j == 0);
+    }
   }
 }
 

@@ -57,6 +57,11 @@ void row_times_matrix(const float* x, const float* a, int64_t k, int64_t r, floa
   MFL_CALL(row_times_matrix, x, a, k, r, h);
 }
 
+void axpy_4_scaled(float* y, const float a[4], const float* const x[4], float s, int64_t n,
+                   bool overwrite) {
+  MFL_CALL(axpy_4_scaled, y, a, x, s, n, overwrite);
+}
+
 void axpy_4(float* y, const float a[4], const float* const x[4], int64_t n, bool overwrite) {
   MFL_CALL(axpy_4, y, a, x, n, overwrite);
 }
