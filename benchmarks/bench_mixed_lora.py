@@ -260,19 +260,7 @@ def report(rows):
     return lines, misses
 
 
-def main(argv):
-    path = argv[0]
-    rows = ratio_rows(path)
-    lines, misses = report(rows)
-    print("\n".join(lines))
-    if "--write" in argv:  # keep the rows and the printed summary in the results file
-        with open(path) as f:
-            data = json.load(f)
-        data.update(ratios=rows, summary="\n".join(lines), targets_missed=misses)
-        with open(path, "w") as f:
-            json.dump(data, f, indent=2)
-    return 1 if misses and "--check" in argv else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from mlx_fused_lora.bench.results import report_benchmark_file
+
+    sys.exit(report_benchmark_file(sys.argv[1:], ratio_rows, report))
