@@ -31,7 +31,6 @@ table the README shows and checks the targets (``--write`` keeps the rows and th
 in the results file; ``--check`` exits 1 on a miss).
 """
 
-import json
 import os
 import sys
 import time
@@ -124,11 +123,10 @@ def training_kinds(inputs):
 
 
 def peak_of(step):
-    mx.synchronize()
-    mx.reset_peak_memory()
-    step()
-    mx.synchronize()
-    return mx.get_peak_memory()
+    """The peak memory MLX held during one step, inputs included."""
+    from mlx_fused_lora.bench.timing import timed_call
+
+    return timed_call(step)[1]
 
 
 def pytest_generate_tests(metafunc):
@@ -190,17 +188,13 @@ def test_mixed_lora(benchmark, case):
 
 # -- the report: python benchmarks/bench_mixed_lora.py RESULTS.json [--write] [--check] --
 
-FASTER = 1.05  # "faster" means beyond this machine's run-to-run noise, not a 1 % tie
-
 
 def ratio_rows(path):
     """One row per (pass, shape) from a pytest-benchmark JSON file of these cases."""
-    with open(path) as f:
-        data = json.load(f)
+    from mlx_fused_lora.bench.results import benchmark_cases
+
     rows = []
-    for bench in data["benchmarks"]:
-        info = bench["extra_info"]
-        mixed_s = bench["stats"]["min"]
+    for mixed_s, info in benchmark_cases(path):
         row = dict(
             pass_name=info["pass_name"],
             shape=info["shape"],
@@ -223,6 +217,8 @@ def ratio_rows(path):
 
 def report(rows):
     """(markdown lines, target misses) for `ratio_rows`."""
+    from mlx_fused_lora.bench.results import FASTER
+
     lines = [
         f"{K} x {N} layer, r = {R}, {ADAPTERS} adapters, float32; BLAS: {rows[0]['blas']}",
         "",

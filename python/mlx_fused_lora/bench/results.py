@@ -137,6 +137,17 @@ def e2e_text(e2e):
     )
 
 
+# A runner's "faster" means beyond this machine's run-to-run noise, not a 1 % tie.
+FASTER = 1.05
+
+
+def benchmark_cases(path):
+    """(best round in seconds, extra_info) of each case in a pytest-benchmark JSON file."""
+    with open(path) as f:
+        data = json.load(f)
+    return [(bench["stats"]["min"], bench["extra_info"]) for bench in data["benchmarks"]]
+
+
 def report_benchmark_file(argv, ratio_rows, report):
     """The command line of a pytest-benchmark runner's report (``benchmarks/bench_*.py``):
     ``FILE.json [--write] [--check]`` prints ``report(ratio_rows(FILE))``'s lines; with
