@@ -5,7 +5,8 @@
 // Memory passes (M x K: x, M x N: y), the same for n adapters as for one: x is read
 // once by the rank-r pass (each row once, in its adapter's group) and once by the GEMM;
 // y is written once by the rank-r pass, then updated by the GEMM (beta = 1). Beyond
-// those, each used adapter is widened to float32 once per call (K x r and r x N).
+// those, each used adapter (K x r and r x N) is read once per row block: widened to
+// float32 once per call when it serves many rows, read in place when it serves few.
 #include "cpu/lora_passes.h"
 
 #include <cstring>

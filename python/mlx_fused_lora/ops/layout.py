@@ -29,9 +29,9 @@ simply absent, csrc/cpu/adapter_rows.h), and the n = 1 mixed op gives the single
 bits. Decision (per-adapter scales): an array slot, not a Python constant and not
 folded into ``lora_b`` before the op. As an input it can change (a hot-swapped adapter
 with another alpha, issue 20) without retracing a compiled function, and the CPU
-passes apply it where they widen each used adapter's B to float32 anyway, so it costs
-no pass over the stacked B (folding ``s_i * B_i`` in the graph would add one each call,
-and its backward another). Its cotangent is built lazily, evaluated only if asked for.
+passes apply it where they read each used adapter's B anyway (into its float32 copy, or
+on the fly for an adapter read in place), so it costs no pass over the stacked B
+(folding ``s_i * B_i`` in the graph would add one each call, and its backward another). Its cotangent is built lazily, evaluated only if asked for.
 The single-adapter op keeps ``scale`` a Python float (a constant of the op, as
 before). A GPU backend takes the mixed slots as they are (for now on a GPU the mixed op
 runs the plain-MLX reference, backends/reference.py).

@@ -18,7 +18,7 @@ from .. import layout, reference
 def _scales_cotangent(dy, h, lora_b, routing, scale):
     """d(scale_i) = sum over adapter i's rows of (scale * h @ B_i) . dY: the low-rank
     gradient's dB with every multiplier at `scale`, against B. Lazy: evaluated only if
-    someone asks for the scales' gradient (the layers pass them as constants)."""
+    someone asks for the scales' gradient (LoRA training does not)."""
     scales, ids = routing
     _, db_unit = _ext.lora_low_rank_grad(dy, h, lora_b, mx.ones_like(scales), ids, scale=scale)
     return (db_unit.astype(mx.float32) * lora_b.astype(mx.float32)).sum(axis=(1, 2)).astype(scales.dtype)
