@@ -21,7 +21,6 @@ MLX's own matmuls (mlx-lm's layers) run on OpenBLAS with MLX_FUSED_LORA_FAST_BLA
 BLAS the fused op uses: the fair match.
 """
 
-import json
 import sys
 import time
 
@@ -83,11 +82,10 @@ def make_step(method, dropout, kind, base, x, dy):
 
 
 def peak_of(step):
-    mx.synchronize()
-    mx.reset_peak_memory()
-    step()
-    mx.synchronize()
-    return mx.get_peak_memory()
+    """The peak memory MLX held during one step, inputs included."""
+    from mlx_fused_lora.bench.timing import timed_call
+
+    return timed_call(step)[1]
 
 
 def pytest_generate_tests(metafunc):
@@ -135,17 +133,14 @@ def test_qlora_dora_step(benchmark, case):
 
 # -- the report: python benchmarks/bench_qlora_dora.py RESULTS.json [--write] [--check] --
 
-FASTER = 1.05  # "faster" means beyond this machine's run-to-run noise, not a 1 % tie
-
 
 def ratio_rows(path):
     """One row per case from a pytest-benchmark JSON file of these cases."""
-    with open(path) as f:
-        data = json.load(f)
+    from mlx_fused_lora.bench.results import benchmark_cases
+
     rows = []
-    for bench in data["benchmarks"]:
-        info = bench["extra_info"]
-        fused_s, peer_s = bench["stats"]["min"], info["mlx_lm_min_s"]
+    for fused_s, info in benchmark_cases(path):
+        peer_s = info["mlx_lm_min_s"]
         rows.append(
             dict(
                 method=info["method"],
@@ -165,6 +160,8 @@ def ratio_rows(path):
 
 def report(rows):
     """(markdown lines, target misses) for `ratio_rows`."""
+    from mlx_fused_lora.bench.results import FASTER
+
     m, k, n, r = rows[0]["shape"]
     n_by_k_mib = n * k * 4 / 2**20
     lines = [
@@ -206,19 +203,7 @@ def report(rows):
     return lines, misses
 
 
-def main(argv):
-    path = argv[0]
-    rows = ratio_rows(path)
-    lines, misses = report(rows)
-    print("\n".join(lines))
-    if "--write" in argv:  # keep the rows and the printed summary in the results file
-        with open(path) as f:
-            data = json.load(f)
-        data.update(ratios=rows, summary="\n".join(lines), targets_missed=misses)
-        with open(path, "w") as f:
-            json.dump(data, f, indent=2)
-    return 1 if misses and "--check" in argv else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from mlx_fused_lora.bench.results import report_benchmark_file
+
+    sys.exit(report_benchmark_file(sys.argv[1:], ratio_rows, report))

@@ -1,7 +1,7 @@
 """Property-based tests (Hypothesis) of the fused op: over shapes (odd, M = 1, empty
 dimensions), strides (non-contiguous x), dtypes, p, scale and special values, the
 op and its gradients against reference.py and, in float32, plain MLX (mlx-lm's
-LoRALinear formula). Bounded: a fixed number of examples, no deadline, derandomized
+LoRALinear formula); mixed-adapter batches (stacked adapters, ids) against reference.py. Bounded: a fixed number of examples, no deadline, derandomized
 so CI sees the same cases every run."""
 
 import math
@@ -176,6 +176,55 @@ def test_op_and_gradients_match_reference_and_plain_mlx(case):
 @given(cases(special=True))
 def test_special_values_propagate_as_in_plain_mlx(case):
     check_against(case, peers_for(case))
+
+
+@st.composite
+def mixed_cases(draw):
+    """A case with n stacked adapters and an id per row (or per sequence) in [-1, n)."""
+    case = draw(cases())
+    count = draw(st.integers(1, 4))
+    per_sequence = len(case.lead) >= 1 and draw(st.booleans())
+    id_shape = case.lead[:-1] if per_sequence else case.lead
+    ids = draw(st.lists(st.integers(-1, count - 1), min_size=math.prod(id_shape), max_size=math.prod(id_shape)))
+    return case, count, np.array(ids, dtype=np.int32).reshape(id_shape)
+
+
+@bounded(40)
+@given(mixed_cases())
+def test_mixed_op_and_gradients_match_reference(mixed):
+    """The mixed-adapter op (stacked adapters, a scale per adapter, ids per row or per
+    sequence, -1 rows) and its gradients, the scales' included, against the reference."""
+    case, count, id_values = mixed
+    x, w, b, _, _ = build(case)
+    keys = mx.random.split(mx.random.key(case.seed + 1), 3)
+    k, r = case.k, case.r
+    a = (mx.random.normal((count, k, r), key=keys[0]) / max(k, 1) ** 0.5).astype(case.adapter_dtype)
+    bb = (mx.random.normal((count, r, case.n), key=keys[1]) / r**0.5).astype(case.adapter_dtype)
+    scales = mx.random.uniform(-2.0, 2.0, (count,), key=keys[2])
+    ids = mx.array(id_values)
+    # reshape(shape) with a tuple: MLX 0.32.4's reshape() with no arguments crashes
+    rows = mx.broadcast_to(ids.reshape((*ids.shape, *([1] * (x.ndim - 1 - ids.ndim)))), x.shape[:-1])
+    key = mx.random.key(case.seed // 2)
+    mask = dropout_mask(key, x.shape, case.p) if case.p > 0 else None
+    ct = mx.random.normal((*x.shape[:-1], case.n), key=mx.random.key(case.seed // 3))
+
+    def fused(x, b, a, bb, s):
+        return fused_lora_linear(x, w, b, a, bb, scale=s, dropout=case.p, key=key, adapter_ids=ids)
+
+    def ref(x, b, a, bb, s):
+        return reference.lora_linear(x, w, b, a, bb, s, mask, rows)
+
+    def loss(f):
+        return lambda *args: (f(*args).astype(mx.float32) * ct).sum()
+
+    argnums = (0, 1, 2, 3, 4) if b is not None else (0, 2, 3, 4)
+    primals = (x, b, a, bb, scales)
+    assert_matches(fused(*primals), ref(*primals), TOL[case.dtype], "y")
+    grads = mx.grad(loss(fused), argnums=argnums)(*primals)
+    ref_grads = mx.grad(loss(ref), argnums=argnums)(*primals)
+    for g, g_ref, i in zip(grads, ref_grads, argnums, strict=True):
+        assert g.shape == primals[i].shape
+        assert_matches(g, g_ref, TOL[case.dtype], ("x", "bias", "lora_a", "lora_b", "scales")[i])
 
 
 @bounded(100)

@@ -52,53 +52,71 @@ void run_on_cpu(const mx::Stream& stream, Fn&& fn) {
   throw std::runtime_error(msg.str());
 }
 
-// y is linear in x, the base and bias and bilinear in (A, B), so with m the dropout
-// multipliers and c = scale:
+// The mixed op's routing slots when present (appended after the fixed slots from
+// position `first` on): scales then adapter_ids; ids_at for the passes that take ids only.
+cpu::Routing routing(const std::vector<mx::array>& inputs, size_t first) {
+  if (inputs.size() <= first) {
+    return {};
+  }
+  return {&inputs[first], &inputs[first + 1]};
+}
+const mx::array* ids_at(const std::vector<mx::array>& inputs, size_t i) {
+  return inputs.size() > i ? &inputs[i] : nullptr;
+}
+OptionalArray optional_at(const std::vector<mx::array>& inputs, size_t i) {
+  return inputs.size() > i ? OptionalArray(inputs[i]) : std::nullopt;
+}
+
+// y is linear in x, the base, the bias and each c_i, and bilinear in (A_i, B_i), so
+// with m the dropout multipliers:
 //   dh = (m*dx) @ A + (m*x) @ dA
-//   dy = d(base) + db + c (m*dx) @ A @ B + c ((m*x) @ dA @ B + h @ dB)
+//   dy = d(base) + db + c (m*dx) @ A @ B + c (m*x) @ dA @ B + c h @ dB + dc h @ B
 // where d(base) = dx @ W^T + x @ dW^T for the dense op and the base's tangent for
-// the Onto form. The dx term is the op applied to dx without bias (dense) or onto
-// zeros (Onto), so it reuses the same mask.
+// the Onto form. Each LoRA term is this op itself (onto zeros, without bias) with one
+// input replaced by its tangent, so it reuses the same mask and routing and never
+// materializes the mask.
 std::vector<mx::array> forward_jvp(bool onto, float scale, float p, const mx::Stream& s,
                                    const std::vector<mx::array>& primals,
                                    const std::vector<mx::array>& tangents,
                                    const std::vector<int>& argnums) {
-  // primals: x, weight or base, bias, lora_a, lora_b, key (fixed slots)
+  // primals: x, weight or base, bias, lora_a, lora_b, key[, scales, adapter_ids]
   const mx::array& x = primals[0];
-  const mx::array& w_or_base = primals[1];
-  const int m = x.shape(0), n = onto ? w_or_base.shape(1) : w_or_base.shape(0);
-  const mx::array a = mx::astype(primals[3], mx::float32, s);
-  const mx::array b = mx::astype(primals[4], mx::float32, s);
-  const mx::array& key = primals[5];
-  mx::array x_masked = mx::astype(x, mx::float32, s);
-  if (p > 0.0f) {
-    x_masked = mx::multiply(x_masked, dropout_mask(key, x.shape(), p, mx::float32, s), s);
-  }
-  mx::array dy = mx::zeros({m, n}, mx::float32, s);
-  mx::array dh = mx::zeros({m, a.shape(1)}, mx::float32, s);
+  const mx::array &a = primals[3], &b = primals[4], &key = primals[5];
+  const OptionalArray scales = optional_at(primals, 6), ids = optional_at(primals, 7);
+  const int m = x.shape(0), n = onto ? primals[1].shape(1) : primals[1].shape(0);
   const mx::array no_bias = mx::zeros({0}, x.dtype(), s);
+  const mx::array no_base = mx::zeros({m, n}, x.dtype(), s);
+  auto lora_term = [&](const mx::array& xx, const mx::array& aa, const mx::array& bb,
+                       const OptionalArray& cc) {
+    return lora_forward_onto(xx, no_base, no_bias, aa, bb, key, cc, ids, scale, p, s);
+  };
+  mx::array dy = mx::zeros({m, n}, mx::float32, s);
+  mx::array dh = mx::zeros({m, b.shape(b.ndim() - 2)}, mx::float32, s);
+  auto add = [&](const std::vector<mx::array>& term, bool with_h) {
+    dy = mx::add(dy, mx::astype(term[0], mx::float32, s), s);
+    if (with_h) {
+      dh = mx::add(dh, term[1], s);
+    }
+  };
   for (size_t i = 0; i < argnums.size(); ++i) {
     const int arg = argnums[i];
-    const mx::array t32 = mx::astype(tangents[i], mx::float32, s);
+    const mx::array& t = tangents[i];
     if (arg == 0) {
-      auto along_x = onto ? lora_forward_onto(tangents[i], mx::zeros({m, n}, x.dtype(), s), no_bias,
-                                              primals[3], primals[4], key, scale, p, s)
-                          : lora_forward(tangents[i], w_or_base, no_bias, primals[3], primals[4],
-                                         key, scale, p, s);
-      dy = mx::add(dy, mx::astype(along_x[0], mx::float32, s), s);
-      dh = mx::add(dh, along_x[1], s);
+      add(onto ? lora_term(t, a, b, scales)
+               : lora_forward(t, primals[1], no_bias, a, b, key, scales, ids, scale, p, s),
+          true);
     } else if (arg == 1) {
+      const mx::array t32 = mx::astype(t, mx::float32, s);
       dy = mx::add(
           dy, onto ? t32 : mx::matmul(mx::astype(x, mx::float32, s), mx::transpose(t32, s), s), s);
-    } else if (arg == 2 && tangents[i].size() > 0) {
-      dy = mx::add(dy, t32, s);
+    } else if (arg == 2 && t.size() > 0) {
+      dy = mx::add(dy, mx::astype(t, mx::float32, s), s);
     } else if (arg == 3) {
-      mx::array dh_a = mx::matmul(x_masked, t32, s);
-      dh = mx::add(dh, dh_a, s);
-      dy = mx::add(dy, mx::multiply(mx::array(scale), mx::matmul(dh_a, b, s), s), s);
+      add(lora_term(x, t, b, scales), true);
     } else if (arg == 4) {
-      mx::array h = mx::matmul(x_masked, a, s);
-      dy = mx::add(dy, mx::multiply(mx::array(scale), mx::matmul(h, t32, s), s), s);
+      add(lora_term(x, a, t, scales), false);
+    } else if (arg == 6) {
+      add(lora_term(x, a, b, t), false);
     }
   }
   return {mx::astype(dy, x.dtype(), s), dh};
@@ -111,8 +129,8 @@ void LoRAForward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   allocate(outputs[1]);
   run_on_cpu(stream(), [inputs, outputs, scale = scale_, p = dropout_]() mutable {
     const Present in = present(&inputs[2], inputs[5], p);
-    cpu::forward(inputs[0], inputs[1], in.bias, inputs[3], inputs[4], in.key, scale, p, outputs[0],
-                 outputs[1]);
+    cpu::forward(inputs[0], inputs[1], in.bias, inputs[3], inputs[4], in.key, scale, p,
+                 routing(inputs, 6), outputs[0], outputs[1]);
   });
 }
 
@@ -123,7 +141,7 @@ void LoRAForwardOnto::eval_cpu(const std::vector<mx::array>& inputs,
   run_on_cpu(stream(), [inputs, outputs, scale = scale_, p = dropout_]() mutable {
     const Present in = present(&inputs[2], inputs[5], p);
     cpu::forward_onto(inputs[0], inputs[1], in.bias, inputs[3], inputs[4], in.key, scale, p,
-                      outputs[0], outputs[1]);
+                      routing(inputs, 6), outputs[0], outputs[1]);
   });
 }
 
@@ -132,14 +150,16 @@ void LoRALowRankGrad::eval_cpu(const std::vector<mx::array>& inputs,
   allocate(outputs[0]);
   allocate(outputs[1]);
   run_on_cpu(stream(), [inputs, outputs, scale = scale_]() mutable {
-    cpu::low_rank_grad(inputs[0], inputs[1], inputs[2], scale, outputs[0], outputs[1]);
+    cpu::low_rank_grad(inputs[0], inputs[1], inputs[2], scale, routing(inputs, 3), outputs[0],
+                       outputs[1]);
   });
 }
 
 void LoRADownGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   allocate(out);
   run_on_cpu(stream(), [inputs, out, p = dropout_]() mutable {
-    cpu::down_grad(inputs[0], inputs[1], present(nullptr, inputs[2], p).key, p, out);
+    cpu::down_grad(inputs[0], inputs[1], present(nullptr, inputs[2], p).key, p, ids_at(inputs, 3),
+                   out);
   });
 }
 
@@ -147,7 +167,7 @@ void LoRAInputGrad::eval_cpu(const std::vector<mx::array>& inputs, mx::array& ou
   allocate(out);
   run_on_cpu(stream(), [inputs, out, p = dropout_]() mutable {
     cpu::input_grad(inputs[0], inputs[1], inputs[2], inputs[3], present(nullptr, inputs[4], p).key,
-                    p, out);
+                    p, ids_at(inputs, 5), out);
   });
 }
 
@@ -155,7 +175,7 @@ void LoRAInputGradOnto::eval_cpu(const std::vector<mx::array>& inputs, mx::array
   allocate_or_donate(out, inputs[0]);
   run_on_cpu(stream(), [inputs, out, p = dropout_]() mutable {
     cpu::input_grad_onto(inputs[0], inputs[1], inputs[2], present(nullptr, inputs[3], p).key, p,
-                         out);
+                         ids_at(inputs, 4), out);
   });
 }
 
@@ -190,16 +210,16 @@ std::vector<mx::array> LoRAForwardOnto::jvp(const std::vector<mx::array>& primal
 }
 
 std::vector<mx::Shape> LoRAForward::output_shapes(const std::vector<mx::array>& inputs) {
-  return {{inputs[0].shape(0), inputs[1].shape(0)}, {inputs[0].shape(0), inputs[3].shape(1)}};
+  return {{inputs[0].shape(0), inputs[1].shape(0)}, {inputs[0].shape(0), inputs[3].shape(-1)}};
 }
 std::vector<mx::Shape> LoRAForwardOnto::output_shapes(const std::vector<mx::array>& inputs) {
-  return {inputs[1].shape(), {inputs[0].shape(0), inputs[3].shape(1)}};
+  return {inputs[1].shape(), {inputs[0].shape(0), inputs[3].shape(-1)}};
 }
 std::vector<mx::Shape> LoRALowRankGrad::output_shapes(const std::vector<mx::array>& inputs) {
   return {inputs[1].shape(), inputs[2].shape()};
 }
-std::vector<mx::Shape> LoRADownGrad::output_shapes(const std::vector<mx::array>& inputs) {
-  return {{inputs[0].shape(1), inputs[1].shape(1)}};
+std::vector<mx::Shape> LoRADownGrad::output_shapes(const std::vector<mx::array>&) {
+  return {shape_};
 }
 std::vector<mx::Shape> LoRAInputGrad::output_shapes(const std::vector<mx::array>& inputs) {
   return {{inputs[0].shape(0), inputs[1].shape(1)}};
@@ -223,7 +243,8 @@ bool LoRALowRankGrad::is_equivalent(const mx::Primitive& other) const {
   return scale_ == static_cast<const LoRALowRankGrad&>(other).scale_;
 }
 bool LoRADownGrad::is_equivalent(const mx::Primitive& other) const {
-  return dropout_ == static_cast<const LoRADownGrad&>(other).dropout_;
+  const auto& o = static_cast<const LoRADownGrad&>(other);
+  return dropout_ == o.dropout_ && shape_ == o.shape_;
 }
 bool LoRAInputGrad::is_equivalent(const mx::Primitive& other) const {
   return dropout_ == static_cast<const LoRAInputGrad&>(other).dropout_;

@@ -53,6 +53,15 @@ void dot_4x2(const float* const rows[4], const float* const cols[2], int64_t n, 
   MFL_CALL(dot_4x2, rows, cols, n, out);
 }
 
+void row_times_matrix(const float* x, const float* a, int64_t k, int64_t r, float* h) {
+  MFL_CALL(row_times_matrix, x, a, k, r, h);
+}
+
+void axpy_4_scaled(float* y, const float a[4], const float* const x[4], float s, int64_t n,
+                   bool overwrite) {
+  MFL_CALL(axpy_4_scaled, y, a, x, s, n, overwrite);
+}
+
 void axpy_4(float* y, const float a[4], const float* const x[4], int64_t n, bool overwrite) {
   MFL_CALL(axpy_4, y, a, x, n, overwrite);
 }

@@ -25,6 +25,17 @@ void dropout_row(float* out, const float* x, int64_t n, uint64_t index0, const D
 // that share their loads (rows may repeat a pointer when fewer than 4 are real).
 void dot_4x2(const float* const rows[4], const float* const cols[2], int64_t n, float out[4][2]);
 
+// h[j] = sum_k x[k] a[k * r + j] for j < r: one row times a row-major (K x r) matrix,
+// read in place (the BGMV case: one row per adapter, where copying the adapter into
+// another layout would cost more than the product). Each h[j] has the bits dot_4x2
+// gives for x against column j.
+void row_times_matrix(const float* x, const float* a, int64_t k, int64_t r, float* h);
+
+// axpy_4 on s * x[i] (each product rounded, as a copy of x scaled by s would be): the
+// rows of a matrix read in place with a multiplier, with the bits of the scaled copy.
+void axpy_4_scaled(float* y, const float a[4], const float* const x[4], float s, int64_t n,
+                   bool overwrite);
+
 // y[k] (+)= a[0] x[0][k] + a[1] x[1][k] + a[2] x[2][k] + a[3] x[3][k]; one load and
 // store of y per four multiply-adds. With overwrite, y's old value is ignored.
 void axpy_4(float* y, const float a[4], const float* const x[4], int64_t n, bool overwrite);

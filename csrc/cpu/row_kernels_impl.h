@@ -57,6 +57,63 @@ inline void dot_4x2(const float* const rows[4], const float* const cols[2], int6
   }
 }
 
+inline void row_times_matrix(const float* x, const float* a, int64_t k, int64_t r, float* h) {
+  // Each h[j] is summed exactly as dot_4x2 sums a row against column j (eight lanes over
+  // k mod 8, paired, then the tail), so reading A in place gives the bits of the blocked
+  // kernels on a transposed copy. Eight columns at a time: the lanes are 8 x 8 floats.
+  const int64_t k8 = k - k % 8;
+  int64_t j0 = 0;
+  for (; j0 + 8 <= r; j0 += 8) {
+    float acc[8][8] = {};
+    for (int64_t kk = 0; kk < k8; kk += 8) {
+      for (int l = 0; l < 8; ++l) {
+        const float xv = x[kk + l];
+        const float* row = a + (kk + l) * r + j0;
+        for (int c = 0; c < 8; ++c) {
+          acc[l][c] += xv * row[c];
+        }
+      }
+    }
+    for (int c = 0; c < 8; ++c) {
+      float tail = 0.0f;
+      for (int64_t t = k8; t < k; ++t) {
+        tail += x[t] * a[t * r + j0 + c];
+      }
+      h[j0 + c] = ((acc[0][c] + acc[1][c]) + (acc[2][c] + acc[3][c])) +
+                  ((acc[4][c] + acc[5][c]) + (acc[6][c] + acc[7][c])) + tail;
+    }
+  }
+  for (; j0 < r; ++j0) {
+    float lanes[8] = {};
+    for (int64_t kk = 0; kk < k8; kk += 8) {
+      for (int l = 0; l < 8; ++l) {
+        lanes[l] += x[kk + l] * a[(kk + l) * r + j0];
+      }
+    }
+    float tail = 0.0f;
+    for (int64_t t = k8; t < k; ++t) {
+      tail += x[t] * a[t * r + j0];
+    }
+    h[j0] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+            ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])) + tail;
+  }
+}
+
+inline void axpy_4_scaled(float* y, const float a[4], const float* const x[4], float s, int64_t n,
+                          bool overwrite) {
+  const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+  const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+  if (overwrite) {
+    for (int64_t k = 0; k < n; ++k) {
+      y[k] = (a0 * (s * x0[k]) + a1 * (s * x1[k])) + (a2 * (s * x2[k]) + a3 * (s * x3[k]));
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k) {
+      y[k] += (a0 * (s * x0[k]) + a1 * (s * x1[k])) + (a2 * (s * x2[k]) + a3 * (s * x3[k]));
+    }
+  }
+}
+
 inline void axpy_4(float* y, const float a[4], const float* const x[4], int64_t n, bool overwrite) {
   const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
   const float *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];

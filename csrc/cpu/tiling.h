@@ -64,44 +64,21 @@ void store_row(T* dst, const float* src, int64_t n) {
 
 // Float32 scratch memory from MLX's allocator, so that mx.get_peak_memory() counts
 // the op's temporaries like any array's.
+// The pointer is taken once: Buffer::raw_ptr is a call into libmlx, too slow per element.
 class Scratch {
  public:
   explicit Scratch(int64_t count)
-      : data_(mx::allocator::malloc(std::max<int64_t>(count, 1) * sizeof(float))) {}
+      : data_(mx::allocator::malloc(std::max<int64_t>(count, 1) * sizeof(float))),
+        ptr_(static_cast<float*>(data_.buffer().raw_ptr())) {}
   Scratch(int64_t count, float fill) : Scratch(count) { std::fill(data(), data() + count, fill); }
-  float* data() { return static_cast<float*>(data_.buffer().raw_ptr()); }
-  float& operator[](int64_t i) { return data()[i]; }
+  float* data() { return ptr_; }
+  const float* data() const { return ptr_; }
+  float& operator[](int64_t i) { return ptr_[i]; }
 
  private:
   mx::allocator::Data data_;
+  float* ptr_;
 };
-
-// Adapters are small (K x r, r x N): one float32 copy per call, scaled and
-// optionally transposed, is cheap next to a pass over x.
-inline Scratch adapter_as_float(const mx::array& a, float multiplier = 1.0f,
-                                bool transpose = false) {
-  const int64_t rows = a.shape(0), cols = a.shape(1);
-  Scratch out(rows * cols);
-  dispatch_float(a.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* src = a.data<T>();
-    for (int64_t i = 0; i < rows; ++i) {
-      for (int64_t j = 0; j < cols; ++j) {
-        out[transpose ? j * rows + i : i * cols + j] =
-            multiplier * static_cast<float>(src[i * cols + j]);
-      }
-    }
-  });
-  return out;
-}
-
-// Writes float32 values into an already allocated output of any float dtype.
-inline void store_as(mx::array& out, const float* src) {
-  dispatch_float(out.dtype(), [&](auto tag) {
-    using T = decltype(tag);
-    store_row(out.data<T>(), src, out.size());
-  });
-}
 
 // Float32 row tiles of a matrix for the BLAS: fn(row0, rows, tile). Float32 is
 // handed over whole and uncopied; half types are widened one tile at a time.

@@ -4,6 +4,7 @@ The printed summary is kept in the file (``printed``) verbatim, so a README bloc
 shows it can be checked against the committed file.
 """
 
+import json
 import shlex
 
 from . import grid as grids
@@ -134,3 +135,32 @@ def e2e_text(e2e):
         f"plain {res['plain']['tokens_per_s']:.0f} tok/s {res['plain']['peak_memory'] / 2**20:.0f} MiB "
         f"({e2e['plain_layer']}): {e2e['speedup']:.2f}x faster, {e2e['memory_ratio']:.2f}x less memory"
     )
+
+
+# A runner's "faster" means beyond this machine's run-to-run noise, not a 1 % tie.
+FASTER = 1.05
+
+
+def benchmark_cases(path):
+    """(best round in seconds, extra_info) of each case in a pytest-benchmark JSON file."""
+    with open(path) as f:
+        data = json.load(f)
+    return [(bench["stats"]["min"], bench["extra_info"]) for bench in data["benchmarks"]]
+
+
+def report_benchmark_file(argv, ratio_rows, report):
+    """The command line of a pytest-benchmark runner's report (``benchmarks/bench_*.py``):
+    ``FILE.json [--write] [--check]`` prints ``report(ratio_rows(FILE))``'s lines; with
+    ``--write`` the file keeps the rows, that text and the missed targets (for the README's
+    figures); returns 1 on a missed target with ``--check``, else 0."""
+    path = argv[0]
+    rows = ratio_rows(path)
+    lines, misses = report(rows)
+    print("\n".join(lines))
+    if "--write" in argv:
+        with open(path) as f:
+            data = json.load(f)
+        data.update(ratios=rows, summary="\n".join(lines), targets_missed=misses)
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+    return 1 if misses and "--check" in argv else 0

@@ -97,6 +97,21 @@ def check_adapters(x, n, bias, lora_a, lora_b, who="fused_lora_linear"):
             fail("bias", f"shape ({n},) (N = weight.shape[0])", f"shape {tuple(bias.shape)}", who)
         if bias.dtype != x.dtype:
             fail("bias", f"x's dtype {x.dtype}", bias.dtype, who)
+    check_adapter_shapes(k, n, lora_a, lora_b, who)
+
+
+def check_adapter_shapes(k, n, lora_a, lora_b, who="fused_lora_linear"):
+    """One adapter, lora_a (K, r) and lora_b (r, N), or n >= 1 stacked, (n, K, r) and
+    (n, r, N); r >= 1."""
+    if isinstance(lora_a, mx.array) and lora_a.ndim == 3:
+        check_array("lora_a", lora_a, who=who)
+        if lora_a.shape[0] < 1 or lora_a.shape[1] != k or lora_a.shape[2] < 1:
+            fail("lora_a", f"(n, K, r) with n >= 1, K = {k} and r >= 1", f"shape {tuple(lora_a.shape)}", who)
+        count, r = lora_a.shape[0], lora_a.shape[2]
+        check_array("lora_b", lora_b, who=who)
+        if tuple(lora_b.shape) != (count, r, n):
+            fail("lora_b", f"(n, r, N) = ({count}, {r}, {n}), stacked as lora_a", f"shape {tuple(lora_b.shape)}", who)
+        return
     check_array("lora_a", lora_a, ndim=2, who=who)
     if lora_a.shape[0] != k or lora_a.shape[1] < 1:
         fail("lora_a", f"(K, r) with K = {k} and r >= 1", f"shape {tuple(lora_a.shape)}", who)
@@ -165,3 +180,44 @@ def check_quantized_inputs(x, weight, scales, biases, bias, lora_a, lora_b, scal
             fail(name, f"(N, K / group_size) = {groups}", f"shape {tuple(value.shape)}", who)
     check_adapters(x, n, bias, lora_a, lora_b, who)
     return check_scale(scale, who), check_dropout(dropout, key, who)
+
+
+def check_scales(scale, count, who="fused_lora_linear"):
+    """The per-adapter multipliers of n = `count` adapters as an (n,) float32 array: a
+    Python float (the same for all), a sequence of n Python floats (each checked as
+    ``check_scale``) or a float mx.array of shape (n,) (its values are not read here:
+    that would synchronize)."""
+    if isinstance(scale, mx.array):
+        if scale.dtype not in FLOAT_DTYPES or tuple(scale.shape) != (count,):
+            fail(
+                "scale",
+                f"a float array of shape (n,) = ({count},)",
+                f"{scale.dtype} array of shape {tuple(scale.shape)}",
+                who,
+            )
+        return scale.astype(mx.float32)
+    if isinstance(scale, (list, tuple)):
+        if len(scale) != count:
+            fail("scale", f"one value per adapter, {count}", f"{len(scale)} values", who)
+        return mx.array([check_scale(s, who) for s in scale], dtype=mx.float32)
+    return mx.full((count,), check_scale(scale, who), dtype=mx.float32)
+
+
+def check_adapter_ids(x, adapter_ids, who="fused_lora_linear"):
+    """An int32 mx.array with an id per row of x (shape x.shape[:-1]) or per sequence
+    (x.shape[:-2], broadcast over x's second-to-last axis); returns them per row, (M,).
+    Their values (in [-1, n)) are checked where the op reads them, at evaluation: a
+    check here would synchronize."""
+    rows, sequences = tuple(x.shape[:-1]), tuple(x.shape[:-2])
+    if not isinstance(adapter_ids, mx.array) or adapter_ids.dtype != mx.int32:
+        actual = adapter_ids.dtype if isinstance(adapter_ids, mx.array) else type(adapter_ids).__name__
+        fail("adapter_ids", "an int32 mx.array", actual, who)
+    shape = tuple(adapter_ids.shape)
+    if shape == rows:
+        ids = adapter_ids
+    elif x.ndim >= 2 and shape == sequences:
+        ids = mx.broadcast_to(adapter_ids[..., None], rows)
+    else:
+        per_sequence = f" or {sequences} (one per sequence)" if x.ndim >= 2 else ""
+        fail("adapter_ids", f"of shape {rows} (one id per row of x){per_sequence}", f"shape {shape}", who)
+    return ids.reshape(math.prod(rows))

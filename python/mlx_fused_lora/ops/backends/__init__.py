@@ -2,10 +2,11 @@
 
 A backend offers ``lora_linear(inputs, scale, p)`` over the fixed slots of
 ``layout.Inputs`` (returning y of shape (M, N)) and ``dropout_mask(key, shape, p,
-dtype)``; ``current_quantized()`` chooses for the quantized-base op. The CPU runs the
-C++ extension (``cpu``); a Metal or CUDA device runs the GPU kernels (``gpu``,
-self-checked at first use) unless MLX_FUSED_LORA_GPU_KERNELS=0, else the plain-MLX
-reference with the same mask (``reference``, one warning).
+dtype)``; ``current_quantized()`` chooses for the quantized-base op, ``current_mixed()``
+for the mixed-adapter op (``layout.MixedInputs``). The CPU runs the C++ extension
+(``cpu``); a Metal or CUDA device runs the GPU kernels (``gpu``, self-checked at first
+use) unless MLX_FUSED_LORA_GPU_KERNELS=0, else the plain-MLX reference with the same
+mask (``reference``, one warning).
 """
 
 import functools
@@ -42,6 +43,16 @@ def current_quantized():
         return cpu
     hint = " for a quantized base (the GPU kernels take a dense base only, for now)"
     return SimpleNamespace(qlora_linear=functools.partial(reference.qlora_linear, hint=hint))
+
+
+def current_mixed():
+    """The mixed-adapter op's backend (``lora_linear(inputs, scale, p)`` over
+    ``layout.MixedInputs``): the C++ extension on the CPU; on a GPU the plain-MLX
+    reference for now (the GPU kernels take one adapter and no ids, for now)."""
+    if mx.default_device() == mx.cpu:
+        return cpu
+    hint = " for mixed-adapter batches (the GPU kernels take one adapter, for now)"
+    return SimpleNamespace(lora_linear=functools.partial(reference.lora_linear, hint=hint))
 
 
 def quantized_matmul(x, weight, scales, biases, *, transpose, group_size, bits):

@@ -1,7 +1,10 @@
 """The CPU backend: the op as an mx.custom_function over the C++ primitives.
 
 The forward and each cotangent are their own graph nodes (csrc/cpu/primitives.h),
-so MLX evaluates only the cotangents that were asked for.
+so MLX evaluates only the cotangents that were asked for. The single-adapter op and
+the mixed one (``layout.MixedInputs``: stacked adapters, per-adapter scales, an id per
+row) are one function over the same primitives: the mixed op's two routing slots are
+passed on to them when present.
 """
 
 import functools
@@ -12,24 +15,44 @@ from ..._extension import _ext
 from .. import layout, reference
 
 
+def _scales_cotangent(dy, h, lora_b, routing, scale):
+    """d(scale_i) = sum over adapter i's rows of (scale * h @ B_i) . dY: the low-rank
+    gradient's dB with every multiplier at `scale`, against B. Lazy: evaluated only if
+    someone asks for the scales' gradient (LoRA training does not)."""
+    scales, ids = routing
+    _, db_unit = _ext.lora_low_rank_grad(dy, h, lora_b, mx.ones_like(scales), ids, scale=scale)
+    return (db_unit.astype(mx.float32) * lora_b.astype(mx.float32)).sum(axis=(1, 2)).astype(scales.dtype)
+
+
+def _lora_grads(x, dy, h, lora_a, lora_b, key, routing, scale, p):
+    """(dS, dA, dB) and the scales' cotangent (None without routing) from the primitives."""
+    ids = routing[1:]
+    ds, d_lora_b = _ext.lora_low_rank_grad(dy, h, lora_b, *routing, scale=scale)
+    d_lora_a = _ext.lora_down_grad(x, ds, lora_a, key, *ids, dropout=p)
+    d_scales = _scales_cotangent(dy, h, lora_b, routing, scale) if routing else None
+    return ds, d_lora_a, d_lora_b, d_scales
+
+
 @functools.cache
 def _op(scale, p):
     """The op for one (scale, p): constants of the op, also under mx.compile; the key
-    is an input (a slot of layout.Inputs)."""
+    (and for the mixed op the scales and ids) are inputs: the slots of layout.Inputs
+    or layout.MixedInputs."""
 
     @mx.custom_function
-    def op(x, weight, bias, lora_a, lora_b, key):
-        return tuple(_ext.lora_forward(x, weight, bias, lora_a, lora_b, key, scale=scale, dropout=p))
+    def op(x, weight, bias, lora_a, lora_b, key, *routing):
+        return tuple(_ext.lora_forward(x, weight, bias, lora_a, lora_b, key, *routing, scale=scale, dropout=p))
 
     @op.vjp
     def op_vjp(primals, cotangents, outputs):
-        x, weight, _, lora_a, lora_b, key = primals
+        x, weight, _, lora_a, lora_b, key, *routing = primals
         dy = cotangents[0].astype(x.dtype)
-        h = outputs[1]
-        ds, d_lora_b = _ext.lora_low_rank_grad(dy, h, lora_b, scale=scale)
-        dx = _ext.lora_input_grad(dy, weight, ds, lora_a, key, dropout=p)
-        d_lora_a = _ext.lora_down_grad(x, ds, lora_a, key, dropout=p)
-        return layout.cotangents(layout.Inputs(*primals), dy, dx=dx, d_lora_a=d_lora_a, d_lora_b=d_lora_b)
+        ds, d_lora_a, d_lora_b, d_scales = _lora_grads(x, dy, outputs[1], lora_a, lora_b, key, routing, scale, p)
+        dx = _ext.lora_input_grad(dy, weight, ds, lora_a, key, *routing[1:], dropout=p)
+        grads = dict(dx=dx, d_lora_a=d_lora_a, d_lora_b=d_lora_b)
+        if routing:
+            return layout.mixed_cotangents(layout.MixedInputs(*primals), dy, **grads, d_scales=d_scales)
+        return layout.cotangents(layout.Inputs(*primals), dy, **grads)
 
     return op
 
@@ -50,12 +73,13 @@ def quantized_base(x, weight, scales, biases, *, transpose, group_size, bits):
 def _qop(scale, p, group_size, bits):
     """The quantized-base op: the base products by `quantized_base`, the LoRA path
     through the same primitives and recomputed mask as the dense op (their *_onto
-    forms add it onto the base product)."""
+    forms add it onto the base product); mixed with the routing slots of
+    layout.QMixedInputs."""
     base = functools.partial(quantized_base, group_size=group_size, bits=bits)
 
-    def forward(x, weight, scales, biases, bias, lora_a, lora_b, key):
+    def forward(x, weight, scales, biases, bias, lora_a, lora_b, key, *routing):
         y_base = base(x, weight, scales, biases, transpose=True)
-        return tuple(_ext.lora_forward_onto(x, y_base, bias, lora_a, lora_b, key, scale=scale, dropout=p))
+        return tuple(_ext.lora_forward_onto(x, y_base, bias, lora_a, lora_b, key, *routing, scale=scale, dropout=p))
 
     op = mx.custom_function(forward)
 
@@ -76,13 +100,11 @@ def _qop(scale, p, group_size, bits):
 
     @op.vjp
     def op_vjp(primals, cotangents, outputs):
-        x, weight, scales, biases, _, lora_a, lora_b, key = primals
+        x, weight, scales, biases, _, lora_a, lora_b, key, *routing = primals
         dy = cotangents[0].astype(x.dtype)
-        h = outputs[1]
-        ds, d_lora_b = _ext.lora_low_rank_grad(dy, h, lora_b, scale=scale)
+        ds, d_lora_a, d_lora_b, d_lora_scales = _lora_grads(x, dy, outputs[1], lora_a, lora_b, key, routing, scale, p)
         dx_base = base(dy, weight, scales, biases, transpose=False)
-        dx = _ext.lora_input_grad_onto(dx_base, ds, lora_a, key, dropout=p)
-        d_lora_a = _ext.lora_down_grad(x, ds, lora_a, key, dropout=p)
+        dx = _ext.lora_input_grad_onto(dx_base, ds, lora_a, key, *routing[1:], dropout=p)
         # Lazy: evaluated only if someone asks for the scales' or biases' gradient. MLX's
         # quantized_matmul defines it (the same function of the scales and biases).
         _, (d_scales, d_biases) = mx.vjp(
@@ -93,25 +115,26 @@ def _qop(scale, p, group_size, bits):
             [dy],
         )
         return layout.q_cotangents(
-            layout.QInputs(*primals),
+            primals,
             dy,
             dx=dx,
             d_lora_a=d_lora_a,
             d_lora_b=d_lora_b,
             d_scales=d_scales,
             d_biases=d_biases,
+            d_lora_scales=d_lora_scales,
         )
 
     return op
 
 
 def qlora_linear(inputs, scale, p, *, group_size, bits):
-    """y (M, N) for the fixed slots `inputs` (layout.QInputs)."""
+    """y (M, N) for the fixed slots `inputs` (layout.QInputs or layout.QMixedInputs)."""
     return _qop(scale, p, group_size, bits)(*inputs)[0]
 
 
 def lora_linear(inputs, scale, p):
-    """y (M, N) for the fixed slots `inputs` (layout.Inputs)."""
+    """y (M, N) for the fixed slots `inputs` (layout.Inputs or layout.MixedInputs)."""
     return _op(scale, p)(*inputs)[0]
 
 

@@ -14,6 +14,11 @@ adapters, the key); the mask's transients are a block's, whatever M*K is.
 Used, with one warning, where MLX_FUSED_LORA_GPU_KERNELS=0 or no kernels exist, for a
 quantized base on a GPU, and by ``backends/gpu.py`` for a configuration whose kernels
 failed their self-check.
+
+The mixed slots (``layout.MixedInputs``, ``layout.QMixedInputs``: stacked adapters, the
+multiplier of adapter i ``scale * scales[i]``, an id per row) run the oracle's per-row
+formula (``reference.mixed_lora_term``, MLX's ``gather_mm``) with the device mask, stored:
+not lean yet, until the GPU kernel bodies take the ids.
 """
 
 import functools
@@ -191,10 +196,25 @@ def lean_lora_linear(inputs, scale, p):
     return _dense_op(scale, p)(*inputs)[0]
 
 
+def _routing(scale, routing):
+    """(per-adapter multipliers, ids) of the mixed slots' extra two."""
+    scales, ids = routing
+    return scale * scales, ids
+
+
+def _mask(key, x, p):
+    return device_dropout_mask(key, x.shape, p, mx.float32) if p > 0 else None
+
+
 def lora_linear(inputs, scale, p, hint=""):
-    """y (M, N) for the fixed slots `inputs` (layout.Inputs), in plain MLX (one warning)."""
+    """y (M, N) for the fixed slots `inputs` (layout.Inputs, or layout.MixedInputs), in plain
+    MLX (one warning)."""
     _warn_once(str(mx.default_device()), hint)
-    return lean_lora_linear(inputs, scale, p)
+    x, weight, bias, lora_a, lora_b, key, *routing = inputs
+    if not routing:
+        return lean_lora_linear(inputs, scale, p)
+    scales, ids = _routing(scale, routing)
+    return reference.lora_linear(x, weight, layout.bias_or_none(bias), lora_a, lora_b, scales, _mask(key, x, p), ids)
 
 
 def lean_qlora_linear(inputs, scale, p, *, group_size, bits):
@@ -203,9 +223,27 @@ def lean_qlora_linear(inputs, scale, p, *, group_size, bits):
 
 
 def qlora_linear(inputs, scale, p, *, group_size, bits, hint=""):
-    """y (M, N) for the quantized op's fixed slots `inputs` (layout.QInputs), in plain MLX."""
+    """y (M, N) for the quantized op's fixed slots `inputs` (layout.QInputs, or
+    layout.QMixedInputs), in plain MLX (one warning)."""
     _warn_once(str(mx.default_device()), hint)
-    return lean_qlora_linear(inputs, scale, p, group_size=group_size, bits=bits)
+    x, weight, scales, biases, bias, lora_a, lora_b, key, *routing = inputs
+    if not routing:
+        return lean_qlora_linear(inputs, scale, p, group_size=group_size, bits=bits)
+    lora_scales, ids = _routing(scale, routing)
+    return reference.qlora_linear(
+        x,
+        weight,
+        scales,
+        biases,
+        layout.bias_or_none(bias),
+        lora_a,
+        lora_b,
+        lora_scales,
+        _mask(key, x, p),
+        group_size=group_size,
+        bits=bits,
+        adapter_ids=ids,
+    )
 
 
 dropout_mask = device_dropout_mask
