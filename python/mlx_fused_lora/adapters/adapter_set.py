@@ -89,7 +89,8 @@ def split_magnitudes(tensors: dict, suffix: str) -> tuple[dict, dict]:
 
 def attach_magnitudes(modules: dict, magnitudes: dict, use_dora: bool, name: str, where: str) -> dict:
     """``modules`` with their DoRA magnitudes (named ``{path}{name}`` in the file), checked:
-    with ``use_dora`` every module needs a finite float vector of shape (out,), else none may have one."""
+    with ``use_dora`` every module needs a float vector of shape (out,) (finite: checked at
+    load), else none may have one."""
     if not use_dora:
         if magnitudes:
             key = next(iter(magnitudes)) + name
@@ -110,8 +111,6 @@ def attach_magnitudes(modules: dict, magnitudes: dict, use_dora: bool, name: str
                 f"{where}: tensor {key!r} must be a float vector of shape {expected}, "
                 f"got {str(v.dtype).rsplit('.', 1)[-1]} of shape {tuple(v.shape)}"
             )
-        if not mx.all(mx.isfinite(v)).item():
-            raise AdapterError(f"{where}: tensor {key!r} holds non-finite values (NaN or inf)")
         out[path] = replace(m, magnitude=v)
     return out
 

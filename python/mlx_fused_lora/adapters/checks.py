@@ -122,15 +122,29 @@ def init_lora_weights_field(config: dict, where: str, default=True) -> bool | st
     return value
 
 
+def non_finite_names(tensors: dict[str, mx.array]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an inf, sorted."""
+    # One evaluation for all tensors, not one synchronization per tensor.
+    finite = {name: mx.isfinite(v).all() for name, v in tensors.items() if mx.issubdtype(v.dtype, mx.inexact)}
+    mx.eval(list(finite.values()))
+    return sorted(name for name, ok in finite.items() if not ok.item())
+
+
+def check_finite(tensors: dict[str, mx.array], where: str) -> None:
+    """Every floating-point tensor of a file must be finite (one evaluation for them all)."""
+    bad = non_finite_names(tensors)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise AdapterError(f"{where}: tensor {bad[0]!r}{more} holds non-finite values (NaN or inf)")
+
+
 def check_lora_tensor(key: str, value: mx.array, where: str) -> None:
-    """A LoRA tensor must be a 2-D float16/bfloat16/float32 array of finite values."""
+    """A LoRA tensor must be a 2-D float16/bfloat16/float32 array (finite: `check_finite`, at load)."""
     if value.dtype not in FLOAT_DTYPES:
         dtype = str(value.dtype).rsplit(".", 1)[-1]  # int32, not mlx.core.int32
         raise AdapterError(f"{where}: tensor {key!r} has dtype {dtype}; expected float16, bfloat16 or float32")
     if value.ndim != 2:
         raise AdapterError(f"{where}: tensor {key!r} has shape {tuple(value.shape)}; expected a matrix")
-    if not mx.all(mx.isfinite(value)).item():
-        raise AdapterError(f"{where}: tensor {key!r} holds non-finite values (NaN or inf)")
 
 
 def check_lora_pair(path: str, a: mx.array, b: mx.array, where: str, names=("lora_a", "lora_b")) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .adapter_set import AdapterSet
+from .checks import check_finite
 
 __all__ = [
     "AdapterFormat",
@@ -219,8 +220,10 @@ def write_adapters(adapters: AdapterSet, path: str | Path, fmt: str) -> Path:
 
 
 def load_tensors(p: Path) -> dict[str, mx.array]:
-    """The tensors of a safetensors file, with errors naming the file."""
+    """The tensors of a safetensors file, all finite, with errors naming the file."""
     try:
-        return mx.load(str(p))
+        tensors = mx.load(str(p))
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"{p}: cannot read the adapter weights ({e})") from None
+    check_finite(tensors, str(p))
+    return tensors

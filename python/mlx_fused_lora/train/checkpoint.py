@@ -27,6 +27,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..adapters.checks import non_finite_names
 from .write_errors import mlx_write_error, named_write_errors
 
 __all__ = [
@@ -55,14 +56,6 @@ class TrainingCheckpointError(RuntimeError):
 
 class NonFiniteCheckpointError(TrainingCheckpointError):
     """Tensors to be saved (or loaded) hold NaN or inf."""
-
-
-def non_finite_names(tensors: dict[str, mx.array]) -> list[str]:
-    """Names of the floating-point tensors holding a NaN or an inf, sorted."""
-    # One evaluation for all tensors, not one synchronization per tensor.
-    finite = {name: mx.isfinite(v).all() for name, v in tensors.items() if mx.issubdtype(v.dtype, mx.inexact)}
-    mx.eval(list(finite.values()))
-    return sorted(name for name, ok in finite.items() if not ok.item())
 
 
 def _step_of(path: Path) -> int | None:

@@ -41,7 +41,7 @@ from mlx.utils import tree_flatten, tree_map
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .checkpoint import non_finite_names
+from ..adapters.checks import non_finite_names
 from .distributed import World, init_world
 from .interrupt import StopOnInterrupt
 from .metrics import MetricsLog
