@@ -193,6 +193,7 @@ def test_bad_dora_files_are_named(tmp_path):
     save_adapters(dora_llama(), tmp_path, format="mlx-lm")
     weights = tmp_path / "adapters.safetensors"
     good = mx.load(str(weights))
+    mx.eval(good)  # mx.load reads lazily: the writes below replace the file it would read from
     key = "model.layers.0.self_attn.q_proj.m"
 
     def write(tensors):
