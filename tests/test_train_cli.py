@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlx_fused_lora.csm import load_csm
 from mlx_fused_lora.train.checkpoint import load_checkpoint
-from mlx_fused_lora.train.cli import build_parser, main
+from mlx_fused_lora.train.csm.cli import build_parser, main
 from train_helpers import K, finetune_args, finetune_command, write_tiny_run
 
 
@@ -112,7 +112,7 @@ def test_trains_validates_checkpoints_and_saves(setup, tmp_path, mode, capsys):
     assert (out / "sample.npy").exists() and np.load(out / "sample.npy").shape[0] == K
     if mode == "lora":  # the Python API reads the saved adapters back, equal to the checkpoint's
         from mlx.utils import tree_flatten
-        from mlx_fused_lora.train.trainer import CSMLoRATrainer
+        from mlx_fused_lora.train.csm import CSMLoRATrainer
 
         trainer = CSMLoRATrainer(model, tmp_path / "again", tokenizer="byte", progress=False)
         trainer.load_lora_weights(out)

@@ -10,13 +10,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_fused_lora.csm import CSMConfig
-from mlx_fused_lora.train.synthetic import write_random_csm, write_synthetic_dataset
+from mlx_fused_lora.train.csm.synthetic import write_random_csm, write_synthetic_dataset
 
 SCRIPT = textwrap.dedent("""
     import sys
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_fused_lora.train.trainer import CSMLoRATrainer
+    from mlx_fused_lora.train.csm import CSMLoRATrainer
     model, audio, out = sys.argv[1:4]
     t = CSMLoRATrainer(model, out, tokenizer="byte", lora_dropout=0.1, learning_rate=5e-3, progress=False)
     t.prepare_data(audio, val_split=0.0)

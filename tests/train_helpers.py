@@ -5,7 +5,7 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_fused_lora.csm import CSMConfig
-from mlx_fused_lora.train.synthetic import write_random_csm, write_synthetic_dataset
+from mlx_fused_lora.train.csm.synthetic import write_random_csm, write_synthetic_dataset
 
 K, V = 8, 24  # the tiny CSM's codebooks and audio vocabulary, which the synthetic codes fit
 

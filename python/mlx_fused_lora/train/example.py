@@ -35,32 +35,17 @@ import shlex
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli_args import DefaultsOnceFormatter, OneLineErrorParser
+from .csm.example import Example, example_paths, finetune_command, write_csm_example
 
 __all__ = ["Example", "write_example", "finetune_command", "check_arguments", "main"]
 
-# The example's training run: enough steps for the loss to fall visibly, seconds on 2 cores.
-TRAIN_FLAGS = ["--max-steps", "40", "--batch-size", "4", "--learning-rate", "2e-3", "--val-every", "20"]
-SAMPLE_PROMPT = "hello there"
 # What an example folder may hold: the entries `write_example` writes (CSM or LLM).
 EXAMPLE_ENTRIES = {"data", "model", "mimi.safetensors"}
 FORMATS = ("wav", "codes", "mixed")
 MAX_FILES = 10_000
-
-
-@dataclass
-class Example:
-    """What `write_example` wrote (paths under its root)."""
-
-    root: Path
-    model: Path
-    audio: Path
-    tokenizer: str | Path  # tokenizer.json beside the model, or "byte"
-    codec: Path | None
-    files: list[Path] = field(default_factory=list)
 
 
 def _have(module: str) -> bool:
@@ -176,63 +161,24 @@ def write_example(
     *,
     overwrite: bool = False,
 ) -> Example:
-    """Write the example under ``root`` (created; must be new or empty, or hold an earlier
-    example with ``overwrite``).
+    """Write the CSM example under ``root`` (created; must be new or empty, or hold an earlier
+    example with ``overwrite``); see `csm.example.write_csm_example` for what it holds.
 
-    ``audio_format``: ``"wav"``, ``"codes"`` or ``"mixed"`` (see `write_synthetic_dataset`);
-    default ``"wav"`` when mlx-audio is installed, else ``"codes"``. ``data_only``: just
-    ``root/data``. ``width``: the backbone width (the decoder is half). Arguments are
-    checked first (`check_arguments`); the files appear all at once (`publish`).
+    ``audio_format``: ``"wav"``, ``"codes"`` or ``"mixed"``; default ``"wav"`` when mlx-audio
+    is installed, else ``"codes"``. ``data_only``: just ``root/data``. ``width``: the
+    backbone width (the decoder is half). Arguments are checked first (`check_arguments`);
+    the files appear all at once (`publish`).
     """
-    from .synthetic import (
-        WORDS,
-        small_csm_config,
-        write_bpe_tokenizer,
-        write_random_csm,
-        write_random_mimi,
-        write_synthetic_dataset,
-    )
-
     audio_format = check_arguments(root, num_files, audio_format, data_only, width, seed, overwrite=overwrite)
-    root = Path(root)
-    example = Example(root, root / "model", root / "data" / "audio", "byte", None)
     with_tokenizer, with_mimi = _have("tokenizers"), _have("mlx_audio")
-
-    def write(stage: Path) -> None:
-        # codes below 2048, Mimi's codebook size, so a sample decodes without clamping
-        write_synthetic_dataset(
-            stage / "data", num_files, 32, 2048, (24, 40), (3, 6), seed=seed, audio_format=audio_format
-        )
-        if data_only:
-            return
-        text_vocab = None
-        if with_tokenizer:
-            (stage / "model").mkdir()
-            texts = [f"[0]{w}" for w in WORDS] + [" ".join(WORDS), f"[0]{SAMPLE_PROMPT}"]
-            text_vocab = write_bpe_tokenizer(stage / "model" / "tokenizer.json", texts)
-        config = small_csm_config(width, 2, **({"text_vocab_size": text_vocab} if text_vocab else {}))
-        write_random_csm(stage / "model", config, seed=seed)
-        if with_mimi:
-            write_random_mimi(stage / "mimi.safetensors", seed=seed)
-
-    example.files = publish(root, write, overwrite)
-    if not data_only:
-        if with_tokenizer:
-            example.tokenizer = example.model / "tokenizer.json"
-        if with_mimi:
-            example.codec = root / "mimi.safetensors"
-    return example
-
-
-def finetune_command(example: Example, output_dir: str | Path | None = None) -> list[str]:
-    """The ``mlx-fused-lora finetune`` argv that trains on ``example`` and writes a sample."""
-    cmd = ["mlx-fused-lora", "finetune", "--model-path", str(example.model), "--audio-dir", str(example.audio)]
-    cmd += ["--output-dir", str(output_dir or example.root / "out")]
-    if example.tokenizer == "byte":
-        cmd += ["--tokenizer", "byte"]
-    if example.codec is not None:
-        cmd += ["--codec-path", str(example.codec)]
-    return cmd + TRAIN_FLAGS + ["--generate-samples", "--sample-prompt", SAMPLE_PROMPT]
+    files = publish(
+        Path(root),
+        lambda stage: write_csm_example(
+            stage, num_files, audio_format, data_only, width, seed, with_tokenizer, with_mimi
+        ),
+        overwrite,
+    )
+    return example_paths(Path(root), data_only, with_tokenizer, with_mimi, files)
 
 
 def write_llm_example(root, num_files=32, data_only=False, width=64, seed=0, *, overwrite=False):

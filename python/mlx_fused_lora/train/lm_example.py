@@ -28,7 +28,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .synthetic import BOS, EOS, WORDS, write_bpe_tokenizer
+from .tiny_tokenizer import BOS, EOS, WORDS, write_bpe_tokenizer
 
 __all__ = ["LmExample", "DATASETS", "write_lm_example", "lm_lora_command", "LLM_WIDTHS", "TRAIN_FLAGS"]
 

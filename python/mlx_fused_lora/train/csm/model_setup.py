@@ -8,13 +8,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from ..adapters import load_adapters, set_adapter
-from ..csm import apply_lora, load_csm
-from ..csm.lora import LoRAReport
-from ..layers import plain_layer_class
-from ..layers.named import holders
-from ..layers.tree import freeze_all_but_lora, lora_dropout_p, lora_layers
-from .resume import model_record
+from ...adapters import load_adapters, set_adapter
+from ...csm import apply_lora, load_csm
+from ...csm.lora import LoRAReport
+from ...layers import plain_layer_class
+from ...layers.named import holders
+from ...layers.tree import freeze_all_but_lora, lora_dropout_p, lora_layers
+from ..resume import model_record
 from .settings import TrainSettings
 
 __all__ = ["load_model_for_lora", "start_from_adapter", "use_plain_lora_layers", "grad_checkpoint_blocks"]

@@ -9,12 +9,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..adapters import get_format
-from ..adapters.registry import check_write_target
-from ..csm import save_csm
-from ..csm.loading import CONFIG_FILE, WEIGHTS_FILE
-from ..layers.tree import lora_layers
-from .checkpoint import TrainingCheckpointError, atomic_write_dir, load_checkpoint
+from ...adapters import get_format
+from ...adapters.registry import check_write_target
+from ...csm import save_csm
+from ...csm.loading import CONFIG_FILE, WEIGHTS_FILE
+from ...layers.tree import lora_layers
+from ..checkpoint import TrainingCheckpointError, atomic_write_dir, load_checkpoint
+from ..metrics import LOSS_CURVE, METRICS
 
 __all__ = [
     "write_lora",
@@ -23,12 +24,10 @@ __all__ = [
     "load_lora",
     "expected_outputs",
     "sample_file",
-    "previous_outputs",
+    "output_names",
 ]
 
 SAVE_MODES = ("lora", "full", "both")
-METRICS = "metrics.jsonl"
-LOSS_CURVE = "loss_curve.png"
 SAMPLE = "sample.wav"  # or, without a codec, the codes beside it: sample.npy
 SAMPLE_CODES = "sample.npy"
 
@@ -53,10 +52,10 @@ def expected_outputs(output_dir: Path, save_mode: str, sample: bool, codec: bool
     return [output_dir / n for n in names] + ([sample_file(output_dir, codec)] if sample else [])
 
 
-def previous_outputs(output_dir: Path) -> list[Path]:
-    """Every file of an earlier run's outputs in ``output_dir`` (any save mode), oldest names first."""
-    names = [METRICS, LOSS_CURVE, *_lora_files(), WEIGHTS_FILE, CONFIG_FILE, SAMPLE, SAMPLE_CODES]
-    return [output_dir / n for n in names if (output_dir / n).is_file()]
+def output_names() -> list[str]:
+    """The names of every output a run may write into its folder (any save mode): what
+    ``--overwrite`` deletes of an earlier run."""
+    return [METRICS, LOSS_CURVE, *_lora_files(), WEIGHTS_FILE, CONFIG_FILE, SAMPLE, SAMPLE_CODES]
 
 
 def _weights_first(paths: list[Path]) -> list[Path]:
@@ -75,7 +74,7 @@ def write_lora(
     """The adapters (``name``: that one alone) in directory ``path`` (each file replaced whole);
     ``convert_to_lora``: a PiSSA / OLoRA adapter as plain LoRA of the original weights
     (`adapters.save_adapters`). Returns the files, weights first."""
-    from ..adapters import save_adapters
+    from ...adapters import save_adapters
 
     check_lora_target(path, format)
 
@@ -133,7 +132,7 @@ def load_lora(model: nn.Module, path: str | Path, name: str | None = None) -> No
             )
         model.load_weights([(k, adapters[k]) for k in trainable], strict=False)
     else:
-        from ..adapters import load_adapters
+        from ...adapters import load_adapters
 
         load_adapters(model, path, name=name)
     mx.eval(model.parameters())
