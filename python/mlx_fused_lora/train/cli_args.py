@@ -106,6 +106,11 @@ def _convert(parser, action, key: str, value, path: Path):
         if not isinstance(value, bool):
             bad(f"expected true or false, got {value!r}")
         return value
+    if isinstance(value, dict) and getattr(action.type, "accepts_mapping", False):
+        try:
+            return action.type(value)  # a flag whose value is a mapping in YAML (mlx-lm's lora_parameters)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            bad(str(e))
     if isinstance(value, (dict, list)) or isinstance(value, bool):
         bad(f"expected a single {getattr(action.type, '__name__', 'string')}, got {value!r}")
     kind = action.type or str
@@ -141,7 +146,8 @@ def _unique_keys_loader(yaml):
 def apply_config_file(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     """Parse ``argv`` with the values of ``-c/--config FILE`` as defaults (flags win).
 
-    Keys are the flags' names, with ``_`` or ``-`` (``lora_r``, ``learning-rate``); an
+    Keys are the flags' names, with ``_`` or ``-`` (``lora_r``, ``learning-rate``; a flag's
+    other spellings too, e.g. mlx-lm-lora's ``train_type`` for ``--fine-tune-type``); an
     unknown key or a value of the wrong type is an error naming the file and the key.
     """
     pre = argparse.ArgumentParser(add_help=False)
@@ -163,15 +169,21 @@ def apply_config_file(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
         data = {}
     if not isinstance(data, dict):
         parser.error(f"config file {path}: expected a mapping of flag names to values, got {type(data).__name__}")
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    actions = {
+        name.lstrip("-").replace("-", "_"): a
+        for a in parser._actions
+        if a.option_strings and a.dest not in ("help", "config")
+        for name in a.option_strings
+    }
     defaults, keys = {}, {}
     for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        action = actions.get(dest)
+        action = actions.get(str(key).replace("-", "_"))
+        dest = action.dest if action is not None else None
         if action is None:
-            parser.error(f"config file {path}: unknown key {key!r} (keys are the flags' names, e.g. lora_r)")
+            example = next((k for k in actions if "_" in k), next(iter(actions)))
+            parser.error(f"config file {path}: unknown key {key!r} (keys are the flags' names, e.g. {example})")
         if dest in keys:  # lora_r and lora-r: which one was meant is not for us to guess
-            parser.error(f"config file {path}: keys {keys[dest]!r} and {key!r} both give {action.option_strings[-1]}")
+            parser.error(f"config file {path}: keys {keys[dest]!r} and {key!r} both give {action.option_strings[0]}")
         keys[dest] = key
         if action.nargs in ("+", "*"):
             if isinstance(value, dict):  # a pattern map ({v_proj: 4}) as its PATTERN=VALUE flags

@@ -44,12 +44,15 @@ class RunPlan:
     steps_per_epoch: float  # optimizer steps per pass over the training samples
     micro_per_epoch: int  # micro-batches per pass
     by: str  # "max_steps" | "epochs"
+    steps_flag: str = "--max-steps"  # the command's flag for a run's length in steps (lm_lora: --iters)
 
     def describe(self, start: int = 0) -> str:
         """The run's first line; ``start``: the step a resumed run continues from."""
         epochs = self.total_steps / self.steps_per_epoch
         if self.by == "max_steps":
-            why = f"--max-steps; {epochs:.3g} epochs of {self.steps_per_epoch:.3g} steps, the data cycled as needed"
+            why = (
+                f"{self.steps_flag}; {epochs:.3g} epochs of {self.steps_per_epoch:.3g} steps, the data cycled as needed"
+            )
         else:
             why = f"{epochs:.3g} epochs (--epochs) of {self.steps_per_epoch:.3g} steps"
         if start >= self.total_steps:
@@ -63,9 +66,16 @@ class RunPlan:
 
 
 def plan_steps(
-    num_train_samples: int, batch_size: int, world_size: int, accumulation: int, epochs: int, max_steps: int | None
+    num_train_samples: int,
+    batch_size: int,
+    world_size: int,
+    accumulation: int,
+    epochs: int,
+    max_steps: int | None,
+    steps_flag: str = "--max-steps",
 ) -> RunPlan:
-    """``max_steps`` if given, else ``epochs`` passes (rounded up to whole optimizer steps)."""
+    """``max_steps`` if given, else ``epochs`` passes (rounded up to whole optimizer steps);
+    ``steps_flag`` names the command's flag for ``max_steps`` in the run's first line."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_train_samples < 1:
@@ -82,7 +92,7 @@ def plan_steps(
     if max_steps is not None:
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        return RunPlan(int(max_steps), per_epoch, micro_per_epoch, "max_steps")
+        return RunPlan(int(max_steps), per_epoch, micro_per_epoch, "max_steps", steps_flag)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1 when max_steps is not given, got {epochs}")
-    return RunPlan(-(-epochs * micro_per_epoch // accumulation), per_epoch, micro_per_epoch, "epochs")
+    return RunPlan(-(-epochs * micro_per_epoch // accumulation), per_epoch, micro_per_epoch, "epochs", steps_flag)

@@ -59,6 +59,7 @@ class RunSpec:
     seed: int = 0
     val_every: int = 0
     save_every: int = 0
+    report_every: int = 0
 
 
 def run_facts(spec: RunSpec, world: World) -> dict:
@@ -159,6 +160,7 @@ def run(
         seed=spec.seed,
         val_every=spec.val_every,
         save_every=spec.save_every,
+        report_every=spec.report_every,
     )
     result = loop.train(
         model,

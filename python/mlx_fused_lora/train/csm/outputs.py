@@ -10,10 +10,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ...adapters import get_format
-from ...adapters.registry import check_write_target
 from ...csm import save_csm
 from ...csm.loading import CONFIG_FILE, WEIGHTS_FILE
 from ...layers.tree import lora_layers
+from ..adapter_files import check_adapter_target, weights_first, write_adapter
 from ..checkpoint import TrainingCheckpointError, atomic_write_dir, load_checkpoint
 from ..metrics import LOSS_CURVE, METRICS
 
@@ -58,30 +58,18 @@ def output_names() -> list[str]:
     return [METRICS, LOSS_CURVE, *_lora_files(), WEIGHTS_FILE, CONFIG_FILE, SAMPLE, SAMPLE_CODES]
 
 
-def _weights_first(paths: list[Path]) -> list[Path]:
-    return sorted(paths, key=lambda p: p.suffix != ".safetensors")
-
-
 def check_lora_target(path: str | Path, format: str = "csm-cli") -> None:
-    """Refuse a folder holding another format's adapter (FileExistsError). `write_lora` writes
-    through a temporary folder, where `save_adapters`' own check would see an empty one."""
-    check_write_target(path, format)
+    """Refuse a folder holding another format's adapter, before training (`adapter_files`)."""
+    check_adapter_target(path, format)
 
 
 def write_lora(
     model: nn.Module, path: str | Path, format: str = "csm-cli", name: str | None = None, convert_to_lora: bool = False
 ) -> list[Path]:
-    """The adapters (``name``: that one alone) in directory ``path`` (each file replaced whole);
-    ``convert_to_lora``: a PiSSA / OLoRA adapter as plain LoRA of the original weights
-    (`adapters.save_adapters`). Returns the files, weights first."""
-    from ...adapters import save_adapters
-
-    check_lora_target(path, format)
-
-    def write(tmp):
-        return save_adapters(model, tmp, format=format, name=name, convert_to_lora=convert_to_lora or None)
-
-    return _weights_first(atomic_write_dir(path, write))
+    """The adapters (``name``: that one alone) in directory ``path``, by default in the CSM
+    CLI's file names (`adapter_files.write_adapter`; ``convert_to_lora``: a PiSSA / OLoRA
+    adapter as plain LoRA of the original weights); returns the files, weights first."""
+    return write_adapter(model, path, format, name, convert_to_lora)
 
 
 def write_merged(model: nn.Module, path: str | Path) -> list[Path]:
@@ -93,7 +81,7 @@ def write_merged(model: nn.Module, path: str | Path) -> list[Path]:
         moved = atomic_write_dir(path, lambda tmp: save_csm(model, tmp))
     finally:
         model.update_modules(tree_unflatten(list(layers)))
-    return _weights_first(moved)
+    return weights_first(moved)
 
 
 def write_outputs(
