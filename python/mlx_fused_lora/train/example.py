@@ -17,8 +17,8 @@ The tokenizer needs the ``tokenizers`` package and the Mimi needs mlx-audio; bot
 ``pip install ".[audio]"``. Without them the example falls back to what needs neither: the
 byte tokenizer (``--tokenizer byte``) and pre-encoded codes (``data/audio/clip_000.npy``),
 and ``finetune`` then writes the sample as codes (``sample.npy``) instead of ``sample.wav``.
-The printed command always matches what was written. ``--llm`` writes a tiny mlx-lm Llama
-and SFT data instead (`lm_example`) and prints the ``lm_lora`` command.
+The printed command always matches what was written. ``--llm`` writes a tiny mlx-lm Llama,
+SFT chats and preference pairs instead (`lm_example`) and prints the ``lm_lora`` commands.
 
 Every argument is checked before anything is written, each bad one refused in one line
 naming it, what was expected and what was given. The files are written into a temporary
@@ -43,7 +43,7 @@ from .csm.example import Example, example_paths, finetune_command, write_csm_exa
 __all__ = ["Example", "write_example", "finetune_command", "check_arguments", "main"]
 
 # What an example folder may hold: the entries `write_example` writes (CSM or LLM).
-EXAMPLE_ENTRIES = {"data", "model", "mimi.safetensors"}
+EXAMPLE_ENTRIES = {"data", "model", "mimi.safetensors", "preference"}
 FORMATS = ("wav", "codes", "mixed")
 MAX_FILES = 10_000
 
@@ -183,12 +183,12 @@ def write_example(
 
 def write_llm_example(root, num_files=32, data_only=False, width=64, seed=0, *, overwrite=False):
     """The LLM example (`lm_example.write_lm_example`), checked and published as `write_example`'s."""
-    from .lm_example import LmExample, write_lm_example
+    from .lm_example import lm_example_at, write_lm_example
 
     check_arguments(root, num_files, None, data_only, width, seed, overwrite=overwrite, llm=True)
     root = Path(root)
     files = publish(root, lambda stage: write_lm_example(stage, num_files, width, seed, data_only), overwrite)
-    return LmExample(root, root / "model", root / "data", files)
+    return lm_example_at(root, files)
 
 
 def _print_csm(ex: Example, data_only: bool) -> None:
@@ -205,15 +205,18 @@ def _print_csm(ex: Example, data_only: bool) -> None:
 
 
 def _print_llm(ex, data_only: bool) -> None:
-    from .lm_example import lm_lora_command
+    from .lm_example import lm_lora_command, preference_command
 
     print(f"wrote {len(ex.files)} files under {ex.root}:")
     if not data_only:
         print(f"  model      {ex.model} (random mlx-lm Llama, byte-level BPE tokenizer with a chat template)")
     print(f"  dataset    {ex.data} (train.jsonl, valid.jsonl, test.jsonl: chats in mlx-lm's format)")
+    print(f"  pairs      {ex.preference} (train.jsonl, valid.jsonl: prompt, chosen, rejected)")
     if not data_only:
         print("\nfine-tune it with LoRA through mlx-lm's trainer on fused layers:\n")
         print("  " + shlex.join(lm_lora_command(ex)))
+        print("\nor with DPO on the pairs (its reference: the same model, adapters off):\n")
+        print("  " + shlex.join(preference_command(ex)))
 
 
 def main(argv=None) -> int:
@@ -221,18 +224,20 @@ def main(argv=None) -> int:
         prog="mlx-fused-lora example",
         description="Write a tiny random CSM, a tokenizer, a tiny random Mimi and a small dataset that fit "
         "each other, and print the finetune command that trains a LoRA adapter on them and writes a sample "
-        "(with --llm: a tiny mlx-lm Llama and chat data, and the lm_lora command). No downloads.",
+        "(with --llm: a tiny mlx-lm Llama, chat data and preference pairs, and the lm_lora commands). No downloads.",
         formatter_class=DefaultsOnceFormatter,
     )
     p.add_argument("dir", help="directory to write (new or empty)")
     p.add_argument(
-        "--llm", action="store_true", help="a tiny mlx-lm Llama, tokenizer and SFT chats for lm_lora (needs [lm])"
+        "--llm",
+        action="store_true",
+        help="a tiny mlx-lm Llama, tokenizer, SFT chats and preference pairs for lm_lora (needs [lm])",
     )
     p.add_argument(
         "--files",
         type=int,
         default=None,
-        help="recordings in the dataset (each becomes two turns) (default: 16; with --llm: training chats, default 32)",
+        help="recordings in the dataset (each becomes two turns) (default: 16; with --llm: training chats and pairs, default 32)",
     )
     p.add_argument(
         "--format",
