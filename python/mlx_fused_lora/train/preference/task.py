@@ -135,13 +135,17 @@ class PreferenceTrainer:
         """``(loss, metrics)`` of a ``[2B, T]`` batch; ``reference``: its precomputed ``(chosen,
         rejected)`` log-probs, else (DPO) the reference pass runs here."""
         s = self.settings
+        if s.train_mode == "dpo" and not reference:
+            scores = reference_logps(self.reference, model, tokens, response_mask)
+            # the policy pass starts once the reference's is done, so the reference's logits and
+            # their temporaries are freed before the policy's, which the backward keeps, are made
+            tokens = mx.depends(tokens, scores)
+            reference = split_pairs(scores)
         sums, counts = sequence_logps(model, tokens, response_mask)
         (chosen, rejected), (n_chosen, n_rejected) = split_pairs(sums), split_pairs(counts)
         if s.train_mode == "orpo":
             loss, metrics = orpo_loss(chosen, rejected, n_chosen, n_rejected, beta=s.beta)
             return loss, tuple(metrics[k] for k in ORPO_METRICS)
-        if not reference:
-            reference = split_pairs(reference_logps(self.reference, model, tokens, response_mask))
         loss, metrics = dpo_loss(
             chosen,
             rejected,
