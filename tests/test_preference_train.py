@@ -100,22 +100,23 @@ def test_step_zero_is_ln2_with_zero_rewards_whatever_the_reference(example, tmp_
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """Calls of the fused op (and its quantized twin) by the layers."""
+    """The names of the fused ops (the dense one and its quantized twin) the layers call."""
     calls = []
     for name in ("fused_lora_linear", "fused_qlora_linear"):
         op = getattr(layer_module, name)
 
-        def counted(*args, _op=op, **kwargs):
-            calls.append(args[0].shape)
+        def counted(*args, _op=op, _name=name, **kwargs):
+            calls.append(_name)
             return _op(*args, **kwargs)
 
         monkeypatch.setattr(layer_module, name, counted)
     return calls
 
 
-def step_op_calls(example, out, op_calls, **settings) -> int:
+def step_op_calls(example, out, op_calls, model=None, **settings) -> int:
     """Fused-op calls traced by one compiled training step (`loop.build_step`) of a trainer."""
-    trainer = PreferenceTrainer(example.model, out, PreferenceSettings(num_layers=LAYERS, **settings), world=World())
+    settings = PreferenceSettings(num_layers=LAYERS, **settings)
+    trainer = PreferenceTrainer(model or example.model, out, settings, world=World())
     trainer.prepare_data(example.preference, ("train",))
     optimizer, _ = trainer._optimizer(trainer.plan_run(4, 1, None))
     step = loop.build_step(trainer.model, optimizer, trainer.loss, loop.LoopSettings(steps=1), World())
@@ -138,6 +139,27 @@ def test_the_reference_pass_runs_no_rank_r_op(example, tmp_path, op_calls):
     save_adapters(trainer.model, tmp_path / "ref", "mlx-lm")
     calls = step_op_calls(example, tmp_path / "adapter", op_calls, reference_model_path=str(tmp_path / "ref"))
     assert calls == 2 * ADAPTED
+
+
+def test_a_quantized_base_trains_with_fused_qlora_and_its_reference_runs_no_op(example, tmp_path, op_calls):
+    """QLoRA: a 4-bit base gets the fused QLoRA op; the reference pass (adapters off) runs the
+    quantized base product alone, and step 0 is ln 2 again."""
+    import mlx.nn as nn
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(example.model))
+    nn.quantize(model, group_size=32, bits=4)
+    assert step_op_calls(example, tmp_path / "q", op_calls, model=(model, tokenizer)) == ADAPTED
+    assert set(op_calls) == {"fused_qlora_linear"}
+    model, tokenizer = mlx_lm.load(str(example.model))
+    nn.quantize(model, group_size=32, bits=4)
+    trainer = PreferenceTrainer(
+        (model, tokenizer), tmp_path / "out", PreferenceSettings(num_layers=LAYERS, learning_rate=1e-3), world=World()
+    )
+    trainer.prepare_data(example.preference, ("train",))
+    assert abs(trainer.evaluate(4, split="train")[0] - LN2) < 1e-5
+    result = trainer.train(batch_size=4, iters=4, val_batches=0, save_every=0, report_every=0)
+    assert result.losses[-1][1] < result.losses[0][1]
 
 
 def test_a_short_dpo_run_raises_accuracy_and_margin_on_its_training_pairs(example, tmp_path):
@@ -193,6 +215,24 @@ def test_sigkill_then_resume_gives_bitwise_equal_adapters(example, tmp_path):
     assert [e["step"] for e in killed_lines] == list(range(1, 17))  # continued without duplicates
     for a, b in zip(ref_lines, killed_lines, strict=True):
         assert {k: a[k] for k in ("loss", "rewards/margins")} == {k: b[k] for k in ("loss", "rewards/margins")}
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(example, tmp_path):
+    """As for finetune (the same loop): Ctrl-C finishes the step, checkpoints it, exits 130."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mlx_fused_lora.lm_lora", *cli_args(example, out, "--iters", "1000")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    step = load_checkpoint(out)[2]["step"]
+    assert 2 <= step < 1000 and f"interrupted: {step} steps" in stdout
+    assert not (out / "adapters.safetensors").exists()  # the outputs wait for the run's end
 
 
 RANK_SCRIPT = textwrap.dedent("""
