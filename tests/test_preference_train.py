@@ -6,13 +6,11 @@ All on the tiny Llama of ``mlx-fused-lora example --llm`` and its preference pai
 
 import json
 import math
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -30,6 +28,7 @@ from mlx_fused_lora.train.distributed import World  # noqa: E402
 from mlx_fused_lora.train.lm_example import write_lm_example  # noqa: E402
 from mlx_fused_lora.train.preference.settings import PreferenceSettings  # noqa: E402
 from mlx_fused_lora.train.preference.task import PreferenceTrainer  # noqa: E402
+from train_helpers import kill_at_first_checkpoint, launcher  # noqa: E402
 
 LN2 = math.log(2.0)
 LAYERS = 2  # the example's blocks; 7 adapted projections each
@@ -191,14 +190,7 @@ def test_sigkill_then_resume_gives_bitwise_equal_adapters(example, tmp_path):
     subprocess.run([*command, *cli_args(example, ref, *common)], check=True, timeout=300)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*command, *cli_args(example, killed, *common)])
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (killed / "checkpoints" / "latest").exists():
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_at_first_checkpoint([*command, *cli_args(example, killed, *common)], killed)
     _, _, state = load_checkpoint(killed)
     assert 0 < state["step"] < 16 and not (killed / "adapters.safetensors").exists()
 
@@ -251,18 +243,13 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _launcher():
-    exe = Path(sys.executable).parent / "mlx.launch"
-    return str(exe) if exe.exists() else shutil.which("mlx.launch")
-
-
-@pytest.mark.skipif(_launcher() is None, reason="mlx.launch not installed")
+@pytest.mark.skipif(launcher() is None, reason="mlx.launch not installed")
 def test_two_ranks_train_to_identical_adapters(example, tmp_path):
     """``mlx.launch -n 2``: each rank takes half of every global batch, the gradients are
     averaged, both end with the same adapter; only rank 0 writes the run's files."""
     script, out = tmp_path / "rank.py", tmp_path / "out"
     script.write_text(RANK_SCRIPT)
-    command = [_launcher(), "-n", "2", "--python", sys.executable, str(script)]
+    command = [launcher(), "-n", "2", "--python", sys.executable, str(script)]
     proc = subprocess.run(
         [*command, str(example.model), str(example.preference), str(out)], capture_output=True, text=True, timeout=300
     )

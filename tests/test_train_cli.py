@@ -1,9 +1,7 @@
 """`mlx-fused-lora finetune` end to end on a tiny random CSM and a generated dataset."""
 
 import json
-import signal
 import subprocess
-import time
 
 import mlx.core as mx
 import numpy as np
@@ -11,7 +9,7 @@ import pytest
 from mlx_fused_lora.csm import load_csm
 from mlx_fused_lora.train.checkpoint import load_checkpoint
 from mlx_fused_lora.train.csm.cli import build_parser, main
-from train_helpers import K, finetune_args, finetune_command, write_tiny_run
+from train_helpers import K, finetune_args, finetune_command, kill_at_first_checkpoint, write_tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -145,14 +143,7 @@ def test_sigkill_then_resume_gives_bitwise_equal_adapters(setup, tmp_path):
     subprocess.run(finetune_command(*_args(model, audio, ref, *common)), check=True, timeout=300)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(finetune_command(*_args(model, audio, killed, *common)))
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (killed / "checkpoints" / "latest").exists():
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_at_first_checkpoint(finetune_command(*_args(model, audio, killed, *common)), killed)
     _, _, state = load_checkpoint(killed)  # the last checkpoint is intact
     assert 0 < state["step"] < 40
     assert not (killed / "fine_tuned_model.safetensors").exists()

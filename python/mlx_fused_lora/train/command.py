@@ -6,8 +6,10 @@
 messages name the problem) is one line and exit status 1, anything else one line saying
 it was unexpected; Ctrl-C outside the training loop (which saves and returns by itself) is
 one line naming the moment and the newest checkpoint, exit status 130. ``--debug`` lets
-the traceback through. `finished_line` is what a resumed run that has nothing left to do
-prints instead of loading anything.
+the traceback through. `train_in_folder` is a training command's body around its task:
+the ``--resume-from`` said first, the output folder locked, a finished run's line instead of
+anything loaded (`finished_line`, `run_length`), the closing summary (`print_summary`), the
+exit status.
 """
 
 from __future__ import annotations
@@ -17,9 +19,20 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .distributed import World, init_world
 from .metrics import METRICS, recorded_losses
+from .plan import plan_steps
+from .resume import check_resume_from, output_dir_lock, recorded_state
 
-__all__ = ["run_command", "one_line", "finished_line", "print_summary", "EXPECTED_ERRORS"]
+__all__ = [
+    "run_command",
+    "one_line",
+    "train_in_folder",
+    "run_length",
+    "finished_line",
+    "print_summary",
+    "EXPECTED_ERRORS",
+]
 
 EXPECTED_ERRORS = (ValueError, RuntimeError, OSError, ImportError)  # their messages name the problem
 
@@ -71,12 +84,52 @@ def run_command(args, body: Callable[[dict], int], log: logging.Logger) -> int:
         return 1
 
 
-def finished_line(recorded: dict, total: int, wanted: Sequence[Path], out: Path, more: str) -> str | None:
+def train_in_folder(
+    out: Path,
+    resume_from: str | None,
+    finished: Callable[[dict, int], str | None],
+    train: Callable[[World, dict | None], object],
+) -> int:
+    """A training command's body: ``--resume-from`` checked before anything else, ``out``
+    locked for the run (one run per folder), ``finished(recorded, world_size)`` printed
+    instead of anything loaded when it says the resumed run has nothing left to do, else
+    ``train(world, recorded)`` (a `loop.TrainResult`) and its summary. Returns the exit
+    status: 0, or 130 when interrupted."""
+    check_resume_from(resume_from)  # a mistyped path is said before anything else
+    world = init_world()
+    with output_dir_lock(out, world.is_main):  # one run per folder, before anything is written
+        recorded = recorded_state(Path(resume_from)) if resume_from else None
+        line = finished(recorded, world.size) if recorded is not None else None
+        if line is not None:  # nothing to do: no model load, no data read
+            if world.is_main:
+                print(line)
+            return 0
+        result = train(world, recorded)
+    if world.is_main:
+        print_summary(result)
+    return 130 if result.interrupted else 0
+
+
+def run_length(
+    recorded: dict, steps: int | None, batch_size: int, world_size: int, accumulation: int, epochs
+) -> int | None:
+    """The run's length in steps: ``steps`` when given, else ``epochs`` passes over the number
+    of training samples the checkpoint ``recorded``; None when the record cannot say."""
+    if steps is not None:
+        return steps
+    try:
+        n = int(recorded["num_train_samples"])
+        return plan_steps(n, batch_size, world_size, accumulation, epochs, None).total_steps
+    except (KeyError, TypeError, ValueError):
+        return None  # the normal path reads the data and says what is wrong
+
+
+def finished_line(recorded: dict, total: int | None, wanted: Sequence[Path], out: Path, more: str) -> str | None:
     """What to print when the checkpoint ``recorded`` (`resume.recorded_state`) is at the
     run's last step ``total`` and every file ``wanted`` is there; None when anything is
     left to do. ``more``: the flag that would make the run longer."""
     step = recorded["step"]
-    if step < total or not all(p.is_file() for p in wanted):
+    if total is None or step < total or not all(p.is_file() for p in wanted):
         return None
     loss, val = recorded_losses(out / METRICS, step)
     record = "".join(f", {name} {v:.4f}" for name, v in (("loss", loss), ("validation loss", val)) if v is not None)

@@ -26,7 +26,7 @@ from ..cli_args import (
     check_number,
     need,
 )
-from ..command import finished_line, print_summary, run_command
+from ..command import finished_line, run_command, run_length, train_in_folder
 
 __all__ = ["build_parser", "main"]
 
@@ -265,19 +265,19 @@ def main(argv=None) -> int:
 def _run(args, run: dict) -> int:
     from pathlib import Path
 
-    from ..distributed import init_world
-    from ..resume import check_resume_from, output_dir_lock, recorded_state
-
-    check_resume_from(args.resume_from)  # a mistyped path is said before anything else
-    world = init_world()
     out = Path(args.output_dir)
-    with output_dir_lock(out, world.is_main):  # one run per folder, before anything is written
-        recorded = recorded_state(Path(args.resume_from)) if args.resume_from else None
-        finished = _finished_line(args, out, recorded, world.size)
-        if finished is not None:  # nothing to do: no model load, no data encoding
-            if world.is_main:
-                print(finished)
-            return 0
+
+    def finished(recorded: dict, world_size: int) -> str | None:
+        """With --epochs, the run's length is counted over the checkpoint's recorded samples."""
+        from .outputs import expected_outputs
+
+        total = run_length(
+            recorded, args.max_steps, args.batch_size, world_size, args.grad_accumulation_steps, args.epochs
+        )
+        wanted = expected_outputs(out, args.save_mode, args.generate_samples, codec=args.codec_path is not None)
+        return finished_line(recorded, total, wanted, out, "--max-steps")
+
+    def train(world, recorded):
         from .task import CSMLoRATrainer
 
         run["stage"] = "loading the model"
@@ -342,35 +342,9 @@ def _run(args, run: dict) -> int:
             overwrite=args.overwrite,
             convert_to_lora=args.convert_to_lora,
         )
-    if world.is_main:
-        print_summary(result)
-    return 130 if result.interrupted else 0
+        return result
 
-
-def _finished_line(args, out, recorded: dict | None, world_size: int) -> str | None:
-    """What to print when ``--resume-from`` names a run that is finished, outputs included;
-    None when there is anything left to do. Decided from the checkpoint's record: with
-    ``--epochs``, the run's length is counted over its recorded number of samples."""
-    from ..plan import plan_steps
-    from .outputs import expected_outputs
-
-    if recorded is None:
-        return None
-    total = args.max_steps
-    if total is None:
-        try:
-            total = plan_steps(
-                int(recorded["num_train_samples"]),
-                args.batch_size,
-                world_size,
-                args.grad_accumulation_steps,
-                args.epochs,
-                None,
-            ).total_steps
-        except (KeyError, TypeError, ValueError):
-            return None  # the normal path reads the data and says what is wrong
-    wanted = expected_outputs(out, args.save_mode, args.generate_samples, codec=args.codec_path is not None)
-    return finished_line(recorded, total, wanted, out, "--max-steps")
+    return train_in_folder(out, args.resume_from, finished, train)
 
 
 if __name__ == "__main__":

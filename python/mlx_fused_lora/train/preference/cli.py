@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from ..cli_args import DefaultsOnceFormatter, OneLineErrorParser, apply_config_file, check_at_least, check_number
-from ..command import finished_line, print_summary, run_command
+from ..command import finished_line, run_command, run_length, train_in_folder
 from .losses import DPO_LOSS_TYPES
 from .settings import LR_SCHEDULES, OPTIMIZERS, TRAIN_MODES
 
@@ -194,20 +194,17 @@ def main(argv=None) -> int:
 
 
 def _run(args, run: dict) -> int:
-    from ..distributed import init_world
-    from ..resume import check_resume_from, output_dir_lock, recorded_state
-
-    check_resume_from(args.resume_from)  # a mistyped path is said before anything else
     settings = settings_of(args)  # a bad combination is said before the model loads
-    world = init_world()
     out = Path(args.adapter_path)
-    with output_dir_lock(out, world.is_main):  # one run per folder, before anything is written
-        recorded = recorded_state(Path(args.resume_from)) if args.resume_from else None
-        finished = _finished_line(args, out, recorded, world.size)
-        if finished is not None:  # nothing to do: no model load
-            if world.is_main:
-                print(finished)
-            return 0
+
+    def finished(recorded: dict, world_size: int) -> str | None:
+        from .task import expected_outputs
+
+        steps, accumulation = args.iters, args.grad_accumulation_steps
+        total = run_length(recorded, steps, args.batch_size, world_size, accumulation, args.epochs)
+        return finished_line(recorded, total, expected_outputs(out), out, "--iters")
+
+    def train(world, recorded):
         from .task import PreferenceTrainer
 
         run["stage"] = "loading the model"
@@ -217,7 +214,7 @@ def _run(args, run: dict) -> int:
         plan = trainer.plan_run(args.batch_size, args.iters, args.epochs)
         if world.is_main:  # the run's first line: how many steps, and why
             print(plan.describe(recorded["step"] if recorded else 0), flush=True)
-        result = trainer.train(
+        return trainer.train(
             batch_size=args.batch_size,
             iters=args.iters,
             epochs=args.epochs,
@@ -228,28 +225,8 @@ def _run(args, run: dict) -> int:
             resume_from=args.resume_from,
             overwrite=args.overwrite,
         )
-    if world.is_main:
-        print_summary(result)
-    return 130 if result.interrupted else 0
 
-
-def _finished_line(args, out: Path, recorded: dict | None, world_size: int) -> str | None:
-    """What to print when ``--resume-from`` names a finished run with its outputs (no model load)."""
-    from ..plan import plan_steps
-    from .task import expected_outputs
-
-    if recorded is None:
-        return None
-    total = args.iters
-    if total is None:
-        try:
-            n = int(recorded["num_train_samples"])
-            total = plan_steps(
-                n, args.batch_size, world_size, args.grad_accumulation_steps, args.epochs, None
-            ).total_steps
-        except (KeyError, TypeError, ValueError):
-            return None  # the normal path reads the data and says what is wrong
-    return finished_line(recorded, total, expected_outputs(out), out, "--iters")
+    return train_in_folder(out, args.resume_from, finished, train)
 
 
 if __name__ == "__main__":
