@@ -14,7 +14,9 @@ import sys
 
 import pytest
 from mlx_fused_lora import bench, cli
-from mlx_fused_lora import benchmarking as bm
+from mlx_fused_lora.bench import cases as bm_cases
+from mlx_fused_lora.bench import e2e as bm_e2e
+from mlx_fused_lora.bench import grid as bm_grid
 
 # --no-peft: the PyTorch + PEFT peer has its own tests (test_bench_peft.py).
 TINY = ["--shapes", "32x64x48x4", "--budget", "0.001", "--rounds", "1", "--no-peft"]
@@ -49,8 +51,8 @@ def test_json_has_machine_versions_command_and_every_case(full_run):
     assert set(report["load_average"]) == {"start", "end"}
     assert report["calibration"]["start"] > 0 and report["calibration"]["end"] > 0
     cases = report["cases"]
-    assert len(cases) == len(bm.KINDS) * 2 * 2  # kinds x p x passes
-    assert {c["kind"] for c in cases} == set(bm.KINDS)
+    assert len(cases) == len(bm_grid.KINDS) * 2 * 2  # kinds x p x passes
+    assert {c["kind"] for c in cases} == set(bm_grid.KINDS)
     for case in cases:
         assert (case["m"], case["k"], case["n"], case["r"]) == (32, 64, 48, 4)
         assert case["time_s"] > 0 and case["peak_memory"] > 0 and case["rounds"] == 1
@@ -64,7 +66,7 @@ def test_json_has_machine_versions_command_and_every_case(full_run):
         "memory_mib",
     } <= row.keys()
     e2e = report["end_to_end"]
-    assert e2e["config"] == dict(bm.E2E_QUICK.__dict__, tokens=bm.E2E_QUICK.tokens)
+    assert e2e["config"] == dict(bm_e2e.E2E_QUICK.__dict__, tokens=bm_e2e.E2E_QUICK.tokens)
     assert e2e["results"]["fused"]["tokens_per_s"] > 0 and e2e["results"]["plain"]["peak_memory"] > 0
     assert e2e["speedup"] > 0
 
@@ -148,13 +150,13 @@ def test_help_through_both_entry_points(capsys):
 
 
 def test_grids_are_the_issues():
-    full = bm.full_shapes()
+    full = bm_grid.full_shapes()
     assert {s.m for s in full} == {512, 2048, 8192}
     assert {s.k for s in full} == {s.n for s in full} == {1024, 2048, 4096}
     assert {s.r for s in full} == {8, 16, 64} and len(full) == 27
-    quick = bm.grid(bm.quick_shapes(), ["float32"])
-    assert len(quick) <= 4 and all(g.kinds == bm.KINDS for g in quick)
-    assert bm.parse_shape("512x1024x1024") == bm.Shape(512, 1024, 1024, 16)
+    quick = bm_grid.grid(bm_grid.quick_shapes(), ["float32"])
+    assert len(quick) <= 4 and all(g.kinds == bm_grid.KINDS for g in quick)
+    assert bm_grid.parse_shape("512x1024x1024") == bm_grid.Shape(512, 1024, 1024, 16)
 
 
 def test_addmm_peer_computes_what_the_plain_layer_does():
@@ -162,8 +164,8 @@ def test_addmm_peer_computes_what_the_plain_layer_does():
     import mlx.core as mx
     from mlx_fused_lora.layers import PlainLoRALinear
 
-    inputs = bm.make_inputs(16, 32, 24, 4)
-    layers = [bm.layer_from_inputs(cls, inputs, 0.0) for cls in (PlainLoRALinear, bm.AddmmLoRALinear)]
+    inputs = bm_cases.make_inputs(16, 32, 24, 4)
+    layers = [bm_cases.layer_from_inputs(cls, inputs, 0.0) for cls in (PlainLoRALinear, bm_cases.AddmmLoRALinear)]
 
     def outputs(layer):
         def apply(x, a, b):
@@ -177,7 +179,7 @@ def test_addmm_peer_computes_what_the_plain_layer_does():
     for plain, addmm in zip(*map(outputs, layers), strict=False):
         assert mx.allclose(plain, addmm, atol=1e-5).item()
     # With dropout the kept elements are scaled by 1/(1-p): the mean of h stays put.
-    layer = bm.layer_from_inputs(bm.AddmmLoRALinear, bm.make_inputs(256, 64, 8, 4), 0.5, 1.0)
+    layer = bm_cases.layer_from_inputs(bm_cases.AddmmLoRALinear, bm_cases.make_inputs(256, 64, 8, 4), 0.5, 1.0)
     layer.linear.weight = mx.zeros_like(layer.linear.weight)
     layer.lora_b = mx.ones_like(layer.lora_b)
     x = mx.ones((256, 64))

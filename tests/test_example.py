@@ -16,10 +16,11 @@ from mlx_fused_lora.cli import COMMANDS
 from mlx_fused_lora.cli import main as cli_main
 from mlx_fused_lora.csm import CSMConfig
 from mlx_fused_lora.train import example as example_module
-from mlx_fused_lora.train.audio import load_codes, read_wav
-from mlx_fused_lora.train.example import finetune_command, write_example
-from mlx_fused_lora.train.tokenizer import load_text_tokenizer
-from mlx_fused_lora.train.trainer import CSMLoRATrainer
+from mlx_fused_lora.train.csm import CSMLoRATrainer
+from mlx_fused_lora.train.csm.audio import load_codes, read_wav
+from mlx_fused_lora.train.csm.example import finetune_command
+from mlx_fused_lora.train.csm.tokenizer import load_text_tokenizer
+from mlx_fused_lora.train.example import write_example
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -133,7 +134,7 @@ def test_an_unwritable_target_is_one_line_and_leaves_nothing(tmp_path, capsys):
 
 
 def test_a_failure_while_writing_leaves_no_half_written_folder(tmp_path, monkeypatch, capsys):
-    import mlx_fused_lora.train.synthetic as synthetic
+    import mlx_fused_lora.train.csm.synthetic as synthetic
 
     def disk_full(*args, **kwargs):
         raise RuntimeError("[write] Unable to write 129 bytes to file.")  # how MLX reports ENOSPC

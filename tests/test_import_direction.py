@@ -60,8 +60,7 @@ def test_no_package_module_imports_bench():
     bad = [
         str(p.relative_to(PACKAGE))
         for p in PACKAGE.rglob("*.py")
-        # benchmarking.py is the documented re-export shim for one release
-        if p.relative_to(PACKAGE).parts[0] not in ("bench", "benchmarking.py") and "bench" in imported_subpackages(p)
+        if p.relative_to(PACKAGE).parts[0] != "bench" and "bench" in imported_subpackages(p)
     ]
     assert not bad, f"modules importing bench: {bad}"
 

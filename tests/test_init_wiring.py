@@ -13,7 +13,7 @@ from mlx_fused_lora.adapters import add_adapter, load_adapters, read_adapters, s
 from mlx_fused_lora.csm import CSM, CSMConfig, apply_lora, load_csm
 from mlx_fused_lora.layers import FusedDoRALinear, FusedLoRALinear, lora_layers
 from mlx_fused_lora.layers.tree import fuse_lora_layers
-from mlx_fused_lora.train.cli import main as finetune
+from mlx_fused_lora.train.csm.cli import main as finetune
 from train_helpers import finetune_args, write_tiny_run
 
 TOKENS, MASK = mx.zeros((2, 5, 9), dtype=mx.int32) + 3, mx.ones((2, 5, 9))

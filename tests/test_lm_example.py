@@ -9,7 +9,7 @@ import sys
 import pytest
 from mlx_fused_lora.cli import main as cli_main
 from mlx_fused_lora.train import example as example_module
-from mlx_fused_lora.train.lm_example import DATASETS, lm_lora_command
+from mlx_fused_lora.train.lm_example import DATASETS, lm_lora_command, preference_command
 from test_example import commands, readme_block
 
 LLM_EXAMPLE = "tested-by: tests/test_lm_example.py (the LLM example)"
@@ -43,7 +43,11 @@ def test_the_readme_llm_commands_train_fused_layers(tmp_path, monkeypatch, capsy
     ids = tokenizer.apply_chat_template(chat, return_dict=False)
     assert tokenizer.decode(ids).startswith("<|begin_of_text|><|start_header_id|>user")
     assert model(__import__("mlx.core").core.array([ids])).shape[-1] == model.args.vocab_size
-    assert set(DATASETS) == {"sft"} and sorted(os.listdir(data_dir)) == ["test.jsonl", "train.jsonl", "valid.jsonl"]
+    assert set(DATASETS) == {"sft", "preference"}
+    assert sorted(os.listdir(data_dir)) == ["test.jsonl", "train.jsonl", "valid.jsonl"]
+    pairs = os.path.join(os.path.dirname(data_dir), "preference")
+    assert sorted(os.listdir(pairs)) == ["train.jsonl", "valid.jsonl"]
+    assert f"python -m mlx_fused_lora.lm_lora --train-mode dpo --model {model_dir} --train --data {pairs}" in printed
 
     env = {**os.environ, "NO_COLOR": "1", "OPENBLAS_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -66,3 +70,11 @@ def test_the_command_names_what_was_written(tmp_path):
     assert not (tmp_path / "x" / "model").exists()
     lines = (tmp_path / "x" / "data" / "train.jsonl").read_text().splitlines()
     assert len(lines) == 8 and all(json.loads(line)["messages"][1]["role"] == "assistant" for line in lines)
+    pairs = [json.loads(line) for line in (tmp_path / "x" / "preference" / "train.jsonl").read_text().splitlines()]
+    chats = [json.loads(line)["messages"] for line in lines]
+    # each pair asks what its chat asks and prefers the chat's answer
+    assert [(p["prompt"], p["chosen"]) for p in pairs] == [(c[0]["content"], c[1]["content"]) for c in chats]
+    assert all(p["rejected"] != p["chosen"] for p in pairs)
+    assert len((tmp_path / "x" / "preference" / "valid.jsonl").read_text().splitlines()) == 2
+    cmd = preference_command(example, "orpo")
+    assert cmd[cmd.index("--data") + 1] == str(tmp_path / "x" / "preference") and "orpo" in cmd

@@ -11,10 +11,10 @@ from mlx_fused_lora.cli import main as cli_main
 from mlx_fused_lora.csm import CSM, CSMConfig, apply_lora, generate
 from mlx_fused_lora.layers import lora_layers
 from mlx_fused_lora.train import example as example_module
-from mlx_fused_lora.train.cli import build_parser
-from mlx_fused_lora.train.cli import main as finetune_main
-from mlx_fused_lora.train.csm_task import CSMLoRATrainer
-from mlx_fused_lora.train.generate import main as generate_main
+from mlx_fused_lora.train.csm import CSMLoRATrainer
+from mlx_fused_lora.train.csm.cli import build_parser
+from mlx_fused_lora.train.csm.cli import main as finetune_main
+from mlx_fused_lora.train.csm.generate import main as generate_main
 from test_example import commands, readme_block
 from train_helpers import K, finetune_args, write_tiny_run
 

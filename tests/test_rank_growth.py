@@ -14,7 +14,7 @@ from mlx_fused_lora.adapters import add_adapter, read_adapters, set_adapter
 from mlx_fused_lora.layers import FusedDoRALinear, FusedLoRALinear
 from mlx_fused_lora.layers.growth import RankSchedule, adapter_rank, grow_rank
 from mlx_fused_lora.train.checkpoint import load_checkpoint
-from mlx_fused_lora.train.cli import main as finetune
+from mlx_fused_lora.train.csm.cli import main as finetune
 from train_helpers import finetune_args, write_tiny_run
 
 

@@ -121,7 +121,7 @@ def finetuned(tmp_path_factory):
     """``finetune`` with patterns from flags, and from a config file's maps; the second's adapter
     converted to PEFT's format: {"flags": dir, "file": dir, "peft": dir}."""
     from mlx_fused_lora.adapters import convert_adapter
-    from mlx_fused_lora.train.cli import main as finetune
+    from mlx_fused_lora.train.csm.cli import main as finetune
     from train_helpers import finetune_args, write_tiny_run
 
     tmp = tmp_path_factory.mktemp("patterns")

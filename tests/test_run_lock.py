@@ -77,7 +77,7 @@ def test_a_results_files_lock_names_the_file(tmp_path):
 RACER = """
 import os, sys, time
 from mlx_fused_lora.cli import main
-import mlx_fused_lora.train.csm_task  # everything imported before the start line
+import mlx_fused_lora.train.csm.task  # everything imported before the start line
 go = sys.argv[1]
 open(f"{go}.ready-{os.getpid()}", "w").close()
 while not os.path.exists(go):

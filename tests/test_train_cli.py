@@ -1,17 +1,15 @@
 """`mlx-fused-lora finetune` end to end on a tiny random CSM and a generated dataset."""
 
 import json
-import signal
 import subprocess
-import time
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_fused_lora.csm import load_csm
 from mlx_fused_lora.train.checkpoint import load_checkpoint
-from mlx_fused_lora.train.cli import build_parser, main
-from train_helpers import K, finetune_args, finetune_command, write_tiny_run
+from mlx_fused_lora.train.csm.cli import build_parser, main
+from train_helpers import K, finetune_args, finetune_command, kill_at_first_checkpoint, write_tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +110,7 @@ def test_trains_validates_checkpoints_and_saves(setup, tmp_path, mode, capsys):
     assert (out / "sample.npy").exists() and np.load(out / "sample.npy").shape[0] == K
     if mode == "lora":  # the Python API reads the saved adapters back, equal to the checkpoint's
         from mlx.utils import tree_flatten
-        from mlx_fused_lora.train.trainer import CSMLoRATrainer
+        from mlx_fused_lora.train.csm import CSMLoRATrainer
 
         trainer = CSMLoRATrainer(model, tmp_path / "again", tokenizer="byte", progress=False)
         trainer.load_lora_weights(out)
@@ -145,14 +143,7 @@ def test_sigkill_then_resume_gives_bitwise_equal_adapters(setup, tmp_path):
     subprocess.run(finetune_command(*_args(model, audio, ref, *common)), check=True, timeout=300)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(finetune_command(*_args(model, audio, killed, *common)))
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (killed / "checkpoints" / "latest").exists():
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_at_first_checkpoint(finetune_command(*_args(model, audio, killed, *common)), killed)
     _, _, state = load_checkpoint(killed)  # the last checkpoint is intact
     assert 0 < state["step"] < 40
     assert not (killed / "fine_tuned_model.safetensors").exists()

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlx_fused_lora.train.checkpoint import load_checkpoint
-from mlx_fused_lora.train.cli import build_parser, main
 from mlx_fused_lora.train.cli_args import apply_config_file
-from mlx_fused_lora.train.synthetic import write_synthetic_dataset
+from mlx_fused_lora.train.csm.cli import build_parser, main
+from mlx_fused_lora.train.csm.synthetic import write_synthetic_dataset
 from train_helpers import K, V, finetune_args, write_tiny_run
 
 

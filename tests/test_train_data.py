@@ -4,19 +4,19 @@ import wave
 
 import numpy as np
 import pytest
-from mlx_fused_lora.train.audio import read_wav, resample, write_wav
-from mlx_fused_lora.train.data import (
+from mlx_fused_lora.train.batching import batch_order
+from mlx_fused_lora.train.csm.audio import read_wav, resample, write_wav
+from mlx_fused_lora.train.csm.data import (
     DataSpec,
     Segment,
-    batch_order,
     build_dataset,
     build_sample,
     collate,
     frame_turn,
     split_train_val,
 )
-from mlx_fused_lora.train.synthetic import write_synthetic_dataset
-from mlx_fused_lora.train.tokenizer import ByteTokenizer, load_text_tokenizer
+from mlx_fused_lora.train.csm.synthetic import write_synthetic_dataset
+from mlx_fused_lora.train.csm.tokenizer import ByteTokenizer, load_text_tokenizer
 
 K, V = 8, 24
 SPEC = DataSpec(num_codebooks=K, audio_vocab_size=V, text_vocab_size=260, max_seq_len=256, context_turns=1)

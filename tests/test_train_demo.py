@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from mlx_fused_lora.cli import COMMANDS
 from mlx_fused_lora.train.checkpoint import load_checkpoint
-from mlx_fused_lora.train.demo import format_table, record
-from mlx_fused_lora.train.demo import main as demo_main
-from mlx_fused_lora.train.synthetic import small_csm_config, write_random_csm, write_synthetic_dataset
+from mlx_fused_lora.train.csm.demo import format_table, record
+from mlx_fused_lora.train.csm.demo import main as demo_main
+from mlx_fused_lora.train.csm.synthetic import small_csm_config, write_random_csm, write_synthetic_dataset
 from train_helpers import finetune_command, run_paths, write_tiny_run
 
 README_DEMO = "tested-by: tests/test_train_demo.py (the README demo command)"
@@ -33,7 +33,7 @@ def readme_demo_command() -> list[str]:
 def test_readme_demo_is_the_trainer_demo_and_the_loss_falls_for_both_layers(tmp_path, capsys):
     """The README's ``mlx-fused-lora demo``, with small settings appended (argparse keeps the
     last value): a header and a bar per run, the table, the JSON record, the loss falls."""
-    assert COMMANDS["demo"][0] == "mlx_fused_lora.train.demo" and "finetune" in COMMANDS
+    assert COMMANDS["demo"][0] == "mlx_fused_lora.train.csm.demo" and "finetune" in COMMANDS
     command = readme_demo_command()
     assert command[:2] == ["mlx-fused-lora", "demo"]
     out = tmp_path / "demo.json"
@@ -67,7 +67,7 @@ def test_readme_demo_is_the_trainer_demo_and_the_loss_falls_for_both_layers(tmp_
 
 def test_default_random_model_fits_the_default_dataset(tmp_path):
     """The synthetic helpers' defaults fit each other (issue 14: they did not)."""
-    from mlx_fused_lora.train.trainer import CSMLoRATrainer
+    from mlx_fused_lora.train.csm import CSMLoRATrainer
 
     model = write_random_csm(tmp_path / "model", small_csm_config(width=32, layers=1))
     audio = write_synthetic_dataset(tmp_path / "data", num_files=3)

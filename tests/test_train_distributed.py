@@ -1,22 +1,21 @@
 """Data-parallel fine-tuning under `mlx.launch -n 2` on localhost: both ranks end equal."""
 
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_fused_lora.csm import CSMConfig
-from mlx_fused_lora.train.synthetic import write_random_csm, write_synthetic_dataset
+from mlx_fused_lora.train.csm.synthetic import write_random_csm, write_synthetic_dataset
+from train_helpers import launcher
 
 SCRIPT = textwrap.dedent("""
     import sys
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_fused_lora.train.trainer import CSMLoRATrainer
+    from mlx_fused_lora.train.csm import CSMLoRATrainer
     model, audio, out = sys.argv[1:4]
     t = CSMLoRATrainer(model, out, tokenizer="byte", lora_dropout=0.1, learning_rate=5e-3, progress=False)
     t.prepare_data(audio, val_split=0.0)
@@ -27,12 +26,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _launcher():
-    exe = Path(sys.executable).parent / "mlx.launch"
-    return str(exe) if exe.exists() else shutil.which("mlx.launch")
-
-
-@pytest.mark.skipif(_launcher() is None, reason="mlx.launch not installed")
+@pytest.mark.skipif(launcher() is None, reason="mlx.launch not installed")
 def test_two_ranks_train_to_identical_adapters(tmp_path):
     model = write_random_csm(tmp_path / "model", CSMConfig.tiny(text_vocab_size=260))
     audio = write_synthetic_dataset(tmp_path / "data", num_files=4, num_codebooks=8, audio_vocab_size=24)
@@ -40,7 +34,7 @@ def test_two_ranks_train_to_identical_adapters(tmp_path):
     script.write_text(SCRIPT)
     out = tmp_path / "out"
     proc = subprocess.run(
-        [_launcher(), "-n", "2", "--python", sys.executable, str(script), str(model), str(audio), str(out)],
+        [launcher(), "-n", "2", "--python", sys.executable, str(script), str(model), str(audio), str(out)],
         capture_output=True,
         text=True,
         timeout=300,

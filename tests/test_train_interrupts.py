@@ -20,8 +20,8 @@ from train_helpers import Scale, finetune_args, write_tiny_run
 STALLED = """
 import sys, time
 from pathlib import Path
-from mlx_fused_lora.train import csm_task
-from mlx_fused_lora.train.cli import main
+from mlx_fused_lora.train.csm import task as csm_task
+from mlx_fused_lora.train.csm.cli import main
 
 ready, stage = Path(sys.argv[1]), sys.argv[2]
 

@@ -81,3 +81,18 @@ def test_the_loop_trains_a_plain_model_and_resumes_bit_for_bit(tmp_path):
     for k in a:
         assert np.array_equal(np.array(a[k]), np.array(b[k])), k
     assert second.losses == result.losses[10:]
+
+
+def test_a_report_line_every_n_steps(tmp_path, caplog):
+    """``report_every``: a log line of the step's metrics every N steps (mlx-lm's
+    --steps-per-report); no grad_norm in it when nothing is clipped (it would read 0)."""
+    model = _model()
+    optimizer = optim.Adam(learning_rate=0.01)
+    optimizer.init(model.trainable_parameters())
+    caplog.set_level("INFO", logger="mlx_fused_lora.train.loop")
+    settings = LoopSettings(steps=5, report_every=2)
+    train(model, optimizer, _loss, _batches, settings, aux_names=("mae",), progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mlx_fused_lora.train.loop"]
+    reports = [line for line in lines if line.startswith("step ") and "mae" in line]
+    assert [line.split(":")[0] for line in reports] == ["step 2", "step 4"]
+    assert reports[0].split(": ")[1].startswith("loss ") and "grad_norm" not in reports[0]

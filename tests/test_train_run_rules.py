@@ -10,13 +10,13 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx_fused_lora.csm import CSMConfig
-from mlx_fused_lora.train.audio import CodeRangeError, load_codes
 from mlx_fused_lora.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-from mlx_fused_lora.train.cli import main
-from mlx_fused_lora.train.data import DataMismatchError, DataSpec, build_dataset
+from mlx_fused_lora.train.csm.audio import CodeRangeError, load_codes
+from mlx_fused_lora.train.csm.cli import main
+from mlx_fused_lora.train.csm.data import DataMismatchError, DataSpec, build_dataset
+from mlx_fused_lora.train.csm.synthetic import write_random_csm
+from mlx_fused_lora.train.csm.tokenizer import ByteTokenizer
 from mlx_fused_lora.train.loop import LoopSettings, NonFiniteLossError, train
-from mlx_fused_lora.train.synthetic import write_random_csm
-from mlx_fused_lora.train.tokenizer import ByteTokenizer
 from train_helpers import K, Scale, V, finetune_command, write_tiny_run
 from train_helpers import finetune_args as _args
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 from mlx_fused_lora.train.checkpoint import load_checkpoint, resolve_checkpoint
-from mlx_fused_lora.train.cli import main
+from mlx_fused_lora.train.csm.cli import main
 from train_helpers import finetune_args, write_tiny_run
 
 

@@ -20,10 +20,10 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from mlx_audio.codec.models.mimi.mimi import Mimi  # noqa: E402
 from mlx_fused_lora.csm import CSMConfig  # noqa: E402
-from mlx_fused_lora.train.audio import MIMI_CONFIG_KEY, MimiCodec, save_mimi, write_wav  # noqa: E402
-from mlx_fused_lora.train.cli import main  # noqa: E402
-from mlx_fused_lora.train.synthetic import random_mimi, write_random_csm  # noqa: E402
-from mlx_fused_lora.train.trainer import CSMLoRATrainer  # noqa: E402
+from mlx_fused_lora.train.csm import CSMLoRATrainer  # noqa: E402
+from mlx_fused_lora.train.csm.audio import MIMI_CONFIG_KEY, MimiCodec, save_mimi, write_wav  # noqa: E402
+from mlx_fused_lora.train.csm.cli import main  # noqa: E402
+from mlx_fused_lora.train.csm.synthetic import random_mimi, write_random_csm  # noqa: E402
 from train_helpers import run_paths  # noqa: E402
 
 K = 8  # codebooks, the tiny CSM's and the tiny Mimi's

@@ -1,11 +1,16 @@
-"""What the finetune CLI tests share: a tiny random CSM with synthetic data that fits it, and the command lines that run it."""
+"""What the training tests share: a tiny random CSM with synthetic data that fits it, the command lines that run it, a kill at the first checkpoint, mlx.launch."""
 
+import shutil
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_fused_lora.csm import CSMConfig
-from mlx_fused_lora.train.synthetic import write_random_csm, write_synthetic_dataset
+from mlx_fused_lora.train.csm.synthetic import write_random_csm, write_synthetic_dataset
 
 K, V = 8, 24  # the tiny CSM's codebooks and audio vocabulary, which the synthetic codes fit
 
@@ -54,3 +59,22 @@ class Scale(nn.Module):
 
     def __call__(self, x):
         return x * self.w
+
+
+def kill_at_first_checkpoint(command, folder) -> None:
+    """Start ``command`` (a training run into ``folder``) and SIGKILL it as soon as its first
+    checkpoint is there, as a power loss would."""
+    proc = subprocess.Popen(command)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (folder / "checkpoints" / "latest").exists():
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def launcher():
+    """``mlx.launch`` beside this Python, or on PATH; None without it."""
+    exe = Path(sys.executable).parent / "mlx.launch"
+    return str(exe) if exe.exists() else shutil.which("mlx.launch")

@@ -14,16 +14,19 @@ from .run_lock import FolderInUseError
 
 COMMANDS = {
     "demo": (
-        "mlx_fused_lora.train.demo",
+        "mlx_fused_lora.train.csm.demo",
         "fine-tune a tiny random CSM with fused and with plain LoRA layers: speed, memory, loss",
     ),
     "example": (
         "mlx_fused_lora.train.example",
         "write a tiny model, tokenizer, codec and dataset that fit, and print the finetune command for them",
     ),
-    "finetune": ("mlx_fused_lora.train.cli", "LoRA fine-tuning of CSM on audio + transcripts (checkpoints, resume)"),
+    "finetune": (
+        "mlx_fused_lora.train.csm.cli",
+        "LoRA fine-tuning of CSM on audio + transcripts (checkpoints, resume)",
+    ),
     "generate": (
-        "mlx_fused_lora.train.generate",
+        "mlx_fused_lora.train.csm.generate",
         "speech from a CSM with named adapters (one per voice, stacked or weighted) on one loaded base",
     ),
     "layer-demo": ("mlx_fused_lora.bench.layer_demo", "the fused LoRA layer against the plain one: speed and memory"),

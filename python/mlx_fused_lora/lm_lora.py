@@ -1,4 +1,4 @@
-"""mlx-lm's LoRA trainer and CLI on fused layers.
+"""mlx-lm's LoRA trainer and CLI on fused layers, and preference training (DPO, ORPO) beside it.
 
 ``python -m mlx_fused_lora.lm_lora --model ... --train --data ...`` takes exactly
 ``mlx_lm.lora``'s arguments; every linear layer mlx-lm would wrap in its
@@ -12,6 +12,10 @@ its LoRA settings and where they are saved), ``--rank-schedule`` (a rank that gr
 training, `layers.growth`) and ``--convert-to-lora`` (a PiSSA / OLoRA adapter written as plain
 LoRA of the original weights). While the command runs, mlx-lm's ``linear_to_lora_layers`` is
 ours (`layers.convert`, which reads those keys), also for ``--test``'s ``load_adapters``.
+
+``--train-mode`` (mlx-lm-lora's flag, on the command line or as ``train_mode`` in the ``-c``
+file) picks the trainer: ``sft`` (the default) is mlx-lm's, exactly as without the flag;
+``dpo`` and ``orpo`` are `train.preference` on the generic loop (`train.preference.cli`).
 """
 
 import contextlib
@@ -250,14 +254,52 @@ def _our_lora_options(lora_module):
             setattr(module, name, value)
 
 
+PREFERENCE_MODES = ("dpo", "orpo")
+
+
+def train_mode(argv) -> tuple[str, list[str]]:
+    """``(mode, argv for its trainer)``: ``--train-mode`` from the command line, else the ``-c``
+    file's ``train_mode``, else ``sft``; the flag is taken out of what mlx-lm's parser gets."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --train is mlx-lm's own flag
+    pre.add_argument("--train-mode", default=None)
+    pre.add_argument("-c", "--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    mode = known.train_mode
+    if mode is None and known.config is not None:
+        try:
+            import yaml
+
+            with open(known.config) as f:
+                config = yaml.safe_load(f)
+            mode = config.get("train_mode") if isinstance(config, dict) else None
+        except (OSError, ValueError):  # the trainer's own parser says what is wrong with the file
+            mode = None
+    mode = str(mode or "sft")
+    if mode in PREFERENCE_MODES:
+        return mode, list(argv)
+    if mode != "sft":
+        choices = ", ".join(("sft", *PREFERENCE_MODES))
+        raise SystemExit(
+            f"python -m mlx_fused_lora.lm_lora: error: argument --train-mode: expected one of {choices}, got {mode!r}"
+        )
+    config = ["-c", known.config] if known.config is not None else []
+    return mode, config + rest
+
+
 def main(argv=None):
-    """Run mlx_lm.lora's CLI on fused layers; ``argv`` defaults to ``sys.argv[1:]``."""
+    """Run mlx_lm.lora's CLI on fused layers (or, with ``--train-mode dpo|orpo``, preference
+    training); ``argv`` defaults to ``sys.argv[1:]``."""
+    mode, argv = train_mode(list(sys.argv[1:] if argv is None else argv))
+    if mode in PREFERENCE_MODES:
+        from .train.preference.cli import main as preference_main
+
+        return preference_main(argv)
     patch_mlx_lm()
     from mlx_lm import lora
 
     with _our_lora_options(lora):
-        if argv is None:
-            return lora.main()
         # mlx_lm.lora.main() parses sys.argv; lend it argv and give the caller's back.
         saved = sys.argv
         sys.argv = [saved[0] if saved else "mlx_fused_lora.lm_lora", *argv]
@@ -269,7 +311,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(main())
     except ImportError as e:  # no mlx-lm: one line saying what to install
         print(f"python -m mlx_fused_lora.lm_lora: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,11 +1,11 @@
-"""Flag plumbing for ``finetune``: one-line errors, each default shown once, a YAML config file, range checks."""
+"""Flag plumbing for the training commands: one-line errors, each default shown once, a YAML config file, range checks."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .settings import finite_float32
+from .plan import finite_float32
 
 __all__ = [
     "OneLineErrorParser",
@@ -13,7 +13,9 @@ __all__ = [
     "pattern_entry",
     "add_start_and_growth_flags",
     "apply_config_file",
-    "check_args",
+    "need",
+    "check_at_least",
+    "check_number",
 ]
 
 
@@ -104,6 +106,11 @@ def _convert(parser, action, key: str, value, path: Path):
         if not isinstance(value, bool):
             bad(f"expected true or false, got {value!r}")
         return value
+    if isinstance(value, dict) and getattr(action.type, "accepts_mapping", False):
+        try:
+            return action.type(value)  # a flag whose value is a mapping in YAML (mlx-lm's lora_parameters)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            bad(str(e))
     if isinstance(value, (dict, list)) or isinstance(value, bool):
         bad(f"expected a single {getattr(action.type, '__name__', 'string')}, got {value!r}")
     kind = action.type or str
@@ -139,7 +146,8 @@ def _unique_keys_loader(yaml):
 def apply_config_file(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     """Parse ``argv`` with the values of ``-c/--config FILE`` as defaults (flags win).
 
-    Keys are the flags' names, with ``_`` or ``-`` (``lora_r``, ``learning-rate``); an
+    Keys are the flags' names, with ``_`` or ``-`` (``lora_r``, ``learning-rate``; a flag's
+    other spellings too, e.g. mlx-lm-lora's ``train_type`` for ``--fine-tune-type``); an
     unknown key or a value of the wrong type is an error naming the file and the key.
     """
     pre = argparse.ArgumentParser(add_help=False)
@@ -161,15 +169,21 @@ def apply_config_file(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
         data = {}
     if not isinstance(data, dict):
         parser.error(f"config file {path}: expected a mapping of flag names to values, got {type(data).__name__}")
-    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    actions = {
+        name.lstrip("-").replace("-", "_"): a
+        for a in parser._actions
+        if a.option_strings and a.dest not in ("help", "config")
+        for name in a.option_strings
+    }
     defaults, keys = {}, {}
     for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        action = actions.get(dest)
+        action = actions.get(str(key).replace("-", "_"))
+        dest = action.dest if action is not None else None
         if action is None:
-            parser.error(f"config file {path}: unknown key {key!r} (keys are the flags' names, e.g. lora_r)")
+            example = next((k for k in actions if "_" in k), next(iter(actions)))
+            parser.error(f"config file {path}: unknown key {key!r} (keys are the flags' names, e.g. {example})")
         if dest in keys:  # lora_r and lora-r: which one was meant is not for us to guess
-            parser.error(f"config file {path}: keys {keys[dest]!r} and {key!r} both give {action.option_strings[-1]}")
+            parser.error(f"config file {path}: keys {keys[dest]!r} and {key!r} both give {action.option_strings[0]}")
         keys[dest] = key
         if action.nargs in ("+", "*"):
             if isinstance(value, dict):  # a pattern map ({v_proj: 4}) as its PATTERN=VALUE flags
@@ -183,41 +197,40 @@ def apply_config_file(parser: argparse.ArgumentParser, argv) -> argparse.Namespa
     return parser.parse_args(argv)
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Range checks naming the flag (``parser.error``: one line, exit status 2)."""
+def need(parser: argparse.ArgumentParser, ok: bool, flag: str, rule: str, value) -> None:
+    """``parser.error`` (one line, exit status 2) naming ``flag``, the ``rule`` and the value, unless ``ok``."""
+    if not ok:
+        parser.error(f"argument {flag}: must be {rule}, got {value!r}")
 
-    def need(ok: bool, flag: str, rule: str, value):
-        if not ok:
-            parser.error(f"argument {flag}: must be {rule}, got {value!r}")
 
-    for flag in ("--batch-size", "--lora-r", "--grad-accumulation-steps", "--max-seq-len"):
-        v = getattr(args, flag[2:].replace("-", "_"))
-        need(v >= 1, flag, ">= 1", v)
-    for flag in ("--context-turns", "--val-every", "--save-every", "--speaker-id"):
-        v = getattr(args, flag[2:].replace("-", "_"))
-        need(v >= 0, flag, ">= 0", v)
-    if args.warmup_steps is not None:
-        need(args.warmup_steps >= 0, "--warmup-steps", ">= 0", args.warmup_steps)
-    if args.max_steps is not None:
-        need(args.max_steps >= 1, "--max-steps", ">= 1", args.max_steps)
-    else:
-        need(args.epochs >= 1, "--epochs", ">= 1 when --max-steps is not given", args.epochs)
+def _value(args: argparse.Namespace, flag: str):
+    return getattr(args, flag.lstrip("-").replace("-", "_"))
 
-    def finite(flag: str, low: float, *, open_low=False, high=None, open_high=True):
-        v = getattr(args, flag[2:].replace("-", "_"))
-        ok = finite_float32(v) and (v > low if open_low else v >= low)
-        if high is not None:
-            ok = ok and (v < high if open_high else v <= high)
-        rule = f"a finite (float32) number {'>' if open_low else '>='} {low}"
-        if high is not None:
-            rule += f" and {'<' if open_high else '<='} {high}"
-        need(ok, flag, rule, v)
 
-    finite("--learning-rate", 0.0, open_low=True)
-    finite("--lora-alpha", 0.0, open_low=True)
-    finite("--lora-dropout", 0.0, high=1.0)
-    finite("--weight-decay", 0.0)
-    finite("--max-grad-norm", 0.0)
-    finite("--val-split", 0.0, high=1.0)
-    finite("--decoder-fraction", 0.0, open_low=True, high=1.0, open_high=False)
-    return args
+def check_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, low: int, *flags: str) -> None:
+    """Each of ``flags`` (unless left None) at least ``low``."""
+    for flag in flags:
+        v = _value(args, flag)
+        if v is not None:
+            need(parser, v >= low, flag, f">= {low}", v)
+
+
+def check_number(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    flag: str,
+    low: float,
+    *,
+    open_low: bool = False,
+    high: float | None = None,
+    open_high: bool = True,
+) -> None:
+    """``flag``'s value a finite float32 number in the range the bounds give."""
+    v = _value(args, flag)
+    ok = finite_float32(v) and (v > low if open_low else v >= low)
+    if high is not None:
+        ok = ok and (v < high if open_high else v <= high)
+    rule = f"a finite (float32) number {'>' if open_low else '>='} {low}"
+    if high is not None:
+        rule += f" and {'<' if open_high else '<='} {high}"
+    need(parser, ok, flag, rule, v)

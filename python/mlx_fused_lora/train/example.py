@@ -17,8 +17,8 @@ The tokenizer needs the ``tokenizers`` package and the Mimi needs mlx-audio; bot
 ``pip install ".[audio]"``. Without them the example falls back to what needs neither: the
 byte tokenizer (``--tokenizer byte``) and pre-encoded codes (``data/audio/clip_000.npy``),
 and ``finetune`` then writes the sample as codes (``sample.npy``) instead of ``sample.wav``.
-The printed command always matches what was written. ``--llm`` writes a tiny mlx-lm Llama
-and SFT data instead (`lm_example`) and prints the ``lm_lora`` command.
+The printed command always matches what was written. ``--llm`` writes a tiny mlx-lm Llama,
+SFT chats and preference pairs instead (`lm_example`) and prints the ``lm_lora`` commands.
 
 Every argument is checked before anything is written, each bad one refused in one line
 naming it, what was expected and what was given. The files are written into a temporary
@@ -35,32 +35,17 @@ import shlex
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli_args import DefaultsOnceFormatter, OneLineErrorParser
+from .csm.example import Example, example_paths, finetune_command, write_csm_example
 
 __all__ = ["Example", "write_example", "finetune_command", "check_arguments", "main"]
 
-# The example's training run: enough steps for the loss to fall visibly, seconds on 2 cores.
-TRAIN_FLAGS = ["--max-steps", "40", "--batch-size", "4", "--learning-rate", "2e-3", "--val-every", "20"]
-SAMPLE_PROMPT = "hello there"
 # What an example folder may hold: the entries `write_example` writes (CSM or LLM).
-EXAMPLE_ENTRIES = {"data", "model", "mimi.safetensors"}
+EXAMPLE_ENTRIES = {"data", "model", "mimi.safetensors", "preference"}
 FORMATS = ("wav", "codes", "mixed")
 MAX_FILES = 10_000
-
-
-@dataclass
-class Example:
-    """What `write_example` wrote (paths under its root)."""
-
-    root: Path
-    model: Path
-    audio: Path
-    tokenizer: str | Path  # tokenizer.json beside the model, or "byte"
-    codec: Path | None
-    files: list[Path] = field(default_factory=list)
 
 
 def _have(module: str) -> bool:
@@ -176,73 +161,34 @@ def write_example(
     *,
     overwrite: bool = False,
 ) -> Example:
-    """Write the example under ``root`` (created; must be new or empty, or hold an earlier
-    example with ``overwrite``).
+    """Write the CSM example under ``root`` (created; must be new or empty, or hold an earlier
+    example with ``overwrite``); see `csm.example.write_csm_example` for what it holds.
 
-    ``audio_format``: ``"wav"``, ``"codes"`` or ``"mixed"`` (see `write_synthetic_dataset`);
-    default ``"wav"`` when mlx-audio is installed, else ``"codes"``. ``data_only``: just
-    ``root/data``. ``width``: the backbone width (the decoder is half). Arguments are
-    checked first (`check_arguments`); the files appear all at once (`publish`).
+    ``audio_format``: ``"wav"``, ``"codes"`` or ``"mixed"``; default ``"wav"`` when mlx-audio
+    is installed, else ``"codes"``. ``data_only``: just ``root/data``. ``width``: the
+    backbone width (the decoder is half). Arguments are checked first (`check_arguments`);
+    the files appear all at once (`publish`).
     """
-    from .synthetic import (
-        WORDS,
-        small_csm_config,
-        write_bpe_tokenizer,
-        write_random_csm,
-        write_random_mimi,
-        write_synthetic_dataset,
-    )
-
     audio_format = check_arguments(root, num_files, audio_format, data_only, width, seed, overwrite=overwrite)
-    root = Path(root)
-    example = Example(root, root / "model", root / "data" / "audio", "byte", None)
     with_tokenizer, with_mimi = _have("tokenizers"), _have("mlx_audio")
-
-    def write(stage: Path) -> None:
-        # codes below 2048, Mimi's codebook size, so a sample decodes without clamping
-        write_synthetic_dataset(
-            stage / "data", num_files, 32, 2048, (24, 40), (3, 6), seed=seed, audio_format=audio_format
-        )
-        if data_only:
-            return
-        text_vocab = None
-        if with_tokenizer:
-            (stage / "model").mkdir()
-            texts = [f"[0]{w}" for w in WORDS] + [" ".join(WORDS), f"[0]{SAMPLE_PROMPT}"]
-            text_vocab = write_bpe_tokenizer(stage / "model" / "tokenizer.json", texts)
-        config = small_csm_config(width, 2, **({"text_vocab_size": text_vocab} if text_vocab else {}))
-        write_random_csm(stage / "model", config, seed=seed)
-        if with_mimi:
-            write_random_mimi(stage / "mimi.safetensors", seed=seed)
-
-    example.files = publish(root, write, overwrite)
-    if not data_only:
-        if with_tokenizer:
-            example.tokenizer = example.model / "tokenizer.json"
-        if with_mimi:
-            example.codec = root / "mimi.safetensors"
-    return example
-
-
-def finetune_command(example: Example, output_dir: str | Path | None = None) -> list[str]:
-    """The ``mlx-fused-lora finetune`` argv that trains on ``example`` and writes a sample."""
-    cmd = ["mlx-fused-lora", "finetune", "--model-path", str(example.model), "--audio-dir", str(example.audio)]
-    cmd += ["--output-dir", str(output_dir or example.root / "out")]
-    if example.tokenizer == "byte":
-        cmd += ["--tokenizer", "byte"]
-    if example.codec is not None:
-        cmd += ["--codec-path", str(example.codec)]
-    return cmd + TRAIN_FLAGS + ["--generate-samples", "--sample-prompt", SAMPLE_PROMPT]
+    files = publish(
+        Path(root),
+        lambda stage: write_csm_example(
+            stage, num_files, audio_format, data_only, width, seed, with_tokenizer, with_mimi
+        ),
+        overwrite,
+    )
+    return example_paths(Path(root), data_only, with_tokenizer, with_mimi, files)
 
 
 def write_llm_example(root, num_files=32, data_only=False, width=64, seed=0, *, overwrite=False):
     """The LLM example (`lm_example.write_lm_example`), checked and published as `write_example`'s."""
-    from .lm_example import LmExample, write_lm_example
+    from .lm_example import lm_example_at, write_lm_example
 
     check_arguments(root, num_files, None, data_only, width, seed, overwrite=overwrite, llm=True)
     root = Path(root)
     files = publish(root, lambda stage: write_lm_example(stage, num_files, width, seed, data_only), overwrite)
-    return LmExample(root, root / "model", root / "data", files)
+    return lm_example_at(root, files)
 
 
 def _print_csm(ex: Example, data_only: bool) -> None:
@@ -259,15 +205,18 @@ def _print_csm(ex: Example, data_only: bool) -> None:
 
 
 def _print_llm(ex, data_only: bool) -> None:
-    from .lm_example import lm_lora_command
+    from .lm_example import lm_lora_command, preference_command
 
     print(f"wrote {len(ex.files)} files under {ex.root}:")
     if not data_only:
         print(f"  model      {ex.model} (random mlx-lm Llama, byte-level BPE tokenizer with a chat template)")
     print(f"  dataset    {ex.data} (train.jsonl, valid.jsonl, test.jsonl: chats in mlx-lm's format)")
+    print(f"  pairs      {ex.preference} (train.jsonl, valid.jsonl: prompt, chosen, rejected)")
     if not data_only:
         print("\nfine-tune it with LoRA through mlx-lm's trainer on fused layers:\n")
         print("  " + shlex.join(lm_lora_command(ex)))
+        print("\nor with DPO on the pairs (its reference: the same model, adapters off):\n")
+        print("  " + shlex.join(preference_command(ex)))
 
 
 def main(argv=None) -> int:
@@ -275,18 +224,20 @@ def main(argv=None) -> int:
         prog="mlx-fused-lora example",
         description="Write a tiny random CSM, a tokenizer, a tiny random Mimi and a small dataset that fit "
         "each other, and print the finetune command that trains a LoRA adapter on them and writes a sample "
-        "(with --llm: a tiny mlx-lm Llama and chat data, and the lm_lora command). No downloads.",
+        "(with --llm: a tiny mlx-lm Llama, chat data and preference pairs, and the lm_lora commands). No downloads.",
         formatter_class=DefaultsOnceFormatter,
     )
     p.add_argument("dir", help="directory to write (new or empty)")
     p.add_argument(
-        "--llm", action="store_true", help="a tiny mlx-lm Llama, tokenizer and SFT chats for lm_lora (needs [lm])"
+        "--llm",
+        action="store_true",
+        help="a tiny mlx-lm Llama, tokenizer, SFT chats and preference pairs for lm_lora (needs [lm])",
     )
     p.add_argument(
         "--files",
         type=int,
         default=None,
-        help="recordings in the dataset (each becomes two turns) (default: 16; with --llm: training chats, default 32)",
+        help="recordings in the dataset (each becomes two turns) (default: 16; with --llm: training chats and pairs, default 32)",
     )
     p.add_argument(
         "--format",

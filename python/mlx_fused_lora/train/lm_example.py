@@ -1,6 +1,7 @@
 """``mlx-fused-lora example --llm DIR``: a tiny random Llama that ``mlx_lm.load`` takes
-offline, with a tokenizer and SFT data, and the ``python -m mlx_fused_lora.lm_lora``
-command that fine-tunes it on fused layers; no downloads.
+offline, with a tokenizer, SFT data and preference data, and the ``python -m
+mlx_fused_lora.lm_lora`` commands that fine-tune it on fused layers (SFT, then DPO); no
+downloads.
 
 What ``DIR`` gets::
 
@@ -13,13 +14,14 @@ What ``DIR`` gets::
       data/train.jsonl             SFT chats in mlx-lm's format ({"messages": [...]});
       data/valid.jsonl             valid and test a quarter of train's size each
       data/test.jsonl
+      preference/train.jsonl       preference pairs as mlx-lm-lora's DPO reads them
+      preference/valid.jsonl       ({"prompt", "chosen", "rejected"}), valid a quarter of train
 
 The datasets are named writers in `DATASETS`, each with its own folder under ``DIR``
-(the SFT chats in ``data/``, mlx-lm's usual name) and drawing on the same small
-vocabulary the tokenizer was trained on, so another training task adds its set beside
-the SFT one (a preference set of ``prompt``/``chosen``/``rejected`` rows, as
-mlx-lm-lora's DPO reads, is the next) without touching the model writer. mlx-lm builds
-the model (``mlx_lm.models.llama``): it is what the command trains with anyway.
+(the SFT chats in ``data/``, mlx-lm's usual name; the pairs in ``preference/``) and
+drawing on the same small vocabulary the tokenizer was trained on, so another training
+task adds its set beside them without touching the model writer. mlx-lm builds the model
+(``mlx_lm.models.llama``): it is what the command trains with anyway.
 """
 
 from __future__ import annotations
@@ -28,9 +30,18 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .synthetic import BOS, EOS, WORDS, write_bpe_tokenizer
+from .tiny_tokenizer import BOS, EOS, WORDS, write_bpe_tokenizer
 
-__all__ = ["LmExample", "DATASETS", "write_lm_example", "lm_lora_command", "LLM_WIDTHS", "TRAIN_FLAGS"]
+__all__ = [
+    "LmExample",
+    "DATASETS",
+    "lm_example_at",
+    "write_lm_example",
+    "lm_lora_command",
+    "preference_command",
+    "LLM_WIDTHS",
+    "TRAIN_FLAGS",
+]
 
 START, END, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"  # Llama-3's chat markers
 CHAT_TEMPLATE = (
@@ -42,6 +53,8 @@ LLM_WIDTHS = (16, 1024)  # hidden sizes allowed: multiples of 16 (4 heads of an 
 # The example's training run: a handful of steps, seconds on 2 cores.
 TRAIN_FLAGS = ["--iters", "20", "--batch-size", "4", "--num-layers", str(LAYERS), "--learning-rate", "2e-3"]
 TRAIN_FLAGS += ["--steps-per-report", "5", "--steps-per-eval", "10", "--val-batches", "2"]
+PREFERENCE_FLAGS = ["--iters", "30", "--batch-size", "4", "--num-layers", str(LAYERS), "--learning-rate", "1e-3"]
+PREFERENCE_FLAGS += ["--steps-per-report", "10", "--steps-per-eval", "15", "--val-batches", "2"]
 
 
 @dataclass
@@ -52,6 +65,7 @@ class LmExample:
     model: Path
     data: Path
     files: list[Path] = field(default_factory=list)
+    preference: Path | None = None
 
 
 def _chat(i: int) -> list[dict]:
@@ -78,9 +92,31 @@ def write_sft_data(data: Path, samples: int) -> list[Path]:
     return written
 
 
+REFUSAL = "i do not know"  # every pair's rejected answer
+
+
+def _pair(i: int) -> dict:
+    """Pair ``i``: asked for the words after one of `WORDS`, the next three (what the SFT chats
+    answer) are preferred to a refusal."""
+    chat = _chat(i)
+    return {"prompt": chat[0]["content"], "chosen": chat[1]["content"], "rejected": REFUSAL}
+
+
+def write_preference_data(folder: Path, samples: int) -> list[Path]:
+    """``train.jsonl`` (``samples`` pairs) and ``valid.jsonl`` (a quarter) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    held_out = max(2, samples // 4)
+    written = []
+    for name, indices in {"train": range(samples), "valid": range(samples, samples + held_out)}.items():
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(_pair(i)) + "\n" for i in indices))
+        written.append(path)
+    return written
+
+
 # name -> (its folder under the example's root, writer(folder, samples)): the datasets an
-# LLM example can carry
-DATASETS = {"sft": ("data", write_sft_data)}
+# LLM example carries
+DATASETS = {"sft": ("data", write_sft_data), "preference": ("preference", write_preference_data)}
 
 
 def _write_tokenizer(model: Path) -> dict[str, int]:
@@ -88,7 +124,7 @@ def _write_tokenizer(model: Path) -> dict[str, int]:
     and the ``tokenizer_config.json`` transformers reads. Returns the special tokens' ids."""
     from tokenizers import AddedToken, Tokenizer
 
-    texts = list(WORDS) + [f"what comes after {w}?" for w in WORDS] + [" ".join(WORDS)]
+    texts = list(WORDS) + [f"what comes after {w}?" for w in WORDS] + [" ".join(WORDS), REFUSAL]
     write_bpe_tokenizer(model / "tokenizer.json", texts)
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     tok.add_special_tokens([AddedToken(t, special=True) for t in (START, END, EOT)])
@@ -132,13 +168,23 @@ def _write_llama(model: Path, width: int, seed: int, tokens: dict[str, int]) -> 
     (model / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def lm_example_at(root: Path, files=()) -> LmExample:
+    """The `LmExample` rooted at ``root`` (its files: ``files``)."""
+    return LmExample(root, root / "model", root / DATASETS["sft"][0], list(files), root / DATASETS["preference"][0])
+
+
 def write_lm_example(
-    root: str | Path, samples: int = 32, width: int = 64, seed: int = 0, data_only: bool = False, datasets=("sft",)
+    root: str | Path,
+    samples: int = 32,
+    width: int = 64,
+    seed: int = 0,
+    data_only: bool = False,
+    datasets=tuple(DATASETS),
 ) -> LmExample:
     """Write the LLM example into directory ``root`` (created; the caller checks arguments
     and publishes it, see `example.write_example`)."""
     root = Path(root)
-    example = LmExample(root, root / "model", root / "data")
+    example = lm_example_at(root)
     if not data_only:
         example.model.mkdir(parents=True)
         _write_llama(example.model, width, seed, _write_tokenizer(example.model))
@@ -154,3 +200,11 @@ def lm_lora_command(example: LmExample, adapter_path: str | Path | None = None) 
     cmd = ["python", "-m", "mlx_fused_lora.lm_lora", "--model", str(example.model), "--train"]
     cmd += ["--data", str(example.data), "--adapter-path", str(adapter_path or example.root / "adapters")]
     return cmd + TRAIN_FLAGS
+
+
+def preference_command(example: LmExample, mode: str = "dpo", adapter_path: str | Path | None = None) -> list[str]:
+    """The ``python -m mlx_fused_lora.lm_lora --train-mode dpo`` (or ``orpo``) argv that trains
+    ``example``'s model on its preference pairs."""
+    cmd = ["python", "-m", "mlx_fused_lora.lm_lora", "--train-mode", mode, "--model", str(example.model), "--train"]
+    cmd += ["--data", str(example.preference), "--adapter-path", str(adapter_path or example.root / mode)]
+    return cmd + PREFERENCE_FLAGS

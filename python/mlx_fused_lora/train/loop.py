@@ -16,7 +16,7 @@ validation and metrics come in as hooks; the loop owns the order of events:
 3. a non-finite loss stops the run (`NonFiniteLossError`, naming the newest good
    checkpoint); the trained tensors are checked before every checkpoint, so none holds
    a NaN;
-4. metrics, progress (tqdm), validation every ``val_every`` steps, a checkpoint every
+4. metrics (a log line every ``report_every`` steps too), progress (tqdm), validation every ``val_every`` steps, a checkpoint every
    ``save_every`` steps and always at the end; Ctrl-C finishes the step, checkpoints and
    returns with ``interrupted=True`` (a second Ctrl-C waits for that checkpoint: interrupt.py).
 """
@@ -66,6 +66,9 @@ class LoopSettings:
     seed: int = 0
     val_every: int = 0  # 0: validate only at the end
     save_every: int = 0  # 0: checkpoint only at the end
+    report_every: int = (
+        0  # a log line of the step's metrics every N steps (0: none; the bar and metrics.jsonl have them)
+    )
 
 
 @dataclass
@@ -271,6 +274,9 @@ def train(
             )
             if metrics is not None:
                 metrics.write(entry)
+            if s.report_every and done % s.report_every == 0 and world.is_main:
+                shown = {k: v for k, v in entry.items() if k != "step" and (k != "grad_norm" or s.max_grad_norm > 0)}
+                log.info("step %d: %s", done, ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
             result.losses.append((done, loss))
             result.steps, result.final_loss = done, loss
             bar.update(1)

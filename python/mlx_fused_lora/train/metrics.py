@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["MetricsLog", "recorded_losses"]
+__all__ = ["MetricsLog", "recorded_losses", "METRICS", "LOSS_CURVE"]
+
+METRICS = "metrics.jsonl"  # a run's metrics, in its output folder
+LOSS_CURVE = "loss_curve.png"  # and its loss curve (`MetricsLog.plot`)
 
 
 def recorded_losses(path: str | Path, step: int) -> tuple[float | None, float | None]:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,12 +38,10 @@ from .checkpoint import (
     list_checkpoints,
     resolve_checkpoint,
 )
-from .outputs import previous_outputs
 
 __all__ = [
     "OutputDirError",
     "ResumeMismatchError",
-    "MUST_MATCH",
     "output_dir_lock",
     "check_resume_from",
     "recorded_state",
@@ -53,21 +52,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# settings a resumed run must share with its checkpoint: they fix what the adapters are
-MUST_MATCH = (
-    "lora_r",
-    "lora_alpha",
-    "target_modules",
-    "target_layers",
-    "lora_bias",
-    "init_lora_weights",
-    "rank_pattern",
-    "alpha_pattern",
-    "rank_schedule",
-)
-# settings that only steer the optimization: a change is stated, not refused
-_FLAG = {k: "--" + k.replace("_", "-") for k in MUST_MATCH if k != "lora_bias"}
 
 
 class OutputDirError(ValueError):
@@ -125,8 +109,11 @@ def recorded_state(resume_from: Path) -> dict | None:
     return {**state, "checkpoint_dir": str(ckpt)}
 
 
-def prepare_output_dir(output_dir: Path, resume_from: Path | None, overwrite: bool, is_main: bool) -> None:
-    """Check (every rank) and set up (the main rank) ``output_dir`` for a run."""
+def prepare_output_dir(
+    output_dir: Path, resume_from: Path | None, overwrite: bool, is_main: bool, output_names: Sequence[str] = ()
+) -> None:
+    """Check (every rank) and set up (the main rank) ``output_dir`` for a run; ``--overwrite``
+    deletes an earlier run's checkpoints and its outputs, the files ``output_names`` names."""
     check_resume_from(resume_from)
     _check_not_a_file(output_dir)
     ckpt_root = output_dir / "checkpoints"
@@ -159,7 +146,7 @@ def prepare_output_dir(output_dir: Path, resume_from: Path | None, overwrite: bo
     if stale:
         log.info("removed %d leftovers of interrupted writes: %s", len(stale), ", ".join(p.name for p in stale))
     if existing and overwrite and not resuming_here:
-        outputs = previous_outputs(output_dir)
+        outputs = [output_dir / n for n in output_names if (output_dir / n).is_file()]
         for p in existing:
             shutil.rmtree(p)
         (ckpt_root / LATEST).unlink(missing_ok=True)
@@ -196,26 +183,29 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def check_resume(state: dict, settings: dict, model: dict, run: dict) -> list[str]:
+def check_resume(
+    state: dict, settings: dict, model: dict, run: dict, must_match: dict[str, str], model_flag: str
+) -> list[str]:
     """Refuse a checkpoint made for other adapters or another model; return the other changes.
 
-    ``state`` is the checkpoint's trainer state; ``settings`` this run's `TrainSettings`
-    as a dict; ``model`` its `model_record`; ``run`` this run's ``total_steps``,
-    ``batch_size``, ``world_size`` and ``num_train_samples``.
+    ``state`` is the checkpoint's trainer state; ``settings`` this run's settings as a
+    dict; ``model`` its `model_record`; ``run`` this run's ``total_steps``, ``batch_size``,
+    ``world_size`` and ``num_train_samples``; ``must_match`` maps each setting that fixes
+    what the adapters are (a change is refused) to the flag that sets it; ``model_flag`` is the
+    flag naming the base model.
     """
     ckpt = state.get("checkpoint_dir", "the checkpoint")
     old = state.get("settings", {})
     refused = []
-    for k in MUST_MATCH:
+    for k, flag in must_match.items():
         if k in old and not _same(old[k], settings.get(k)):
-            flag = _FLAG.get(k, k)
             refused.append(f"{flag} {settings.get(k)} (the checkpoint has {old[k]})")
     old_model = state.get("model")
     if old_model is not None:
         if old_model.get("config") != model["config"]:
             refused.append("the model's config (architecture) differs from the checkpoint's base model")
         elif old_model.get("fingerprint") != model["fingerprint"]:
-            refused.append("--model-path holds other weights than the checkpoint's base model")
+            refused.append(f"{model_flag} holds other weights than the checkpoint's base model")
     if refused:
         raise ResumeMismatchError(
             f"cannot resume from {ckpt}: " + "; ".join(refused) + ". Resume with the checkpoint's settings "
@@ -223,7 +213,7 @@ def check_resume(state: dict, settings: dict, model: dict, run: dict) -> list[st
         )
     notes = []
     for k, v in settings.items():
-        if k in old and k not in MUST_MATCH and not _same(old[k], v):
+        if k in old and k not in must_match and not _same(old[k], v):
             notes.append(f"{k} {old[k]} -> {v}")
     if "total_steps" in state and state["total_steps"] != run["total_steps"]:
         notes.append(

@@ -23,7 +23,7 @@ response tokens:
 Too long a sequence loses its end (the prompt is kept whole: one that leaves no room for a
 response token is refused); the report counts the truncated pairs. Batches are padded on
 the right to a multiple of ``pad_multiple`` (mask False) and are a pure function of
-``(seed, batch index)`` through `train.data.batch_order`, so a resumed run sees exactly
+``(seed, batch index)`` through `train.batching.batch_order`, so a resumed run sees exactly
 the batches the interrupted one would have.
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import batch_order
+from ..batching import batch_order, padded_length
 
 __all__ = [
     "PreferenceDataError",
@@ -233,13 +233,9 @@ def collate_pairs(
     ``pad_multiple`` (capped at ``max_seq_len``), so a compiled step sees few shapes."""
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
-    if pad_multiple < 1:
-        raise ValueError(f"pad_multiple must be at least 1, got {pad_multiple}")
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     masks = [p.chosen_mask for p in pairs] + [p.rejected_mask for p in pairs]
-    longest = max(len(s) for s in seqs)
-    length = -(-longest // pad_multiple) * pad_multiple
-    length = max(longest, min(length, max_seq_len)) if max_seq_len is not None else length
+    length = padded_length(max(len(s) for s in seqs), pad_multiple, max_seq_len)
     tokens = np.zeros((len(seqs), length), np.int32)
     response_mask = np.zeros((len(seqs), length), bool)
     for i, (s, m) in enumerate(zip(seqs, masks, strict=True)):

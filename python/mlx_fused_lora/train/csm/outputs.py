@@ -9,12 +9,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..adapters import get_format
-from ..adapters.registry import check_write_target
-from ..csm import save_csm
-from ..csm.loading import CONFIG_FILE, WEIGHTS_FILE
-from ..layers.tree import lora_layers
-from .checkpoint import TrainingCheckpointError, atomic_write_dir, load_checkpoint
+from ...adapters import get_format
+from ...csm import save_csm
+from ...csm.loading import CONFIG_FILE, WEIGHTS_FILE
+from ...layers.tree import lora_layers
+from ..adapter_files import check_adapter_target, weights_first, write_adapter
+from ..checkpoint import TrainingCheckpointError, atomic_write_dir, load_checkpoint
+from ..metrics import LOSS_CURVE, METRICS
 
 __all__ = [
     "write_lora",
@@ -23,12 +24,10 @@ __all__ = [
     "load_lora",
     "expected_outputs",
     "sample_file",
-    "previous_outputs",
+    "output_names",
 ]
 
 SAVE_MODES = ("lora", "full", "both")
-METRICS = "metrics.jsonl"
-LOSS_CURVE = "loss_curve.png"
 SAMPLE = "sample.wav"  # or, without a codec, the codes beside it: sample.npy
 SAMPLE_CODES = "sample.npy"
 
@@ -53,36 +52,24 @@ def expected_outputs(output_dir: Path, save_mode: str, sample: bool, codec: bool
     return [output_dir / n for n in names] + ([sample_file(output_dir, codec)] if sample else [])
 
 
-def previous_outputs(output_dir: Path) -> list[Path]:
-    """Every file of an earlier run's outputs in ``output_dir`` (any save mode), oldest names first."""
-    names = [METRICS, LOSS_CURVE, *_lora_files(), WEIGHTS_FILE, CONFIG_FILE, SAMPLE, SAMPLE_CODES]
-    return [output_dir / n for n in names if (output_dir / n).is_file()]
-
-
-def _weights_first(paths: list[Path]) -> list[Path]:
-    return sorted(paths, key=lambda p: p.suffix != ".safetensors")
+def output_names() -> list[str]:
+    """The names of every output a run may write into its folder (any save mode): what
+    ``--overwrite`` deletes of an earlier run."""
+    return [METRICS, LOSS_CURVE, *_lora_files(), WEIGHTS_FILE, CONFIG_FILE, SAMPLE, SAMPLE_CODES]
 
 
 def check_lora_target(path: str | Path, format: str = "csm-cli") -> None:
-    """Refuse a folder holding another format's adapter (FileExistsError). `write_lora` writes
-    through a temporary folder, where `save_adapters`' own check would see an empty one."""
-    check_write_target(path, format)
+    """Refuse a folder holding another format's adapter, before training (`adapter_files`)."""
+    check_adapter_target(path, format)
 
 
 def write_lora(
     model: nn.Module, path: str | Path, format: str = "csm-cli", name: str | None = None, convert_to_lora: bool = False
 ) -> list[Path]:
-    """The adapters (``name``: that one alone) in directory ``path`` (each file replaced whole);
-    ``convert_to_lora``: a PiSSA / OLoRA adapter as plain LoRA of the original weights
-    (`adapters.save_adapters`). Returns the files, weights first."""
-    from ..adapters import save_adapters
-
-    check_lora_target(path, format)
-
-    def write(tmp):
-        return save_adapters(model, tmp, format=format, name=name, convert_to_lora=convert_to_lora or None)
-
-    return _weights_first(atomic_write_dir(path, write))
+    """The adapters (``name``: that one alone) in directory ``path``, by default in the CSM
+    CLI's file names (`adapter_files.write_adapter`; ``convert_to_lora``: a PiSSA / OLoRA
+    adapter as plain LoRA of the original weights); returns the files, weights first."""
+    return write_adapter(model, path, format, name, convert_to_lora)
 
 
 def write_merged(model: nn.Module, path: str | Path) -> list[Path]:
@@ -94,7 +81,7 @@ def write_merged(model: nn.Module, path: str | Path) -> list[Path]:
         moved = atomic_write_dir(path, lambda tmp: save_csm(model, tmp))
     finally:
         model.update_modules(tree_unflatten(list(layers)))
-    return _weights_first(moved)
+    return weights_first(moved)
 
 
 def write_outputs(
@@ -133,7 +120,7 @@ def load_lora(model: nn.Module, path: str | Path, name: str | None = None) -> No
             )
         model.load_weights([(k, adapters[k]) for k in trainable], strict=False)
     else:
-        from ..adapters import load_adapters
+        from ...adapters import load_adapters
 
         load_adapters(model, path, name=name)
     mx.eval(model.parameters())

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..batching import padded_length
 from .audio import (
     AUDIO_SUFFIXES,
     CODE_SUFFIXES,
@@ -63,7 +64,6 @@ __all__ = [
     "build_dataset",
     "split_train_val",
     "collate",
-    "batch_order",
 ]
 
 log = logging.getLogger(__name__)
@@ -357,27 +357,13 @@ def split_train_val(samples: list[Sample], val_split: float, seed: int) -> tuple
     return train, val
 
 
-def batch_order(num_samples: int, batch_size: int, seed: int, batch_index: int) -> np.ndarray:
-    """Sample indices of the ``batch_index``-th batch of the run (a pure function of it).
-
-    Each epoch is a fresh seeded permutation; ``batch_index`` counts batches from the start
-    of training, so a resumed run asks for exactly the batches the interrupted one would.
-    """
-    per_epoch = -(-num_samples // batch_size)
-    epoch, j = divmod(batch_index, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
-    return order[j * batch_size : (j + 1) * batch_size]
-
-
 def collate(samples: Sequence[Sample], max_seq_len: int, pad_multiple: int = 16) -> dict[str, np.ndarray]:
     """Right-padded ``tokens``/``mask`` ``[B, L, K+1]`` and ``target`` ``[B, L]``.
 
     ``L`` is the longest sample rounded up to ``pad_multiple`` (capped at ``max_seq_len``),
     so a compiled step sees few distinct shapes. Padding rows have an all-zero mask.
     """
-    longest = max(len(s) for s in samples)
-    L = min(max_seq_len, -(-longest // pad_multiple) * pad_multiple)
-    L = max(L, longest)
+    L = padded_length(max(len(s) for s in samples), pad_multiple, max_seq_len)
     W = samples[0].tokens.shape[1]
     tokens = np.zeros((len(samples), L, W), np.int32)
     mask = np.zeros((len(samples), L, W), bool)

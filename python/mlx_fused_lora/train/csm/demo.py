@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..run_lock import file_lock, run_lock
-from .cli_args import DefaultsOnceFormatter
+from ...run_lock import file_lock, run_lock
+from ..cli_args import DefaultsOnceFormatter
 
 __all__ = ["run_demo", "format_table", "main"]
 
@@ -61,9 +61,9 @@ def run_demo(
     """Train each layer kind from the same files; returns ``{kind: TrainResult}``.
 
     ``progress``: a header per run and the trainer's tqdm bar, step by step (on stderr)."""
-    from ..layers import plain_layer_class
+    from ...layers import plain_layer_class
     from .synthetic import small_csm_config, write_random_csm, write_synthetic_dataset
-    from .trainer import CSMLoRATrainer
+    from .task import CSMLoRATrainer
 
     model_dir = write_random_csm(workdir / "model", small_csm_config(width, layers), seed=seed)
     audio_dir = write_synthetic_dataset(
@@ -136,8 +136,8 @@ def format_table(f: dict) -> str:
 def _machine() -> dict:
     import mlx.core as mx
 
-    from .. import __version__
-    from ..fast_blas import active_blas
+    from ... import __version__
+    from ...fast_blas import active_blas
 
     versions = {"python": platform.python_version(), "mlx": mx.__version__, "mlx-fused-lora": __version__}
     try:
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
 def _run(args, argv) -> int:
     import mlx.core as mx
 
-    from ..fast_blas import active_blas  # the CLI put MLX on OpenBLAS (Linux) unless --no-fast-blas
+    from ...fast_blas import active_blas  # the CLI put MLX on OpenBLAS (Linux) unless --no-fast-blas
 
     t0, load_start = time.perf_counter(), _load()
     with tempfile.TemporaryDirectory(prefix="mlx-fused-lora-demo-") as tmp:

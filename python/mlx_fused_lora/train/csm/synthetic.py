@@ -11,8 +11,6 @@ tokenizer and a random Mimi, made to fit each other; for the example, the demo a
   real recordings. The codes follow a per-file arithmetic pattern (codebook ``k`` at frame
   ``t`` is ``(offset + k * stride_k + t * stride_t) mod (V - 1) + 1``), so a model can learn
   them and the loss visibly falls.
-- `write_bpe_tokenizer`: a small byte-level BPE ``tokenizer.json`` (the Llama-3 tokenizer's
-  kind and special tokens; needs the ``tokenizers`` package).
 - `write_random_mimi`: a tiny random Mimi (the released one's strides: 24 kHz, 12.5
   frames/s, 2048 codes per codebook) as one ``.safetensors`` file `MimiCodec` reads; needs
   the ``[audio]`` extra (mlx-audio). It turns WAVs into codes and generated codes into WAV.
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..tiny_tokenizer import WORDS
 from .audio import FRAME_RATE, write_wav
 from .tokenizer import ByteTokenizer
 
@@ -33,26 +32,18 @@ __all__ = [
     "small_csm_config",
     "write_synthetic_dataset",
     "write_random_csm",
-    "write_bpe_tokenizer",
     "write_random_mimi",
     "random_mimi",
     "tiny_mimi_config",
-    "BOS",
-    "EOS",
 ]
 
-WORDS = (
-    "hello there general voice model speech tiny random frames learn codes fast "
-    "sound audio sample tone pitch river stone cloud green quiet bright"
-).split()
 WAV_RATE = 16_000  # synthetic WAVs are not at Mimi's 24 kHz, so the data path resamples them
-BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"  # Llama-3's, as in CSM's tokenizer
 
 
 def small_csm_config(width: int = 128, layers: int = 2, text_vocab_size: int = ByteTokenizer.vocab_size):
     """CSM-1B's token layout (32 codebooks, audio vocabulary 2051) at a small width: a
     ``layers`` x ``width`` backbone and a 2-layer decoder of half the width."""
-    from ..csm import CSMConfig, LlamaFlavor
+    from ...csm import CSMConfig, LlamaFlavor
 
     backbone = LlamaFlavor(
         num_layers=layers, num_heads=8, num_kv_heads=4, embed_dim=width, intermediate_dim=2 * width, max_seq_len=512
@@ -138,42 +129,13 @@ def write_random_csm(path: str | Path, config=None, seed: int = 0) -> Path:
     defaults and the byte tokenizer."""
     import mlx.core as mx
 
-    from ..csm import CSM, save_csm
+    from ...csm import CSM, save_csm
 
     mx.random.seed(seed)
     model = CSM(config or small_csm_config())
     mx.eval(model.parameters())
     save_csm(model, path)
     return Path(path)
-
-
-def write_bpe_tokenizer(path: str | Path, texts, vocab_size: int = 320) -> int:
-    """Train a byte-level BPE on ``texts`` and save it as ``tokenizer.json``; returns its
-    vocabulary size (the CSM's text vocabulary must be at least that).
-
-    Like Llama-3's tokenizer it is byte-level (any text encodes, no unknown token) and its
-    post-processor puts ``<|begin_of_text|>``/``<|end_of_text|>`` around each text, as
-    Sesame's generator sets it up. Training is deterministic for the same ``texts``.
-    """
-    try:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    except ImportError:
-        raise ImportError("writing a tokenizer.json needs the 'tokenizers' package: pip install tokenizers") from None
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(texts), trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))]
-    )
-    tok.save(str(path))
-    return tok.get_vocab_size(with_added_tokens=True)
 
 
 def tiny_mimi_config(num_codebooks: int = 32, bins: int = 2048):

@@ -8,16 +8,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from ..adapters import load_adapters, set_adapter
-from ..csm import apply_lora, load_csm
-from ..csm.lora import LoRAReport
-from ..layers import plain_layer_class
-from ..layers.named import holders
-from ..layers.tree import freeze_all_but_lora, lora_dropout_p, lora_layers
-from .resume import model_record
+from ...adapters import load_adapters, set_adapter
+from ...csm import apply_lora, load_csm
+from ...csm.lora import LoRAReport
+from ...layers import plain_layer_class
+from ...layers.tree import freeze_all_but_lora, lora_dropout_p, lora_layers
+from ..adapter_files import start_from_adapter
+from ..resume import model_record
 from .settings import TrainSettings
 
-__all__ = ["load_model_for_lora", "start_from_adapter", "use_plain_lora_layers", "grad_checkpoint_blocks"]
+__all__ = ["load_model_for_lora", "use_plain_lora_layers", "grad_checkpoint_blocks"]
 
 
 def load_model_for_lora(model_path: Path, s: TrainSettings) -> tuple[nn.Module, dict, LoRAReport]:
@@ -46,7 +46,7 @@ def load_model_for_lora(model_path: Path, s: TrainSettings) -> tuple[nn.Module, 
         alpha_pattern=s.alpha_pattern,
     )
     if s.resume_adapter_file:
-        start_from_adapter(model, s.resume_adapter_file, s.adapter_name)
+        start_from_adapter(model, s.resume_adapter_file, s.adapter_name, "--lora-r, --target-modules, --target-layers")
     if s.frozen_adapters:
         names = []
         for spec in s.frozen_adapters:
@@ -60,29 +60,6 @@ def load_model_for_lora(model_path: Path, s: TrainSettings) -> tuple[nn.Module, 
         grad_checkpoint_blocks(model)
     mx.eval(model.parameters())
     return model, record, report
-
-
-def start_from_adapter(model: nn.Module, path: str | Path, name: str) -> None:
-    """Adapter ``name``'s weights from the adapter at ``path`` (mlx-lm's ``--resume-adapter-file``):
-    it must cover the same modules with the same ranks; the run keeps its scale and dropout."""
-    before = {p: (h.lora_a.shape, h.scale, h.dropout) for p, h in _held(model, name).items()}
-    load_adapters(model, path, name=name)
-    after = _held(model, name)
-    differ = sorted(set(before) ^ set(after)) or [p for p in before if after[p].lora_a.shape != before[p][0]]
-    if differ:
-        p = differ[0]
-        theirs = f"rank {after[p].lora_a.shape[1]}" if p in after else "no adapter"
-        ours = f"rank {before[p][0][1]}" if p in before else "no adapter"
-        raise ValueError(
-            f"--resume-adapter-file {path}: {p} has {theirs} there and {ours} in this run "
-            "(--lora-r, --target-modules, --target-layers must match the file)"
-        )
-    for p, h in after.items():
-        h.scale, h.dropout = before[p][1], before[p][2]
-
-
-def _held(model: nn.Module, name: str) -> dict:
-    return {p: holders(layer)[name] for p, layer in lora_layers(model) if name in holders(layer)}
 
 
 def use_plain_lora_layers(model: nn.Module, train_bias: bool = False) -> None:

@@ -17,13 +17,16 @@ import argparse
 import logging
 import sys
 
-from .cli_args import (
+from ..cli_args import (
     DefaultsOnceFormatter,
     OneLineErrorParser,
     add_start_and_growth_flags,
     apply_config_file,
-    check_args,
+    check_at_least,
+    check_number,
+    need,
 )
+from ..command import finished_line, run_command, run_length, train_in_folder
 
 __all__ = ["build_parser", "main"]
 
@@ -235,71 +238,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(e: BaseException) -> str:
-    """An exception as one line: the message, and the file for an OSError."""
-    if isinstance(e, OSError) and e.strerror:
-        msg = e.strerror
-        if e.filename and str(e.filename) not in msg:
-            msg = f"{e.filename}: {msg}"
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Range checks naming the flag (``parser.error``: one line, exit status 2)."""
+    check_at_least(parser, args, 1, "--batch-size", "--lora-r", "--grad-accumulation-steps", "--max-seq-len")
+    check_at_least(parser, args, 0, "--context-turns", "--val-every", "--save-every", "--speaker-id", "--warmup-steps")
+    if args.max_steps is not None:
+        check_at_least(parser, args, 1, "--max-steps")
     else:
-        msg = str(e) or type(e).__name__
-    return " ".join(msg.split())
-
-
-_EXPECTED = (ValueError, RuntimeError, OSError, ImportError)  # their messages name the problem
+        need(parser, args.epochs >= 1, "--epochs", ">= 1 when --max-steps is not given", args.epochs)
+    check_number(parser, args, "--learning-rate", 0.0, open_low=True)
+    check_number(parser, args, "--lora-alpha", 0.0, open_low=True)
+    check_number(parser, args, "--lora-dropout", 0.0, high=1.0)
+    check_number(parser, args, "--weight-decay", 0.0)
+    check_number(parser, args, "--max-grad-norm", 0.0)
+    check_number(parser, args, "--val-split", 0.0, high=1.0)
+    check_number(parser, args, "--decoder-fraction", 0.0, open_low=True, high=1.0, open_high=False)
+    return args
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = check_args(parser, apply_config_file(parser, argv))
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    run = {"stage": "starting", "trainer": None}
-    try:
-        return _run(args, run)
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves and returns itself)
-        if args.debug:
-            raise
-        log.error("%s", _interrupted(run))
-        return 130
-    except Exception as e:
-        if args.debug:
-            raise
-        kind = "" if isinstance(e, _EXPECTED) else f"unexpected {type(e).__name__}: "
-        hint = "" if isinstance(e, _EXPECTED) else " (run with --debug for the traceback)"
-        log.error("%s%s%s", kind, _one_line(e), hint)
-        return 1
-
-
-def _interrupted(run: dict) -> str:
-    trainer = run["trainer"]
-    stage = trainer.stage if trainer is not None else run["stage"]
-    saved = getattr(trainer, "last_checkpoint", None)
-    if saved is None:
-        return f"interrupted (Ctrl-C) while {stage}; nothing of this run was saved"
-    return f"interrupted (Ctrl-C) while {stage}; the newest checkpoint is {saved} (--resume-from continues from it)"
+    return run_command(args, lambda run: _run(args, run), log)
 
 
 def _run(args, run: dict) -> int:
     from pathlib import Path
 
-    from .distributed import init_world
-    from .resume import check_resume_from, output_dir_lock, recorded_state
-
-    check_resume_from(args.resume_from)  # a mistyped path is said before anything else
-    world = init_world()
     out = Path(args.output_dir)
-    with output_dir_lock(out, world.is_main):  # one run per folder, before anything is written
-        recorded = recorded_state(Path(args.resume_from)) if args.resume_from else None
-        finished = _finished_line(args, out, recorded, world.size)
-        if finished is not None:  # nothing to do: no model load, no data encoding
-            if world.is_main:
-                print(finished)
-            return 0
-        from .csm_task import CSMLoRATrainer
+
+    def finished(recorded: dict, world_size: int) -> str | None:
+        """With --epochs, the run's length is counted over the checkpoint's recorded samples."""
+        from .outputs import expected_outputs
+
+        total = run_length(
+            recorded, args.max_steps, args.batch_size, world_size, args.grad_accumulation_steps, args.epochs
+        )
+        wanted = expected_outputs(out, args.save_mode, args.generate_samples, codec=args.codec_path is not None)
+        return finished_line(recorded, total, wanted, out, "--max-steps")
+
+    def train(world, recorded):
+        from .task import CSMLoRATrainer
 
         run["stage"] = "loading the model"
         trainer = CSMLoRATrainer(
@@ -363,51 +342,9 @@ def _run(args, run: dict) -> int:
             overwrite=args.overwrite,
             convert_to_lora=args.convert_to_lora,
         )
-    if world.is_main:
-        val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-        speed = f", {result.steps_per_s:.2f} steps/s" if result.steps_per_s > 0 else ""
-        peak = f", peak {result.peak_memory_mb:.1f} MiB" if result.losses else ""  # no step, no figure
-        print(
-            f"{'interrupted' if result.interrupted else 'done'}: {result.steps} steps, loss {result.final_loss:.4f}"
-            f"{val}{speed}{peak}"
-        )
-        for p in result.outputs:
-            print(f"wrote {p}")
-    return 130 if result.interrupted else 0
+        return result
 
-
-def _finished_line(args, out, recorded: dict | None, world_size: int) -> str | None:
-    """What to print when ``--resume-from`` names a run that is finished, outputs included;
-    None when there is anything left to do. Decided from the checkpoint's record: with
-    ``--epochs``, the run's length is counted over its recorded number of samples."""
-    from .metrics import recorded_losses
-    from .outputs import METRICS, expected_outputs
-    from .settings import plan_steps
-
-    if recorded is None:
-        return None
-    step, total = recorded["step"], args.max_steps
-    if total is None:
-        try:
-            total = plan_steps(
-                int(recorded["num_train_samples"]),
-                args.batch_size,
-                world_size,
-                args.grad_accumulation_steps,
-                args.epochs,
-                None,
-            ).total_steps
-        except (KeyError, TypeError, ValueError):
-            return None  # the normal path reads the data and says what is wrong
-    wanted = expected_outputs(out, args.save_mode, args.generate_samples, codec=args.codec_path is not None)
-    if step < total or not all(p.is_file() for p in wanted):
-        return None
-    loss, val = recorded_losses(out / METRICS, step)
-    record = "".join(f", {name} {v:.4f}" for name, v in (("loss", loss), ("validation loss", val)) if v is not None)
-    return (
-        f"already finished: {recorded['checkpoint_dir']} is step {step} of {total}{record}; its outputs are "
-        f"in {out}. Nothing to train (a larger --max-steps would continue it)"
-    )
+    return train_in_folder(out, args.resume_from, finished, train)
 
 
 if __name__ == "__main__":

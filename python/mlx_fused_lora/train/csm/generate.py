@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from .cli_args import DefaultsOnceFormatter, OneLineErrorParser
+from ..cli_args import DefaultsOnceFormatter, OneLineErrorParser
 
 __all__ = ["build_parser", "main", "parse_use"]
 
@@ -76,7 +76,7 @@ def parse_use(items: list[str]) -> dict[str, float] | list:
 
 
 def _load_adapters(model, specs: list[str]) -> list[str]:
-    from ..adapters import load_adapters
+    from ...adapters import load_adapters
 
     names = []
     for spec in specs:
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         parser.error(f"argument --max-frames: must be >= 1, got {args.max_frames}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
-        from ..csm import load_csm
+        from ...csm import load_csm
         from .audio import MimiCodec
         from .data import DataSpec
         from .sampling import write_sample

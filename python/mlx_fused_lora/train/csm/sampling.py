@@ -35,7 +35,7 @@ def write_sample(
     ``output_path``; without one the codes ``[codebooks, frames]`` go to ``.npy`` beside it.
     ``adapters``: the named adapters to speak with (`csm.generate`); None: the model's.
     """
-    from ..csm import generate
+    from ...csm import generate
 
     speaker = spec.speaker_id
     tokens, mask, _ = frame_turn(Segment(text, speaker, np.zeros((spec.num_codebooks, 0), np.int32)), tokenizer, spec)

@@ -7,7 +7,7 @@ batches to `loop.train` with hooks for checkpoints (`checkpoint.py`), validation
 ``metrics.jsonl``, and writes the outputs of ``save_mode``.
 
 Reproducibility: the batch order is a function of ``(seed, batch index)``
-(`data.batch_order`) and the loop re-seeds the random state per step, so a run resumed
+(`batching.batch_order`) and the loop re-seeds the random state per step, so a run resumed
 from the checkpoint of step ``s`` computes bit for bit what the uninterrupted run did
 after step ``s`` on the CPU. What a kill, a NaN and a reused output folder do is
 described in `checkpoint.py`, `loop.py` and `resume.py` (and the README).
@@ -21,34 +21,32 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
-import numpy as np
-from mlx.utils import tree_flatten
 
-from ..layers.growth import RankSchedule, adapter_rank, grow_rank, growing
-from . import loop, outputs
-from .checkpoint import load_checkpoint, save_checkpoint
+from ...layers.growth import RankSchedule, adapter_rank, grow_rank, growing
+from .. import loop, session
+from ..batching import batch_order, rank_share
+from ..distributed import World, init_world
+from ..metrics import LOSS_CURVE
+from ..plan import RunPlan, plan_steps
+from ..resume import output_dir_lock, prepare_output_dir
+from . import outputs
 from .data import (
     DataReport,
     DataSpec,
     Sample,
-    batch_order,
     build_dataset,
     collate,
     split_train_val,
 )
-from .distributed import World, init_world
 from .loss import csm_loss
-from .metrics import MetricsLog
 from .model_setup import load_model_for_lora
-from .resume import check_resume, output_dir_lock, prepare_output_dir, restore
-from .settings import RunPlan, TrainSettings, plan_steps
+from .settings import MUST_MATCH, TrainSettings
 
 __all__ = ["CSMLoRATrainer", "DEFAULT_SAMPLE_PROMPT"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLE_PROMPT = "This is a test of the fine-tuned voice."
-KEEP_CHECKPOINTS = 3
 
 
 class CSMLoRATrainer:
@@ -230,9 +228,7 @@ class CSMLoRATrainer:
 
         def batch(micro: int):
             idx = batch_order(len(self.train_samples), batch_size * world.size, seed, micro)
-            mine = idx[world.rank :: world.size]
-            if len(mine) == 0:  # a last partial global batch smaller than the world
-                mine = idx[:1]
+            mine = rank_share(idx, world.rank, world.size)
             b = collate([self.train_samples[i] for i in mine], max_len)
             tokens = float(b["target"][:, 1:].sum())  # rows the loss is computed on
             return (mx.array(b["tokens"]), mx.array(b["mask"]), mx.array(b["target"])), tokens
@@ -267,48 +263,20 @@ class CSMLoRATrainer:
         )
         return self.plan
 
-    def _run_facts(self, batch_size: int) -> dict:
-        """What fixes the data order and the schedule (recorded, and compared on resume)."""
-        return {
-            "total_steps": self.plan.total_steps,
-            "batch_size": batch_size,
-            "world_size": self.world.size,
-            "num_train_samples": len(self.train_samples),
-        }
-
-    def _trainer_state(self, step: int, batch_size: int) -> dict:
-        micro = step * self.settings.grad_accumulation_steps
-        per_epoch = self.plan.micro_per_epoch
-        return {
-            "step": step,
-            "epoch": micro // per_epoch,
-            "batch_in_epoch": micro % per_epoch,
-            "micro_batches_done": micro,
-            **self._run_facts(batch_size),
-            "rng_key": [int(v) for v in np.array(mx.random.state[0]).reshape(-1)],
-            "lora_rank": adapter_rank(self.model, self.settings.adapter_name),  # grown by --rank-schedule
-            "settings": asdict(self.settings),
-            "model": self.model_record,
-        }
-
-    def _resume(self, path, optimizer, batch_size: int) -> tuple[int, Path]:
-        adapters, opt_state, state = load_checkpoint(path)
-        run = self._run_facts(batch_size)
-        notes = check_resume(state, asdict(self.settings), self.model_record, run)
-        if "lora_rank" in state:  # the rank the adapter had grown to: the checkpoint's tensors have it
-            grow_rank(self.model, int(state["lora_rank"]), optimizer, name=self.settings.adapter_name)
-        restore(self.model, optimizer, adapters, opt_state, state["checkpoint_dir"])
-        if notes and self.world.is_main:
-            log.warning("resuming with changed settings: %s", "; ".join(notes))
-        log.info("resumed from %s at step %d", state["checkpoint_dir"], state["step"])
-        return int(state["step"]), Path(state["checkpoint_dir"])
-
     def _growth(self, optimizer):
         """The loop's ``prepare_step`` for ``--rank-schedule`` (`layers.growth.growing`), or None."""
         s, say = self.settings, log.info if self.world.is_main else None
         if s.rank_schedule is not None:
             schedule = RankSchedule.parse(s.rank_schedule, s.lora_r)
             return growing(self.model, schedule, optimizer, name=s.adapter_name, seed=s.seed, say=say)
+
+    def _record(self) -> dict:
+        """What a checkpoint records beyond the run's facts: the rank the adapter has grown to."""
+        return {"lora_rank": adapter_rank(self.model, self.settings.adapter_name)}
+
+    def _before_restore(self, state: dict, optimizer) -> None:
+        if "lora_rank" in state:  # the rank the adapter had grown to: the checkpoint's tensors have it
+            grow_rank(self.model, int(state["lora_rank"]), optimizer, name=self.settings.adapter_name)
 
     def train(
         self,
@@ -340,7 +308,13 @@ class CSMLoRATrainer:
         plan = self.plan_run(epochs, batch_size, max_steps)
         with output_dir_lock(self.output_dir, world.is_main):
             self.stage = "setting up the run"
-            prepare_output_dir(self.output_dir, Path(resume_from) if resume_from else None, overwrite, world.is_main)
+            prepare_output_dir(
+                self.output_dir,
+                Path(resume_from) if resume_from else None,
+                overwrite,
+                world.is_main,
+                outputs.output_names(),
+            )
             if save_mode in ("lora", "both"):  # refused now, not after training
                 outputs.check_lora_target(self.output_dir)
             if world.is_main:  # after the CLI's first line, the run's plan
@@ -352,49 +326,38 @@ class CSMLoRATrainer:
             schedule = loop.make_schedule(s.learning_rate, plan.total_steps, warmup, s.lr_schedule)
             optimizer = optim.AdamW(learning_rate=schedule, weight_decay=s.weight_decay)
             optimizer.init(model.trainable_parameters())
-
-            start, resumed = self._resume(resume_from, optimizer, batch_size) if resume_from else (0, None)
-            self.last_checkpoint = resumed
-            ckpt_root = self.output_dir / "checkpoints"
-            metrics = MetricsLog(self.output_dir / outputs.METRICS, start, enabled=world.is_main)
-
-            def save(step: int) -> Path | None:
-                if not world.is_main:
-                    return None
-                adapters = dict(tree_flatten(model.trainable_parameters()))
-                opt_state = dict(tree_flatten(optimizer.state))
-                path = save_checkpoint(
-                    ckpt_root, step, adapters, opt_state, self._trainer_state(step, batch_size), KEEP_CHECKPOINTS
-                )
-                log.info("checkpoint %s", path)
-                self.last_checkpoint = path
-                return path
-
-            settings = loop.LoopSettings(
-                steps=plan.total_steps,
-                start_step=start,
-                grad_accumulation_steps=s.grad_accumulation_steps,
-                max_grad_norm=s.max_grad_norm,
-                seed=s.seed,
-                val_every=val_every,
-                save_every=save_every,
+            spec = session.RunSpec(
+                self.output_dir,
+                plan,
+                batch_size,
+                len(self.train_samples),
+                asdict(s),
+                self.model_record,
+                MUST_MATCH,
+                "--model-path",
+                s.grad_accumulation_steps,
+                s.max_grad_norm,
+                s.seed,
+                val_every,
+                save_every,
             )
             self.stage = "training"
-            result = loop.train(
+            result, metrics, start = session.run(
                 model,
                 optimizer,
                 self._loss,
                 self._batches(batch_size),
-                settings,
+                spec,
                 world=world,
                 schedule=schedule,
                 aux_names=("semantic", "acoustic"),
                 evaluate=(lambda: self.evaluate(batch_size)) if self.val_samples else None,
-                save=save,
-                metrics=metrics,
+                resume_from=resume_from,
                 progress=self.progress,
-                last_checkpoint=resumed,
+                on_checkpoint=self._checkpointed,
                 prepare_step=self._growth(optimizer),
+                record=self._record,
+                before_restore=self._before_restore,
             )
             if world.is_main:
                 self._finish(
@@ -408,6 +371,9 @@ class CSMLoRATrainer:
                     convert_to_lora,
                 )
             return result
+
+    def _checkpointed(self, path: Path) -> None:
+        self.last_checkpoint = path
 
     def _finish(
         self, result, metrics, trained, save_mode, generate_samples, sample_prompt, speaker_id, convert_to_lora
@@ -427,6 +393,6 @@ class CSMLoRATrainer:
             ):
                 self.stage = "generating the sample"
                 result.outputs.append(self.generate_sample(sample_prompt, speaker_id, self.output_dir / outputs.SAMPLE))
-        curve = metrics.plot(self.output_dir / outputs.LOSS_CURVE)
+        curve = metrics.plot(self.output_dir / LOSS_CURVE)
         if curve is not None:
             result.outputs.append(curve)
