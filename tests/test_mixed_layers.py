@@ -1,0 +1,219 @@
+"""Mixed-adapter batches through a model's layers (`adapters.mixed_batch`): each sequence or token
+on its own named adapter equals running it alone with that adapter, forward and every gradient;
+one op call per layer; LoRA, DoRA and QLoRA; compiled with the ids as an input; errors named."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_fused_lora.adapters import (
+    adapter_ids,
+    add_adapter,
+    disable_adapters,
+    list_adapters,
+    mixed_batch,
+    set_adapter,
+    using_adapters,
+)
+from mlx_fused_lora.layers import fused_lora_linear as layer_module
+from mlx_fused_lora.layers import lora_layers, mixed, named
+
+NAMES = ["alice", "bob", "carol"]
+
+
+class Block(nn.Module):
+    def __init__(self, dims):
+        super().__init__()
+        self.q_proj = nn.Linear(dims, dims)
+        self.v_proj = nn.Linear(dims, dims, bias=False)
+
+    def __call__(self, x):
+        return x + self.v_proj(mx.tanh(self.q_proj(x)))
+
+
+class Stack(nn.Module):
+    """A tiny model with mlx-lm's layout (``layers.{i}.q_proj`` / ``v_proj``) and a head."""
+
+    def __init__(self, dims=32, depth=2):
+        super().__init__()
+        self.layers = [Block(dims) for _ in range(depth)]
+        self.head = nn.Linear(dims, 7)
+
+    def __call__(self, x):
+        for block in self.layers:
+            x = block(x)
+        return self.head(x)
+
+
+def three_voices(dora=False, quantized=False, dropout=0.0):
+    """alice (r 4, every projection), bob (r 2, q_proj only), carol (r 3, v_proj; DoRA if asked),
+    all with nonzero lora_b; the base 4-bit quantized if asked."""
+    mx.random.seed(0)
+    model = Stack()
+    if quantized:
+        nn.quantize(
+            model, group_size=32, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear) and "head" not in p
+        )
+    add_adapter(model, "alice", {"rank": 4, "scale": 2.0, "dropout": dropout})
+    add_adapter(model, "bob", {"rank": 2, "scale": 0.5, "dropout": dropout, "keys": ["q_proj"]})
+    add_adapter(model, "carol", {"rank": 3, "scale": 1.5, "dropout": dropout, "keys": ["v_proj"], "use_dora": dora})
+    key = mx.random.key(1)
+    for _, layer in lora_layers(model):
+        for h in named.holders(layer).values():
+            key, sub = mx.random.split(key)
+            h.lora_b = 0.3 * mx.random.normal(h.lora_b.shape, key=sub)
+    mx.eval(model.parameters())
+    return model
+
+
+def close(a, b, tol=2e-5):
+    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+    assert a.shape == b.shape
+    assert np.abs(a - b).max(initial=0) <= tol * max(np.abs(b).max(initial=0), 1e-6)
+
+
+def adapter_grads(model, loss, *args):
+    return dict(tree_flatten(nn.value_and_grad(model, loss)(model, *args)[1]))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "qlora"])
+def test_each_sequence_equals_its_adapter_alone_forward_and_gradients(kind):
+    model = three_voices(dora=kind == "dora", quantized=kind == "qlora")
+    x = mx.random.normal((5, 6, 32), key=mx.random.key(2))
+    names = ["bob", "alice", None, "carol", "bob"]  # repeats, the base, every adapter
+    ct = mx.random.normal((5, 6, 7), key=mx.random.key(3))
+
+    def loss(model, x, rows=slice(None)):
+        return (model(x[rows]) * ct[rows]).sum()
+
+    with mixed_batch(model, names, trainable=NAMES):  # all three train, DoRA ones too
+        y = model(x)
+        g_mixed = adapter_grads(model, loss, x)
+    assert len(g_mixed) == (18 if kind == "dora" else 16)  # every adapter of every layer, m too
+    g_alone = {k: mx.zeros_like(v) for k, v in g_mixed.items()}
+    for name in set(names):
+        rows = mx.array([i for i, n in enumerate(names) if n == name])
+        with using_adapters(model, [] if name is None else name):
+            close(y[rows], model(x[rows]))
+        if name is None:
+            continue
+        set_adapter(model, name)  # trained alone: its gradients from its rows only
+        for k, v in adapter_grads(model, loss, x, rows).items():
+            g_alone[k] = g_alone[k] + v
+    assert any(".m" in k for k in g_mixed) == (kind == "dora")
+    for k in g_mixed:
+        close(g_mixed[k], g_alone[k], 5e-5)
+
+
+def test_ids_per_token_and_one_op_call_per_layer(monkeypatch):
+    model = three_voices()
+    calls = []
+    for name in ("fused_lora_linear", "fused_qlora_linear"):
+        op = getattr(layer_module, name)
+        monkeypatch.setattr(layer_module, name, lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
+    x = mx.random.normal((2, 4, 32), key=mx.random.key(2))
+    ids = mx.array([[0, 1, -1, 2], [2, 2, 0, 1]], dtype=mx.int32)
+    with mixed_batch(model, ids):
+        y = model(x)
+    assert len(calls) == len(lora_layers(model)) == 4
+    for b in range(2):
+        for t in range(4):
+            name = None if int(ids[b, t]) < 0 else NAMES[int(ids[b, t])]
+            # causal-free model: each token alone
+            with using_adapters(model, [] if name is None else name):
+                close(y[b, t], model(x[b, t]))
+
+
+def test_compiled_with_the_ids_as_an_input_and_the_eval_stack_reused(monkeypatch):
+    model = three_voices()
+    model.eval()
+    traces = []
+
+    def forward(x, ids):
+        traces.append(1)
+        with mixed_batch(model, ids):
+            return model(x)
+
+    compiled = mx.compile(forward)
+    x = mx.random.normal((3, 2, 32), key=mx.random.key(2))
+    for ids in ([0, 1, 2], [2, -1, 0]):
+        ids = mx.array(ids, dtype=mx.int32)
+        close(compiled(x, ids), forward(x, ids))
+    assert len(traces) == 3  # one trace, then two eager calls for the comparison
+    stacks = []
+    monkeypatch.setattr(mixed, "stack_adapters", lambda *a, _f=mixed.stack_adapters: stacks.append(1) or _f(*a))
+    with mixed_batch(model, ["carol", "alice", "bob"]):
+        first = model(x)
+        assert mx.array_equal(model(x), first).item()
+        assert len(stacks) == 4  # once per layer, when the block began
+        layer = model.layers[0].q_proj
+        holder = named.holders(layer)["alice"]
+        holder.lora_b = holder.lora_b * 2  # a swap inside the block: a new array, restacked
+        changed = model(x)
+    assert len(stacks) == 5  # the changed layer alone restacked
+    assert not mx.allclose(changed[1], first[1]).item()  # alice's row sees her new adapter
+    assert mx.array_equal(changed[0], first[0]).item() and mx.array_equal(changed[2], first[2]).item()
+    with using_adapters(model, "alice"):
+        close(changed[1], model(x[1]))
+
+
+def test_dropout_is_one_mask_and_rate_per_layer():
+    model = three_voices(dropout=0.2)
+    model.train()
+    x = mx.random.normal((3, 2, 32), key=mx.random.key(2))
+    with mixed_batch(model, ["alice", "bob", "carol"], trainable=NAMES):
+        mx.random.seed(4)
+        a = model(x)
+        mx.random.seed(4)
+        b = model(x)
+        c = model(x)
+    assert mx.array_equal(a, b).item() and not mx.array_equal(a, c).item()
+    named.holders(model.layers[0].q_proj)["bob"].dropout = 0.3
+    with pytest.raises(ValueError, match="different dropout rates"), mixed_batch(model, [0, 1, 2], trainable=NAMES):
+        model(x)
+
+
+def test_base_rows_disabled_and_adapter_ids():
+    model = three_voices()
+    x = mx.random.normal((2, 3, 32), key=mx.random.key(2))
+    with disable_adapters(model):
+        base = model(x)
+        with mixed_batch(model, ["alice", "bob"]):
+            assert mx.array_equal(model(x), base).item()
+    with mixed_batch(model, [None, None]):
+        close(model(x), base)
+    assert adapter_ids(model, ["carol", None, "alice"]).tolist() == [2, -1, 0]
+    assert list_adapters(model) == NAMES
+    with mixed_batch(model, mx.array([1, 0], dtype=mx.uint8)):
+        with using_adapters(model, "bob"):
+            expected = model(x[0])
+    with mixed_batch(model, mx.array([1, 0], dtype=mx.uint8)):
+        close(model(x)[0], expected)
+
+
+def test_errors_are_named():
+    model = three_voices()
+    x = mx.random.normal((2, 3, 32), key=mx.random.key(2))
+    with pytest.raises(KeyError, match="no adapter named 'dave'"):
+        with mixed_batch(model, ["alice", "dave"]):
+            pass
+    with pytest.raises(ValueError, match="`adapter_ids` must be an integer array"):
+        with mixed_batch(model, mx.array([0.0, 1.0])):
+            pass
+    with pytest.raises(ValueError, match=r"layers.0.q_proj: mixed_batch's adapter_ids have shape \(3,\)"):
+        with mixed_batch(model, ["alice", "bob", "carol"]):
+            model(x)
+    with pytest.raises(ValueError, match="no one weight to fold"), mixed_batch(model, ["alice", "bob"]):
+        model.layers[0].q_proj.fuse()
+    with mixed_batch(model, mx.array([0, 3], dtype=mx.int32)):
+        y = model(x)
+    with pytest.raises(RuntimeError, match=r"adapter_ids must be in \[-1, [23]\)"):  # a layer holding 2: its range
+        mx.eval(y)
+    plain = Stack()
+    plain.layers[0].q_proj = nn.Linear(32, 32)
+    from mlx_fused_lora.layers import PlainLoRALinear
+
+    plain.layers[0].q_proj = PlainLoRALinear.from_base(plain.layers[0].q_proj, r=2)
+    with pytest.raises(TypeError, match="layers.0.q_proj is a PlainLoRALinear"), mixed_batch(plain, mx.array([0, 0])):
+        pass
