@@ -46,9 +46,9 @@ class Stack(nn.Module):
         return self.head(x)
 
 
-def three_voices(dora=False, quantized=False, dropout=0.0):
+def three_voices(dora=False, quantized=None, dropout=0.0):
     """alice (r 4, every projection), bob (r 2, q_proj only), carol (r 3, v_proj; DoRA if asked),
-    all with nonzero lora_b; the base 4-bit quantized if asked."""
+    all with nonzero lora_b; the base 4-bit quantized in mode ``quantized`` if given."""
     mx.random.seed(0)
     model = Stack()
     if quantized:
@@ -77,9 +77,11 @@ def adapter_grads(model, loss, *args):
     return dict(tree_flatten(nn.value_and_grad(model, loss)(model, *args)[1]))
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "qlora"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "qlora", "mxfp4"])
 def test_each_sequence_equals_its_adapter_alone_forward_and_gradients(kind):
-    model = three_voices(dora=kind == "dora", quantized=kind == "qlora")
+    """mxfp4: a quantization mode without a fused op (plain MLX with the op's mask)."""
+    quantized = {"qlora": "affine", "mxfp4": "mxfp4"}.get(kind)
+    model = three_voices(dora=kind == "dora", quantized=quantized)
     x = mx.random.normal((5, 6, 32), key=mx.random.key(2))
     names = ["bob", "alice", None, "carol", "bob"]  # repeats, the base, every adapter
     ct = mx.random.normal((5, 6, 7), key=mx.random.key(3))
