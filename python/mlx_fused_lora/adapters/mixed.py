@@ -26,7 +26,7 @@ traced (`layers.mixed.MixedRouting`), as they read `set_adapter`'s choice.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,7 +37,7 @@ from ..layers.named import adapter_keys, holders
 from ..layers.tree import lora_layers
 from .manager import check_name, list_adapters, registry
 
-__all__ = ["adapter_ids", "mixed_batch"]
+__all__ = ["adapter_ids", "mixed_batch", "trained_adapters"]
 
 
 def adapter_ids(model: nn.Module, names: Sequence) -> mx.array:
@@ -77,22 +77,41 @@ def _set_trainable(layers, trainable) -> None:
                 holder.freeze(keys=adapter_keys(holder), recurse=False)
 
 
+def _check_names(model, names) -> list[str]:
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        check_name(model, name, exists=True)
+    return names
+
+
+@contextmanager
+def trained_adapters(model: nn.Module, names):
+    """Within the block the adapters ``names`` (any of the model's, active or not) are the
+    trainable parameters and every other adapter is frozen; on exit the freeze flags are
+    the model's adapters' again (`set_adapter`'s). For a run training several adapters by
+    mixed batches: enter it before ``nn.value_and_grad`` (or a compiled step) reads the
+    trainable parameters. DoRA adapters, which cannot be active together, train together
+    this way."""
+    names = _check_names(model, names)
+    layers = lora_layers(model)
+    _set_trainable(layers, frozenset(names))
+    try:
+        yield model
+    finally:
+        _set_trainable(layers, registry(model).trainable)
+
+
 @contextmanager
 def mixed_batch(model: nn.Module, ids, *, trainable=None):
     """Within the block, each row (or sequence) of the model's input runs on adapter ``ids``
     (see the module docstring); on exit the layers run as the model's adapters say again.
 
-    ``trainable``: the adapters that train within the block, any of the model's (active or
-    not: DoRA adapters, which cannot be active together, train together this way), their
-    freeze flags set on entry and put back as the model's adapters say on exit (enter the
-    block before ``nn.value_and_grad`` reads the trainable parameters). None: the model's
-    trainable adapters (`set_adapter`'s)."""
+    ``trainable``: the adapters that train within the block (`trained_adapters`; the block
+    must then begin before ``nn.value_and_grad`` reads the trainable parameters). None: the
+    model's trainable adapters (`set_adapter`'s); their dropout rate is the op's."""
     ids = _as_ids(model, ids)
     reg = registry(model)
-    if trainable is not None:
-        trainable = [trainable] if isinstance(trainable, str) else list(trainable)
-        for name in trainable:
-            check_name(model, name, exists=True)
+    trainable = None if trainable is None else _check_names(model, trainable)
     layers = lora_layers(model)
     for path, layer in layers:
         if not isinstance(layer, (FusedLoRALinear, FusedDoRALinear)):
@@ -106,15 +125,12 @@ def mixed_batch(model: nn.Module, ids, *, trainable=None):
     saved = [(layer, layer.routing) for _, layer in layers]
     names = tuple(reg.configs)
     trained = reg.trainable if trainable is None else frozenset(trainable)
-    if trainable is not None:
-        _set_trainable(layers, trained)
     for path, layer in layers:
         routing = MixedRouting(ids, names, trained, path)
         layer.routing = routing if layer.training else routing.with_stack(layer)
     try:
-        yield model
+        with trained_adapters(model, trainable) if trainable is not None else nullcontext():
+            yield model
     finally:
         for layer, routing in saved:
             layer.routing = routing
-        if trainable is not None:
-            _set_trainable(layers, reg.trainable)
