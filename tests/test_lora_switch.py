@@ -3,7 +3,6 @@ weights (forward, gradients, fuse, dropout mask, adapter files), on its own and 
 random Mixtral built through ``linear_to_lora_layers`` and ``patch_mlx_lm``; nothing is downloaded."""
 
 import json
-import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,6 +19,7 @@ from mlx_fused_lora.layers.fused_lora_switch_linear import switch_lora_product  
 from mlx_lm.models import mixtral  # noqa: E402
 from mlx_lm.models.switch_layers import SwitchLinear  # noqa: E402
 from mlx_lm.tuner.lora import LoRASwitchLinear  # noqa: E402
+from test_mlx_lm_integration import mlx_lm_classes  # noqa: E402
 
 E, K, N, R = 5, 64, 40, 3
 
@@ -163,10 +163,7 @@ def mixtral_model(seed=0):
 
 @pytest.fixture
 def unpatched(monkeypatch):
-    """mlx-lm's own classes under every name patch_mlx_lm replaces, for this test only."""
-    for module, name in lm_lora.PATCHED_NAMES:
-        cls = getattr(sys.modules[module], name)
-        monkeypatch.setattr(sys.modules[module], name, getattr(cls, "original", cls))
+    mlx_lm_classes(monkeypatch)
 
 
 def test_tiny_mixtral_trains_saves_and_loads_like_mlx_lm(unpatched, tmp_path):

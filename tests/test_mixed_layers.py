@@ -17,40 +17,17 @@ from mlx_fused_lora.adapters import (
     using_adapters,
 )
 from mlx_fused_lora.layers import fused_lora_linear as layer_module
-from mlx_fused_lora.layers import lora_layers, mixed, named
+from mlx_fused_lora.layers import PlainLoRALinear, lora_layers, mixed, named
+from test_named_adapters import Stack
 
 NAMES = ["alice", "bob", "carol"]
-
-
-class Block(nn.Module):
-    def __init__(self, dims):
-        super().__init__()
-        self.q_proj = nn.Linear(dims, dims)
-        self.v_proj = nn.Linear(dims, dims, bias=False)
-
-    def __call__(self, x):
-        return x + self.v_proj(mx.tanh(self.q_proj(x)))
-
-
-class Stack(nn.Module):
-    """A tiny model with mlx-lm's layout (``layers.{i}.q_proj`` / ``v_proj``) and a head."""
-
-    def __init__(self, dims=32, depth=2):
-        super().__init__()
-        self.layers = [Block(dims) for _ in range(depth)]
-        self.head = nn.Linear(dims, 7)
-
-    def __call__(self, x):
-        for block in self.layers:
-            x = block(x)
-        return self.head(x)
 
 
 def three_voices(dora=False, quantized=None, dropout=0.0):
     """alice (r 4, every projection), bob (r 2, q_proj only), carol (r 3, v_proj; DoRA if asked),
     all with nonzero lora_b; the base 4-bit quantized in mode ``quantized`` if given."""
     mx.random.seed(0)
-    model = Stack()
+    model = Stack(dims=32)
     if quantized:
         nn.quantize(
             model, group_size=32, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear) and "head" not in p
@@ -213,9 +190,6 @@ def test_errors_are_named():
     with pytest.raises(RuntimeError, match=r"adapter_ids must be in \[-1, [23]\)"):  # a layer holding 2: its range
         mx.eval(y)
     plain = Stack()
-    plain.layers[0].q_proj = nn.Linear(32, 32)
-    from mlx_fused_lora.layers import PlainLoRALinear
-
     plain.layers[0].q_proj = PlainLoRALinear.from_base(plain.layers[0].q_proj, r=2)
     with pytest.raises(TypeError, match="layers.0.q_proj is a PlainLoRALinear"), mixed_batch(plain, mx.array([0, 0])):
         pass
