@@ -16,8 +16,8 @@ from mlx_fused_lora.adapters import (
     set_adapter,
     using_adapters,
 )
-from mlx_fused_lora.layers import fused_lora_linear as layer_module
 from mlx_fused_lora.layers import PlainLoRALinear, lora_layers, mixed, named
+from mlx_fused_lora.layers import fused_lora_linear as layer_module
 from test_named_adapters import Stack
 
 NAMES = ["alice", "bob", "carol"]
