@@ -1,6 +1,7 @@
 """Mixed-adapter batches through a model's layers (`adapters.mixed_batch`): each sequence or token
 on its own named adapter equals running it alone with that adapter, forward and every gradient;
-one op call per layer; LoRA, DoRA and QLoRA; compiled with the ids as an input; errors named."""
+one op call per layer; LoRA, DoRA and QLoRA; float32, float16 and bfloat16, dropout on and off; one
+adapter, unused ones (exact zero gradients), the empty batch; compiled with the ids as an input; errors named."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -193,3 +194,99 @@ def test_errors_are_named():
     plain.layers[0].q_proj = PlainLoRALinear.from_base(plain.layers[0].q_proj, r=2)
     with pytest.raises(TypeError, match="layers.0.q_proj is a PlainLoRALinear"), mixed_batch(plain, mx.array([0, 0])):
         pass
+
+
+TOL = {mx.float32: 5e-5, mx.float16: 4e-3, mx.bfloat16: 3e-2}
+
+
+def every_projection(kind, dtype, dropout):
+    """alice (r 4), bob (r 2), carol (r 3; DoRA for ``kind`` dora) on every projection, so a
+    row's layers draw their dropout keys alike mixed and alone; the base in ``dtype``."""
+    mx.random.seed(0)
+    model = Stack(dims=32)
+    model.set_dtype(dtype)
+    if kind == "qlora":
+        nn.quantize(
+            model, group_size=32, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear) and "head" not in p
+        )
+    for name, rank, scale in zip(NAMES, (4, 2, 3), (2.0, 0.5, 1.5), strict=True):
+        add_adapter(
+            model,
+            name,
+            {"rank": rank, "scale": scale, "dropout": dropout, "use_dora": kind == "dora" and name == "carol"},
+        )
+    key = mx.random.key(1)
+    for _, layer in lora_layers(model):
+        for h in named.holders(layer).values():
+            key, sub = mx.random.split(key)
+            h.lora_b = 0.3 * mx.random.normal(h.lora_b.shape, key=sub)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "qlora"])
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_mixed_equals_each_row_alone_across_dtypes_and_dropout(kind, dtype, p):
+    """Training mode, the same seed mixed and alone: the same key per layer, so the same mask;
+    bob's rows repeat, carol's never come (her gradients: exact zeros), row 1 is the base."""
+    model = every_projection(kind, dtype, p)
+    model.train()
+    x = mx.random.normal((4, 5, 32), key=mx.random.key(2)).astype(dtype)
+    names = ["bob", None, "alice", "bob"]
+    ct = mx.random.normal((4, 5, 7), key=mx.random.key(3)).astype(dtype)
+
+    def loss(model, rows):
+        mx.random.seed(5)  # the layers' dropout keys
+        return (model(x)[rows].astype(mx.float32) * ct[rows]).sum()
+
+    everyone = mx.arange(4)
+    with mixed_batch(model, names, trainable=NAMES):
+        mx.random.seed(5)
+        y = model(x)
+        g_mixed = adapter_grads(model, loss, everyone)
+    assert y.dtype == dtype
+    with disable_adapters(model):
+        close(y[1], model(x)[1], TOL[dtype])
+    g_alone = {k: mx.zeros_like(v) for k, v in g_mixed.items()}
+    for name in ("alice", "bob"):
+        rows = mx.array([i for i, n in enumerate(names) if n == name])
+        set_adapter(model, name)  # alone, on the whole batch (the same mask), its rows taken
+        mx.random.seed(5)
+        close(y[rows], model(x)[rows], TOL[dtype])
+        for k, v in adapter_grads(model, loss, rows).items():
+            g_alone[k] = g_alone[k] + v
+    carol = [k for k in g_mixed if ".carol." in k]
+    assert len(carol) == (12 if kind == "dora" else 8)  # lora_a, lora_b (and m) of 4 layers
+    for k in g_mixed:
+        if k in carol:
+            assert mx.array_equal(g_mixed[k], mx.zeros_like(g_mixed[k])).item(), k  # unused: exact zeros
+        else:
+            close(g_mixed[k], g_alone[k], 4 * TOL[dtype])
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_one_adapter_and_the_empty_batch(dora):
+    mx.random.seed(0)
+    model = Stack(dims=32)
+    add_adapter(model, "solo", {"rank": 4, "scale": 2.0, "use_dora": dora})
+    for _, layer in lora_layers(model):
+        h = named.holders(layer)["solo"]
+        h.lora_b = 0.3 * mx.random.normal(h.lora_b.shape)
+    x = mx.random.normal((3, 5, 32), key=mx.random.key(2))
+    with mixed_batch(model, mx.array([0, -1, 0], dtype=mx.int32)):
+        y = model(x)
+    close(y[::2], model(x[::2]))
+    with disable_adapters(model):
+        close(y[1], model(x[1]))
+
+    def loss(model, x):
+        with mixed_batch(model, mx.zeros((x.shape[0],), dtype=mx.int32)):
+            return model(x).sum()
+
+    empty = mx.zeros((0, 5, 32))
+    with mixed_batch(model, mx.zeros((0,), dtype=mx.int32)):
+        assert model(empty).shape == (0, 5, 7)
+    grads = adapter_grads(model, loss, empty)
+    assert len(grads) == (12 if dora else 8)
+    assert all(mx.array_equal(g, mx.zeros_like(g)).item() for g in grads.values())
