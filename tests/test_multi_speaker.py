@@ -1,6 +1,7 @@
 """Several speakers' adapters trained in one run (``finetune --adapter-per-speaker``, the trainer's
 ``adapter_per_speaker``): each adapter gets exactly the gradients of its own rows trained alone on
-the shared base; each is saved on its own and loads alone, plain or by name; speakers from the data."""
+the shared base; each is saved on its own and loads alone, plain or by name; speakers from the data;
+the README's per-speaker run."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -8,10 +9,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_fused_lora.adapters import list_adapters, load_adapters, set_adapter, using_adapters
+from mlx_fused_lora.cli import main as cli_main
 from mlx_fused_lora.csm import load_csm
+from mlx_fused_lora.train import example as example_module
 from mlx_fused_lora.train.csm.cli import main as finetune_main
 from mlx_fused_lora.train.csm.data import DataSpec, collate, find_files, load_segments, speaker_and_text
 from mlx_fused_lora.train.csm.task import CSMLoRATrainer
+from test_example import commands, readme_block
 from train_helpers import K, V, finetune_args, write_tiny_run
 
 
@@ -117,3 +121,22 @@ def test_per_speaker_runs_refuse_what_they_cannot_do(voices, tmp_path, caplog):
     assert "--adapter-per-speaker trains adapters named speaker_<id>" in caplog.text
     assert finetune_main([*args, "--save-mode", "full"]) == 1
     assert "--adapter-per-speaker saves each" in caplog.text
+
+
+PER_SPEAKER_RUN = "tested-by: tests/test_multi_speaker.py (the per-speaker run)"
+
+
+@pytest.mark.skipif(not example_module._have("mlx_audio"), reason="needs the [audio] extra")
+def test_the_readme_per_speaker_run(tmp_path, monkeypatch, capsys):
+    """The README's block as written, fewer steps and frames (argparse keeps the last value)."""
+    shorter = {"finetune": ["--max-steps", "1", "--no-progress", "--val-split", "0"], "generate": ["--max-frames", "3"]}
+    monkeypatch.chdir(tmp_path)
+    lines = commands(readme_block(PER_SPEAKER_RUN))
+    assert [line[:2] for line in lines] == [["mlx-fused-lora", c] for c in ("example", "finetune", "generate")]
+    for line in lines:
+        assert cli_main(line[1:] + shorter.get(line[1], [])) == 0, line
+    printed = capsys.readouterr().out
+    for wav, said in {"zero.wav": "speaker_0=1", "one.wav": "speaker_1=1"}.items():
+        assert f"wrote {wav} ({said})" in printed
+    for name in ("speaker_0", "speaker_1"):
+        assert (tmp_path / "speakers" / "out" / name / "fine_tuned_model.safetensors").is_file()
