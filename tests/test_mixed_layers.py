@@ -19,14 +19,14 @@ from mlx_fused_lora.adapters import (
 )
 from mlx_fused_lora.layers import PlainLoRALinear, lora_layers, mixed, named
 from mlx_fused_lora.layers import fused_lora_linear as layer_module
-from test_named_adapters import Stack
+from test_named_adapters import Stack, randomize
 
 NAMES = ["alice", "bob", "carol"]
 
 
 def three_voices(dora=False, quantized=None, dropout=0.0):
     """alice (r 4, every projection), bob (r 2, q_proj only), carol (r 3, v_proj; DoRA if asked),
-    all with nonzero lora_b; the base 4-bit quantized in mode ``quantized`` if given."""
+    all with nonzero lora_b (`randomize`); the base 4-bit quantized in mode ``quantized`` if given."""
     mx.random.seed(0)
     model = Stack(dims=32)
     if quantized:
@@ -36,12 +36,7 @@ def three_voices(dora=False, quantized=None, dropout=0.0):
     add_adapter(model, "alice", {"rank": 4, "scale": 2.0, "dropout": dropout})
     add_adapter(model, "bob", {"rank": 2, "scale": 0.5, "dropout": dropout, "keys": ["q_proj"]})
     add_adapter(model, "carol", {"rank": 3, "scale": 1.5, "dropout": dropout, "keys": ["v_proj"], "use_dora": dora})
-    key = mx.random.key(1)
-    for _, layer in lora_layers(model):
-        for h in named.holders(layer).values():
-            key, sub = mx.random.split(key)
-            h.lora_b = 0.3 * mx.random.normal(h.lora_b.shape, key=sub)
-    mx.eval(model.parameters())
+    randomize(model)
     return model
 
 
@@ -215,12 +210,7 @@ def every_projection(kind, dtype, dropout):
             name,
             {"rank": rank, "scale": scale, "dropout": dropout, "use_dora": kind == "dora" and name == "carol"},
         )
-    key = mx.random.key(1)
-    for _, layer in lora_layers(model):
-        for h in named.holders(layer).values():
-            key, sub = mx.random.split(key)
-            h.lora_b = 0.3 * mx.random.normal(h.lora_b.shape, key=sub)
-    mx.eval(model.parameters())
+    randomize(model)
     return model
 
 
@@ -270,9 +260,7 @@ def test_one_adapter_and_the_empty_batch(dora):
     mx.random.seed(0)
     model = Stack(dims=32)
     add_adapter(model, "solo", {"rank": 4, "scale": 2.0, "use_dora": dora})
-    for _, layer in lora_layers(model):
-        h = named.holders(layer)["solo"]
-        h.lora_b = 0.3 * mx.random.normal(h.lora_b.shape)
+    randomize(model)
     x = mx.random.normal((3, 5, 32), key=mx.random.key(2))
     with mixed_batch(model, mx.array([0, -1, 0], dtype=mx.int32)):
         y = model(x)

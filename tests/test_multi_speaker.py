@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_fused_lora.adapters import list_adapters, load_adapters, set_adapter, using_adapters
-from mlx_fused_lora.cli import main as cli_main
 from mlx_fused_lora.csm import load_csm
 from mlx_fused_lora.train import example as example_module
 from mlx_fused_lora.train.csm.cli import main as finetune_main
 from mlx_fused_lora.train.csm.data import DataSpec, collate, find_files, load_segments, speaker_and_text
 from mlx_fused_lora.train.csm.task import CSMLoRATrainer
-from test_example import commands, readme_block
+from test_example import run_readme_block
 from train_helpers import K, V, finetune_args, write_tiny_run
 
 
@@ -131,10 +130,8 @@ def test_the_readme_per_speaker_run(tmp_path, monkeypatch, capsys):
     """The README's block as written, fewer steps and frames (argparse keeps the last value)."""
     shorter = {"finetune": ["--max-steps", "1", "--no-progress", "--val-split", "0"], "generate": ["--max-frames", "3"]}
     monkeypatch.chdir(tmp_path)
-    lines = commands(readme_block(PER_SPEAKER_RUN))
-    assert [line[:2] for line in lines] == [["mlx-fused-lora", c] for c in ("example", "finetune", "generate")]
-    for line in lines:
-        assert cli_main(line[1:] + shorter.get(line[1], [])) == 0, line
+    lines = run_readme_block(PER_SPEAKER_RUN, shorter)
+    assert [line[1] for line in lines] == ["example", "finetune", "generate"]
     printed = capsys.readouterr().out
     for wav, said in {"zero.wav": "speaker_0=1", "one.wav": "speaker_1=1"}.items():
         assert f"wrote {wav} ({said})" in printed
