@@ -169,7 +169,8 @@ def unpatched(monkeypatch):
 def test_tiny_mixtral_trains_saves_and_loads_like_mlx_lm(unpatched, tmp_path):
     """mlx-lm's model with its layers and ours (built by our conversion and by mlx-lm's under
     patch_mlx_lm) on the same weights: same loss and gradients; the adapters ours saves as mlx-lm's
-    trainer does load with mlx-lm's own load_adapters into its own layers, with the same logits."""
+    trainer does load with mlx-lm's own load_adapters into its own layers (and, patched, into ours),
+    with the same logits."""
     theirs, ours, patched = mixtral_model(), mixtral_model(), mixtral_model()
     mx.random.seed(9)
     tuner_utils.linear_to_lora_layers(theirs, 2, CONFIG)
@@ -210,5 +211,11 @@ def test_tiny_mixtral_trains_saves_and_loads_like_mlx_lm(unpatched, tmp_path):
     tuner_utils.load_adapters(loaded, str(tmp_path))
     assert isinstance(dict(loaded.named_modules())[switch[0]], LoRASwitchLinear)
     close(loaded(tokens), ours(tokens), 1e-5)
+    lm_lora.patch_mlx_lm()  # and the same files through mlx-lm's loader into fused layers
+    fused = mixtral_model()
+    tuner_utils.load_adapters(fused, str(tmp_path))
+    lm_lora.unpatch_mlx_lm()
+    assert isinstance(dict(fused.named_modules())[switch[0]], FusedLoRASwitchLinear)
+    close(fused(tokens), loaded(tokens), 1e-5)
     with pytest.raises(ValueError, match="mixture-of-experts LoRA layer"):
         save_adapters(ours, tmp_path / "ours")
