@@ -5,22 +5,24 @@
     python benchmarks/bench_multi_speaker.py benchmarks/results/cpu-multi-speaker.json --write
 
 The model and data are the demo's (`mlx-fused-lora demo`: a random CSM with a 4 x 256
-backbone, LoRA r = 8 on every projection and both heads, dropout 0.1, the synthetic voice
-dataset read back through the real data path), the transcripts tagged with 4 speakers. Both
+backbone, LoRA r = 8 on every projection, codebook0_head and projection, dropout 0.1, the synthetic voice
+dataset read back through the real data path), the transcripts tagged with 4 speakers. All
 sides run finetune's own compiled step (`loop.build_step` over the trainer's loss: forward,
 backward, AdamW update) on the same batch of 8 samples, 2 per speaker:
 
 - ``multi``: ``finetune --adapter-per-speaker``: 4 adapters, a mixed batch (one op call per
   layer, each row on its speaker's adapter), the loss's means per speaker;
-- ``single``: one adapter for every row, as a plain ``finetune`` run trains.
+- ``single``: one adapter for every row, as a plain ``finetune`` run trains;
+- ``held``: ``multi``'s model and step with every row on the first speaker's adapter: what
+  holding (stacking, and computing the gradients of) 4 adapters costs, apart from splitting
+  the rows among them (``multi`` / ``held``).
 
 Targets: multi / single step time <= 1.10; multi's peak memory <= single's * 1.05 plus the
 3 extra adapters' own bytes (their tensors, their gradients and AdamW's two moments: what
 a run training 4 adapters holds that a run training one does not). The time is alternated
-round by round (single in pytest-benchmark's untimed setup), each side keeping its best
-(wall time, and the process CPU time beside it: on a busy machine the wall time moves more
-than the two sides differ);
-each side's peak is measured in a process of its own (the model, one warm step, then the
+round by round (single and held in pytest-benchmark's untimed setup), each side keeping its
+best (wall time, and the process CPU time beside it: on a busy machine the wall time moves
+more than the sides differ); multi's and single's peaks is measured in a process of its own (the model, one warm step, then the
 peak of one more step: what a run holds), so neither side's memory counts in the other's.
 """
 
@@ -48,7 +50,7 @@ def write_data(root: Path) -> tuple[Path, Path]:
 
 
 def step_of(kind: str, root: Path):
-    """(step(), trainer) for ``kind`` ``multi`` or ``single``: finetune's compiled step on the batch."""
+    """(step(), trainer) for ``kind`` ``multi``, ``held`` or ``single``: finetune's compiled step on the batch."""
     from mlx_fused_lora.train import loop
     from mlx_fused_lora.train.csm.demo import ALL_TARGETS
     from mlx_fused_lora.train.csm.task import CSMLoRATrainer
@@ -63,7 +65,7 @@ def step_of(kind: str, root: Path):
         target_modules=ALL_TARGETS,
         max_seq_len=512,
         progress=False,
-        adapter_per_speaker=kind == "multi",
+        adapter_per_speaker=kind != "single",
     )
     trainer.prepare_data(audio, context_turns=1, val_split=0.0)
     by_speaker = {}
@@ -71,6 +73,8 @@ def step_of(kind: str, root: Path):
         by_speaker.setdefault(s.speaker, []).append(s)
     batch = [s for speaker in sorted(by_speaker) for s in by_speaker[speaker][: BATCH // SPEAKERS]]
     inputs = trainer._inputs(batch)[0]  # what finetune's batches give the step
+    if kind == "held":  # every row on adapter 0
+        inputs = (*inputs[:3], mx.zeros_like(inputs[3]))
     model = trainer.model
     import mlx.optimizers as optim
 
@@ -125,14 +129,23 @@ def test_multi_speaker_step_vs_single(benchmark, tmp_path_factory):
     root = tmp_path_factory.mktemp("multi-speaker")
     multi, _ = step_of("multi", root)
     single, _ = step_of("single", root)
-    for _ in range(2):  # compile and warm both
+    held, _ = step_of("held", root)
+    for _ in range(2):  # compile and warm all three
         multi()
         single()
-    single_times, single_cpu, multi_times, multi_cpu = [], [], [], []
+        held()
+    times = {kind: [] for kind in ("multi", "single", "held")}
+    cpu = {kind: [] for kind in times}
+    others = [timed(single, times["single"], cpu["single"]), timed(held, times["held"], cpu["held"])]
+
+    def setup():  # the other two sides, each round, untimed by pytest-benchmark
+        for run in others:
+            run()
+
     benchmark.group = "multi-speaker step"
     benchmark.pedantic(
-        timed(multi, multi_times, multi_cpu),
-        setup=timed(single, single_times, single_cpu),
+        timed(multi, times["multi"], cpu["multi"]),
+        setup=setup,
         rounds=ROUNDS,
         warmup_rounds=0,
         iterations=1,
@@ -140,9 +153,10 @@ def test_multi_speaker_step_vs_single(benchmark, tmp_path_factory):
     memory = {kind: peak_in_subprocess(kind, root) for kind in ("multi", "single")}
     benchmark.extra_info.update(
         case="multi_speaker",
-        single_times_s=single_times,
-        single_min_s=min(single_times),
-        cpu_s={"multi": multi_cpu, "single": single_cpu},
+        single_times_s=times["single"],
+        single_min_s=min(times["single"]),
+        held_times_s=times["held"],
+        cpu_s=cpu,
         memory=memory,
         blas=active_blas(),
         load_average=list(__import__("os").getloadavg()),
@@ -166,6 +180,8 @@ def summary_of(path) -> dict:
         "single_s": info["single_min_s"],
         "multi_over_single_step": multi_s / info["single_min_s"],
         "multi_over_single_cpu": min(info["cpu_s"]["multi"]) / min(info["cpu_s"]["single"]),
+        "held_over_single_step": min(info["held_times_s"]) / info["single_min_s"],
+        "multi_over_held_step": multi_s / min(info["held_times_s"]),
         "peak_mib": {k: v["peak_mib"] for k, v in mem.items()},
         "adapter_mib": {k: v["adapter_mib"] for k, v in mem.items()},
         "extra_adapters_mib": extra,
@@ -195,6 +211,8 @@ def main(argv):
         f"  step: multi {s['multi_s'] * 1e3:.1f} ms, single {s['single_s'] * 1e3:.1f} ms: "
         f"{s['multi_over_single_step']:.3f}x (target <= {TARGETS['multi_over_single_step']}); "
         f"CPU time {s['multi_over_single_cpu']:.3f}x",
+        f"  of which: 4 adapters held, every row on one ÷ single {s['held_over_single_step']:.3f}x; "
+        f"the rows split among the 4 ÷ all on one {s['multi_over_held_step']:.3f}x",
         f"  peak: multi {s['peak_mib']['multi']:.1f} MiB, single {s['peak_mib']['single']:.1f} MiB "
         f"(allowance {s['peak_allowance_mib']:.1f} MiB: single + 5 % + the 3 extra adapters' "
         f"{s['extra_adapters_mib']:.2f} MiB)",
