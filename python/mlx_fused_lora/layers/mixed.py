@@ -68,13 +68,22 @@ def _sources(layer, names) -> tuple:
     return (layer.linear.weight, *(a for n in names for a in (held[n].lora_a, held[n].lora_b, held[n].get("m"))))
 
 
+def _widened(a: mx.array, dtype, axis: int, rank: int) -> mx.array:
+    """``a`` in ``dtype``, zero-padded along ``axis`` to ``rank``; no op where it already is
+    (each is a node of every training step's graph, and of its backward)."""
+    a = a if a.dtype == dtype else a.astype(dtype)
+    if a.shape[axis] == rank:
+        return a
+    return mx.pad(a, [(0, rank - a.shape[axis]) if i == axis else (0, 0) for i in range(2)])
+
+
 def stack_adapters(layer, names) -> Stacked:
     """The adapters ``names`` of ``layer`` (in that order) stacked, ranks padded to the largest."""
     held = [holders(layer)[n] for n in names]
     rank = max(h.lora_a.shape[1] for h in held)
     dtype = mx.result_type(*(h.lora_a for h in held), *(h.lora_b for h in held))
-    lora_a = mx.stack([mx.pad(h.lora_a.astype(dtype), [(0, 0), (0, rank - h.lora_a.shape[1])]) for h in held])
-    lora_b = mx.stack([mx.pad(h.lora_b.astype(dtype), [(0, rank - h.lora_b.shape[0]), (0, 0)]) for h in held])
+    lora_a = mx.stack([_widened(h.lora_a, dtype, 1, rank) for h in held])
+    lora_b = mx.stack([_widened(h.lora_b, dtype, 0, rank) for h in held])
     factors = None
     if any("m" in h for h in held):
         ones = mx.ones((lora_b.shape[-1],), dtype=mx.float32)
