@@ -43,6 +43,16 @@ def commands(block: str) -> list[list[str]]:
     return [shlex.split(line, comments=True) for line in text.splitlines() if shlex.split(line, comments=True)]
 
 
+def run_readme_block(marker: str, shorter: dict) -> list[list[str]]:
+    """Run the ``mlx-fused-lora`` commands of the README block after ``marker`` in the current
+    folder, each subcommand's line with ``shorter[subcommand]`` appended (argparse keeps the last
+    value: fewer steps, frames); returns the lines."""
+    lines = commands(readme_block(marker))
+    for line in lines:
+        assert line[0] == "mlx-fused-lora" and cli_main(line[1:] + shorter.get(line[1], [])) == 0, line
+    return lines
+
+
 def test_example_writes_a_model_tokenizer_and_data_that_fit(tmp_path):
     ex = write_example(tmp_path / "ex", num_files=4, audio_format="codes")
     config = CSMConfig.from_dict(json.loads((ex.model / "config.json").read_text()))

@@ -18,9 +18,11 @@ fast_blas.enable_from_environment()
 _LAZY = {
     "fused_lora_linear": ".ops",
     "fused_qlora_linear": ".ops",
+    "fused_lora_onto": ".ops",
     "dropout_mask": ".ops",
     "FusedLoRALinear": ".layers",
     "FusedDoRALinear": ".layers",
+    "FusedLoRASwitchLinear": ".layers",
     "linear_to_lora_layers": ".layers",
     "patch_mlx_lm": ".lm_lora",
     "_ext": "._extension",
@@ -29,9 +31,11 @@ _LAZY = {
 __all__ = [
     "fused_lora_linear",
     "fused_qlora_linear",
+    "fused_lora_onto",
     "dropout_mask",
     "FusedLoRALinear",
     "FusedDoRALinear",
+    "FusedLoRASwitchLinear",
     "linear_to_lora_layers",
     "patch_mlx_lm",
 ]

@@ -2,9 +2,10 @@
 
 ``python -m mlx_fused_lora.lm_lora --model ... --train --data ...`` takes exactly
 ``mlx_lm.lora``'s arguments; every linear layer mlx-lm would wrap in its
-``LoRALinear`` becomes a ``FusedLoRALinear`` instead, and with ``--fine-tune-type dora``
-every ``DoRALinear`` a ``FusedDoRALinear`` (same parameter names, so adapters are
-interchangeable with plain mlx-lm's). It needs mlx-lm: ``pip install "mlx-fused-lora[lm]"``.
+``LoRALinear`` becomes a ``FusedLoRALinear`` instead, every mixture-of-experts
+``LoRASwitchLinear`` a ``FusedLoRASwitchLinear``, and with ``--fine-tune-type dora`` every
+``DoRALinear`` a ``FusedDoRALinear`` (same parameter names, so adapters are interchangeable
+with plain mlx-lm's). It needs mlx-lm: ``pip install "mlx-fused-lora[lm]"``.
 
 Beyond mlx-lm's arguments it takes PEFT's ``--init-lora-weights``, ``--rank-pattern`` and
 ``--alpha-pattern`` (or those keys in the config file's ``lora_parameters``, where mlx-lm keeps
@@ -31,6 +32,7 @@ if __name__ == "__main__":  # `python -m`: MLX's matmuls on OpenBLAS, before .la
 
 from .layers import FusedLoRALinear, linear_to_lora_layers  # noqa: E402
 from .layers.fused_dora_linear import FusedDoRALinear  # noqa: E402
+from .layers.fused_lora_switch_linear import FusedLoRASwitchLinear  # noqa: E402
 from .layers.growth import RankSchedule, adapter_rank, growing, rank_schedule  # noqa: E402
 from .layers.init import check_init  # noqa: E402
 from .layers.patterns import check_patterns  # noqa: E402
@@ -45,9 +47,12 @@ INSTALL_HINT = 'pip install "mlx-fused-lora[lm]"'
 PATCHED_NAMES = (
     ("mlx_lm.tuner.utils", "LoRALinear"),
     ("mlx_lm.tuner.utils", "DoRALinear"),
+    ("mlx_lm.tuner.utils", "LoRASwitchLinear"),
     ("mlx_lm.tuner.lora", "LoRALinear"),
+    ("mlx_lm.tuner.lora", "LoRASwitchLinear"),
     ("mlx_lm.tuner.dora", "DoRALinear"),
 )
+FUSED = {"LoRALinear": FusedLoRALinear, "DoRALinear": FusedDoRALinear, "LoRASwitchLinear": FusedLoRASwitchLinear}
 
 
 class _StandIn(type):
@@ -89,12 +94,12 @@ def _import_mlx_lm_tuner():
 
 
 def patch_mlx_lm():
-    """Make mlx-lm build FusedLoRALinear (FusedDoRALinear) wherever it would build its
-    LoRALinear (DoRALinear).
+    """Make mlx-lm build FusedLoRALinear (FusedDoRALinear, FusedLoRASwitchLinear) wherever it
+    would build its LoRALinear (DoRALinear, LoRASwitchLinear).
 
     Replaces each name of `PATCHED_NAMES` (``mlx_lm.tuner.utils.LoRALinear``,
-    ``mlx_lm.tuner.lora.LoRALinear``, the DoRA pair) with a stand-in whose constructor and
-    ``from_base`` build ours and which ``isinstance`` matches against ours and mlx-lm's
+    ``mlx_lm.tuner.lora.LoRALinear``, the DoRA and mixture-of-experts pairs) with a
+    stand-in whose constructor and ``from_base`` build ours and which ``isinstance`` matches against ours and mlx-lm's
     own: mlx-lm's ``linear_to_lora_layers`` (used by its trainer, ``load_adapters`` and
     ``fuse``) builds fused layers, its ``remove_lora_layers`` unwraps both kinds. A
     script that imported the class itself before the patch keeps mlx-lm's. Idempotent;
@@ -105,8 +110,7 @@ def patch_mlx_lm():
         current = getattr(modules[module], name)
         if isinstance(current, _StandIn):
             continue
-        ours = FusedDoRALinear if name == "DoRALinear" else FusedLoRALinear
-        setattr(modules[module], name, _stand_in(ours, current))
+        setattr(modules[module], name, _stand_in(FUSED[name], current))
     return modules["mlx_lm.tuner.utils"]
 
 

@@ -27,6 +27,7 @@ from .manager import (
     using_adapters,
 )
 from .merge import MERGE_METHODS, MergeArgumentError, merge_adapters, merge_module
+from .mixed import adapter_ids, mixed_batch, trained_adapters
 from .model_io import ModelAdapterHooks, convert_adapter, load_adapters, register_model_hooks, save_adapters
 from .named_io import add_weighted_adapter, hotswap_adapter
 from .registry import (
@@ -70,6 +71,9 @@ __all__ = [
     "active_adapters",
     "disable_adapters",
     "using_adapters",
+    "mixed_batch",
+    "adapter_ids",
+    "trained_adapters",
     "fuse_adapters",
     "hotswap_adapter",
     "add_weighted_adapter",

@@ -144,7 +144,13 @@ def check_lora_tensor(key: str, value: mx.array, where: str) -> None:
         dtype = str(value.dtype).rsplit(".", 1)[-1]  # int32, not mlx.core.int32
         raise AdapterError(f"{where}: tensor {key!r} has dtype {dtype}; expected float16, bfloat16 or float32")
     if value.ndim != 2:
-        raise AdapterError(f"{where}: tensor {key!r} has shape {tuple(value.shape)}; expected a matrix")
+        moe = (
+            " (3-D: a mixture-of-experts adapter, which mlx_lm.tuner.utils.load_adapters reads, fused after "
+            "mlx_fused_lora.patch_mlx_lm())"
+            if value.ndim == 3
+            else ""
+        )
+        raise AdapterError(f"{where}: tensor {key!r} has shape {tuple(value.shape)}; expected a matrix{moe}")
 
 
 def check_lora_pair(path: str, a: mx.array, b: mx.array, where: str, names=("lora_a", "lora_b")) -> None:

@@ -68,6 +68,14 @@ def register_model_hooks(model_class: type, hooks: ModelAdapterHooks) -> None:
     _HOOKS.append((model_class, hooks))
 
 
+MOE_ADAPTERS = (
+    "a mixture-of-experts LoRA layer (per-expert lora_a (E, r, in), lora_b (E, out, r)): these adapter "
+    "files hold linear layers' adapters. Save and load a mixture-of-experts model's adapters as mlx-lm does "
+    "(its trainer writes adapters.safetensors; mlx_lm.tuner.utils.load_adapters reads it, fused after "
+    "mlx_fused_lora.patch_mlx_lm())"
+)
+
+
 def _hooks_for(model: nn.Module) -> ModelAdapterHooks:
     for cls, hooks in reversed(_HOOKS):
         if isinstance(model, cls):
@@ -82,6 +90,9 @@ def _adapter_set_of(model: nn.Module, name: str | None = None) -> AdapterSet:
     if not layers:
         raise ValueError("the model has no LoRA layers to save" if name is None else f"no layer holds adapter {name!r}")
     held = {p: layer if name is None else holders(layer)[name] for p, layer in layers}
+    for path, h in held.items():
+        if h.lora_a.ndim != 2:
+            raise ValueError(f"{path}: {MOE_ADAPTERS}")
     config = manager.registry(model).configs.get(name) if name is not None else None
     settings = config or getattr(model, "lora_settings", None)
     use_rslora = bool(getattr(settings, "use_rslora", False))

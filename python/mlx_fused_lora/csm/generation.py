@@ -16,6 +16,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from ..adapters.manager import using_adapters
+from ..adapters.mixed import mixed_batch
 from .model import CSM
 
 __all__ = ["sample_top_k", "generate_frame", "generate"]
@@ -82,8 +83,11 @@ def generate(
     ``tokens``, ``mask``: ``[B, T, K + 1]`` prompt frames (padding frames allowed; their
     mask is all zero). ``sampler(logits [B, V], codebook) -> [B]`` replaces top-k sampling
     (e.g. greedy, or teacher forcing in tests). ``adapters``: the named adapters to speak
-    with for this call (a name, a list, or {name: weight}; `adapters.set_adapter`), e.g.
-    one speaker adapter per voice on one loaded base; None: those the model runs.
+    with for this call, e.g. one speaker adapter per voice on one loaded base: a name, or
+    ``{name: weight}`` (several stacked, `adapters.set_adapter`), for every row; ``[]`` the
+    base model; a list of B entries, one per row (a name, or None for the base model):
+    several voices in one batch, each row on its own adapter (`adapters.mixed_batch`, one
+    op call per layer); None: those the model runs.
 
     Returns codes ``[B, N, K]`` (int32), ``N <= max_frames``. A row that samples an
     all-zero frame is finished: its later frames are zero. Generation ends early when
@@ -96,10 +100,16 @@ def generate(
         raise ValueError(f"prompt of {T} frames + max_frames {max_frames} exceeds the backbone's max_seq_len {limit}")
     if sampler is None:
         sampler = default_sampler(top_k, temperature, seed)
+    per_row = isinstance(adapters, (list, tuple)) and len(adapters) > 0
+    if per_row and len(adapters) != tokens.shape[0]:
+        raise ValueError(
+            f"generate: a list of adapters names one per row: {tokens.shape[0]} rows, got {len(adapters)} "
+            f"entries {list(adapters)}; to stack adapters on every row give {{name: weight}}"
+        )
     was_training = model.training
     model.eval()  # no LoRA dropout while sampling; the caller's mode is restored below
     try:
-        with using_adapters(model, adapters):
+        with mixed_batch(model, list(adapters)) if per_row else using_adapters(model, adapters):
             return _generate(model, tokens, mask, max_frames, sampler)
     finally:
         model.train(was_training)

@@ -34,6 +34,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..layers.mixed import mapped_ids
 from .config import CSMConfig, LlamaFlavor, RopeScaling
 
 __all__ = [
@@ -293,11 +294,22 @@ class CSM(nn.Module):
         c0 = self.codebook0_head(h)
         prev = self.audio_embeddings(codes[..., : K - 1] + mx.arange(K - 1) * V)
         seq = mx.concatenate([h[:, :, None, :], prev.astype(h.dtype)], axis=2)
-        dec = self.decoder(self.projection(seq.reshape(B * T, K, D)), "causal")
+        with mapped_ids([self.projection, self.decoder], lambda ids: _ids_per_frame(ids, T)):
+            dec = self.decoder(self.projection(seq.reshape(B * T, K, D)), "causal")
         # position k of the decoder run predicts codebook k with audio_head[k - 1]
         rest = dec[:, 1:, :].transpose(1, 0, 2) @ self.audio_head
         rest = rest.transpose(1, 0, 2).reshape(B, T, K - 1, V)
         return mx.concatenate([c0[:, :, None, :], rest.astype(c0.dtype)], axis=2)
+
+
+def _ids_per_frame(ids: mx.array, frames: int) -> mx.array:
+    """A mixed batch's ids (one per sequence) for the decoder, which runs one sequence per frame."""
+    if ids.ndim != 1:
+        raise ValueError(
+            f"CSM: a mixed batch's adapter_ids must be one per sequence, shape (B,), got {tuple(ids.shape)}: "
+            "the decoder runs a sequence per frame, on a subset of the frames in training"
+        )
+    return mx.repeat(ids, frames)
 
 
 def _check_frames(tokens: mx.array, mask: mx.array, width: int) -> None:

@@ -5,6 +5,7 @@ from .convert import linear_to_lora_layers
 from .fold import fold_lora
 from .fused_dora_linear import FusedDoRALinear
 from .fused_lora_linear import FusedLoRALinear
+from .fused_lora_switch_linear import FusedLoRASwitchLinear
 from .init import INIT_METHODS, LoRAInit, init_lora
 from .patterns import module_rank_alpha
 from .plain_lora_linear import PlainLoRALinear, plain_layer_class
@@ -21,6 +22,7 @@ from .tree import (
 __all__ = [
     "FusedLoRALinear",
     "FusedDoRALinear",
+    "FusedLoRASwitchLinear",
     "PlainLoRALinear",
     "LoRALinearBase",
     "linear_to_lora_layers",

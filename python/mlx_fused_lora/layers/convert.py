@@ -2,9 +2,10 @@
 
 An mlx-lm user switches by one import:
 ``from mlx_fused_lora import linear_to_lora_layers``. Linear and quantized linear
-layers become FusedLoRALinear (FusedDoRALinear with ``use_dora``); layer types the
-fused op does not cover yet (mixture-of-experts SwitchLinear, embeddings) get mlx-lm's
-own layers, so a model converts exactly as mlx-lm would convert it.
+layers become FusedLoRALinear (FusedDoRALinear with ``use_dora``), mixture-of-experts
+``SwitchLinear`` / ``QuantizedSwitchLinear`` FusedLoRASwitchLinear; embeddings, which the
+fused op does not cover, get mlx-lm's own layers, so a model converts exactly as mlx-lm
+would convert it.
 
 Beyond mlx-lm's keys, ``config`` takes PEFT's ``init_lora_weights`` (how each adapter starts,
 `layers.init`) and ``rank_pattern`` / ``alpha_pattern`` (other ranks and alphas for the modules
@@ -17,6 +18,7 @@ from mlx.utils import tree_unflatten
 
 from .fused_dora_linear import FusedDoRALinear
 from .fused_lora_linear import FusedLoRALinear
+from .fused_lora_switch_linear import FusedLoRASwitchLinear
 from .init import check_init, is_default_init, warn_base_changed
 from .patterns import check_patterns, module_rank_scale
 
@@ -54,7 +56,7 @@ def _to_lora(layer, config, use_dora, path):
     if isinstance(layer, (SwitchLinear, QuantizedSwitchLinear)):
         if use_dora:
             raise ValueError(f"{type(layer).__name__} doesn't support DoRA yet.")
-        cls = lora.LoRASwitchLinear
+        cls = FusedLoRASwitchLinear
     elif isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding)):
         cls = dora.DoRAEmbedding if use_dora else lora.LoRAEmbedding
     else:

@@ -15,7 +15,7 @@ import warnings
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["base_dims", "dense_weight", "fold_lora"]
+__all__ = ["base_dims", "dense_weight", "fold_lora", "warn_if_below_step"]
 
 
 def base_dims(linear: nn.Module) -> tuple[int, int]:
@@ -40,7 +40,9 @@ def dense_weight(linear: nn.Module) -> mx.array:
     )
 
 
-def _warn_if_below_step(base: nn.QuantizedLinear, delta: mx.array, name: str, stacklevel: int) -> None:
+def warn_if_below_step(base: nn.Module, delta: mx.array, name: str, stacklevel: int) -> None:
+    """Warn (naming ``name``) when re-quantizing ``base`` (a quantized layer, affine) would
+    round the folded ``delta`` mostly away."""
     if base.mode != "affine":
         return  # the step check reads affine scales
     # One quantization step per group is `scales`; a delta much smaller than the step is
@@ -92,5 +94,5 @@ def fold_lora(
         fused.bias = linear.bias
     if not quantized or dequantize:
         return fused
-    _warn_if_below_step(linear, delta, name, stacklevel)
+    warn_if_below_step(linear, delta, name, stacklevel)
     return nn.QuantizedLinear.from_linear(fused, linear.group_size, linear.bits, mode=linear.mode)

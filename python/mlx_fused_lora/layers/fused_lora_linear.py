@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..ops import dropout_mask, fused_lora_linear, fused_qlora_linear, reference
+from ..ops.checks import check_adapter_ids
 from .base import LoRALinearBase, check_lora_args, init_lora_weights
 
 
@@ -28,9 +29,10 @@ def draw_dropout_key():
     return mx.random.randint(0, 2**31 - 1, shape=(2,), dtype=mx.int32).astype(mx.uint32)
 
 
-def _plain_quantized_product(linear, x, bias, lora_a, lora_b, scale, dropout, key):
+def _plain_quantized_product(linear, x, bias, lora_a, lora_b, scale, dropout, key, adapter_ids=None):
     """Quantization modes without a fused op (mxfp4, nvfp4, ...): mlx-lm's formula in plain
-    MLX with the op's mask (stored), promoting as it does; an empty batch through the guard."""
+    MLX with the op's mask (stored), promoting as it does; an empty batch through the guard;
+    with ``adapter_ids``, each row's adapter by the oracle's per-row term."""
     y = reference.quantized_matmul(
         x,
         linear.weight,
@@ -44,13 +46,17 @@ def _plain_quantized_product(linear, x, bias, lora_a, lora_b, scale, dropout, ke
     if bias is not None:
         y = y + bias
     dropped = x if dropout == 0 else x * dropout_mask(key, x.shape, dropout, dtype=x.dtype)
+    if adapter_ids is not None:
+        ids = check_adapter_ids(x, adapter_ids, "lora_product").reshape(x.shape[:-1])
+        return y + reference.mixed_lora_term(dropped, lora_a, lora_b, mx.array(scale), ids).astype(x.dtype)
     z = (dropped @ lora_a.astype(x.dtype)) @ lora_b.astype(x.dtype)
     return y + (scale * z).astype(x.dtype)
 
 
-def lora_product(linear, x, lora_a, lora_b, *, scale, dropout=0.0, key=None, with_bias=True):
+def lora_product(linear, x, lora_a, lora_b, *, scale, dropout=0.0, key=None, with_bias=True, adapter_ids=None):
     """``linear(x) + scale * (dropout(x) @ lora_a) @ lora_b`` on the fused op: the one
-    dispatch from a base layer to an op, for every layer built on it (LoRA, DoRA).
+    dispatch from a base layer to an op, for every layer built on it (LoRA, DoRA). With
+    ``adapter_ids`` the adapters are stacked and ``scale`` is one per adapter (the mixed op).
 
     A dense base takes `fused_lora_linear`; a quantized one (affine, as MLX quantizes
     by default) `fused_qlora_linear`: no dequantized weight, no stored mask.
@@ -74,7 +80,7 @@ def lora_product(linear, x, lora_a, lora_b, *, scale, dropout=0.0, key=None, wit
     bias = linear.bias if with_bias and "bias" in linear else None
     quantized = isinstance(linear, nn.QuantizedLinear)
     if quantized and linear.mode != "affine":
-        return _plain_quantized_product(linear, x, bias, lora_a, lora_b, scale, dropout, key)
+        return _plain_quantized_product(linear, x, bias, lora_a, lora_b, scale, dropout, key, adapter_ids)
     weight = linear.weight
     product = mx.result_type(x.dtype, linear.scales.dtype if quantized else weight.dtype)
     if x.dtype != product:
@@ -88,7 +94,9 @@ def lora_product(linear, x, lora_a, lora_b, *, scale, dropout=0.0, key=None, wit
         else:
             bias, late_bias = None, bias
     if not quantized:
-        y = fused_lora_linear(x, weight, bias, lora_a, lora_b, scale=scale, dropout=dropout, key=key)
+        y = fused_lora_linear(
+            x, weight, bias, lora_a, lora_b, scale=scale, dropout=dropout, key=key, adapter_ids=adapter_ids
+        )
     else:
         y = fused_qlora_linear(
             x,
@@ -103,6 +111,7 @@ def lora_product(linear, x, lora_a, lora_b, *, scale, dropout=0.0, key=None, wit
             scale=scale,
             dropout=dropout,
             key=key,
+            adapter_ids=adapter_ids,
         )
     return y if late_bias is None else y + late_bias
 

@@ -51,6 +51,7 @@ __all__ = [
     "holders",
     "adapter_keys",
     "route",
+    "one_rate",
     "layer_with",
     "decompose",
     "stacked_lora",
@@ -194,15 +195,20 @@ def route(layer, active: Sequence, trainable: Collection[str], disabled: bool, w
         raise ValueError(
             f"{where}: DoRA adapter {dora[0]!r} takes weight 1 (a weight scales a LoRA delta), got {mine[0][1]}"
         )
-    rates = {held[n].dropout for n, _ in mine if n in trained}
+    return Routing(mine, bool(disabled), one_rate(held, [n for n, _ in mine], trained, where), trained)
+
+
+def one_rate(held: dict, names: Sequence[str], trained: Collection[str], where: str) -> float:
+    """The dropout rate of one op call over adapters ``names`` of a layer: that of the ones
+    being trained (which must agree, else a ValueError naming ``where``), else the largest."""
+    rates = {held[n].dropout for n in names if n in trained}
     if len(rates) > 1:
         raise ValueError(
             f"{where}: the adapters being trained have different dropout rates "
-            f"{ {n: held[n].dropout for n, _ in mine if n in trained} }; a stacked layer runs one op with one "
+            f"{ {n: held[n].dropout for n in names if n in trained} }; a stacked layer runs one op with one "
             "mask: train them one at a time or give them one rate"
         )
-    rates = rates or {held[n].dropout for n, _ in mine}
-    return Routing(mine, bool(disabled), max(rates, default=0.0), trained)
+    return max(rates or {held[n].dropout for n in names}, default=0.0)
 
 
 def layer_with(base: nn.Module, adapters: Sequence[tuple[str, AdapterWeights]]) -> nn.Module:

@@ -39,6 +39,10 @@ runs the plain-MLX reference, backends/reference.py).
 The VJP returns one cotangent per slot, in the same order (``cotangents``,
 ``mixed_cotangents``).
 
+The LoRA term onto a base product the caller made (``fused_lora_onto``: a mixture of
+experts' per-expert base) takes the mixed slots with that product in place of the weight
+and no bias (``OntoInputs``).
+
 The quantized-base op (``fused_qlora_linear``) has the same slots with the packed
 weight's three arrays in place of ``weight``, and the same two routing slots when mixed:
 
@@ -68,13 +72,16 @@ def no_key():
     return mx.zeros((2,), dtype=mx.uint32)
 
 
+def key_slot(key, p):
+    """The key slot's value: ``key``, or `no_key` when p = 0 (``key`` may be None then)."""
+    return no_key() if p == 0 or key is None else key
+
+
 def op_inputs(x2d, weight, bias, lora_a, lora_b, key, p):
     """The fixed slots for validated inputs (``key`` may be None when p = 0)."""
     if bias is None:
         bias = mx.zeros((0,), dtype=x2d.dtype)
-    if p == 0 or key is None:
-        key = no_key()
-    return Inputs(x2d, weight, bias, lora_a, lora_b, key)
+    return Inputs(x2d, weight, bias, lora_a, lora_b, key_slot(key, p))
 
 
 def has_bias(bias_slot):
@@ -146,6 +153,25 @@ def mixed_cotangents(primals, dy, *, dx, d_lora_a, d_lora_b, d_scales):
     of ``cotangents``, then the scales' and zeros for the ids."""
     dense = cotangents(Inputs(*primals[:6]), dy, dx=dx, d_lora_a=d_lora_a, d_lora_b=d_lora_b)
     return (*dense, d_scales, mx.zeros_like(primals[7]))
+
+
+class OntoInputs(NamedTuple):
+    """The slots of the LoRA term onto a given base product (``fused_lora_onto``): the
+    mixed op's, with the caller's base product (M, N) in place of the weight and no bias
+    (the caller's base includes its own)."""
+
+    x: mx.array
+    base: mx.array  # (M, N) in x's dtype
+    lora_a: mx.array  # (n, K, r)
+    lora_b: mx.array  # (n, r, N)
+    key: mx.array
+    scales: mx.array  # (n,) float32
+    adapter_ids: mx.array  # (M,) int32 in [-1, n)
+
+
+def onto_cotangents(primals, dy, *, dx, d_lora_a, d_lora_b, d_scales):
+    """The cotangents of ``OntoInputs``' slots: the base's is dY itself."""
+    return (dx, dy, d_lora_a, d_lora_b, mx.zeros_like(primals.key), d_scales, mx.zeros_like(primals.adapter_ids))
 
 
 def _bias_cotangent(bias_slot, dy):

@@ -79,6 +79,14 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale, mask=None, adapter_ids=N
     return _lora(y, x32, bias, lora_a, lora_b, scale, mask, adapter_ids).astype(x.dtype)
 
 
+def lora_onto(x, base, lora_a, lora_b, scale, mask=None, adapter_ids=None):
+    """``base + scale * ((mask * x) @ lora_a) @ lora_b`` for a base product the caller
+    made (``fused_lora_onto``), each row on its adapter with ``adapter_ids``; float32
+    math, x's dtype out."""
+    x32 = x.astype(mx.float32)
+    return _lora(base.astype(mx.float32), x32, None, lora_a, lora_b, scale, mask, adapter_ids).astype(x.dtype)
+
+
 def quantized_matmul_dtype(x_dtype, scales_dtype):
     """The dtype of MLX's ``quantized_matmul``: x's promoted with float scales (affine);
     x's own where the scales are not floats (uint8 exponents: mxfp4, nvfp4, mxfp8)."""

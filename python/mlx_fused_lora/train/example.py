@@ -160,21 +160,25 @@ def write_example(
     seed: int = 0,
     *,
     overwrite: bool = False,
+    speakers: int = 1,
 ) -> Example:
     """Write the CSM example under ``root`` (created; must be new or empty, or hold an earlier
     example with ``overwrite``); see `csm.example.write_csm_example` for what it holds.
 
     ``audio_format``: ``"wav"``, ``"codes"`` or ``"mixed"``; default ``"wav"`` when mlx-audio
     is installed, else ``"codes"``. ``data_only``: just ``root/data``. ``width``: the
-    backbone width (the decoder is half). Arguments are checked first (`check_arguments`);
-    the files appear all at once (`publish`).
+    backbone width (the decoder is half). ``speakers``: transcripts tagged with that many speakers
+    (``[0]``, ``[1]``, ... in turn; for ``finetune --adapter-per-speaker``). Arguments are checked
+    first (`check_arguments`); the files appear all at once (`publish`).
     """
     audio_format = check_arguments(root, num_files, audio_format, data_only, width, seed, overwrite=overwrite)
+    if not _int(speakers) or not 1 <= speakers <= num_files:
+        raise ValueError(f"--speakers must be an integer from 1 to --files ({num_files}), got {speakers!r}")
     with_tokenizer, with_mimi = _have("tokenizers"), _have("mlx_audio")
     files = publish(
         Path(root),
         lambda stage: write_csm_example(
-            stage, num_files, audio_format, data_only, width, seed, with_tokenizer, with_mimi
+            stage, num_files, audio_format, data_only, width, seed, with_tokenizer, with_mimi, speakers
         ),
         overwrite,
     )
@@ -249,11 +253,21 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=64, help="backbone width of the random model (the CSM decoder is half)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
     p.add_argument(
+        "--speakers",
+        type=int,
+        default=1,
+        help="tag the transcripts with this many speakers, [0], [1], ... in turn (for finetune --adapter-per-speaker)",
+    )
+    p.add_argument(
         "--overwrite", action="store_true", help="replace an earlier example in DIR (a folder holding only an example)"
     )
     args = p.parse_args(argv)
     try:
         if args.llm:
+            if args.speakers != 1:
+                raise ValueError(
+                    f"--speakers tags the CSM example's transcripts; --llm writes text data, got {args.speakers}"
+                )
             files = 32 if args.files is None else args.files
             if args.format is not None:
                 check_arguments(args.dir, files, args.format, args.data_only, args.width, args.seed, llm=True)
@@ -262,7 +276,14 @@ def main(argv=None) -> int:
         else:
             files = 16 if args.files is None else args.files
             ex = write_example(
-                args.dir, files, args.format, args.data_only, args.width, args.seed, overwrite=args.overwrite
+                args.dir,
+                files,
+                args.format,
+                args.data_only,
+                args.width,
+                args.seed,
+                overwrite=args.overwrite,
+                speakers=args.speakers,
             )
             _print_csm(ex, args.data_only)
     except (OSError, ValueError, ImportError) as e:

@@ -3,7 +3,8 @@
 A backend offers ``lora_linear(inputs, scale, p)`` over the fixed slots of
 ``layout.Inputs`` (returning y of shape (M, N)) and ``dropout_mask(key, shape, p,
 dtype)``; ``current_quantized()`` chooses for the quantized-base op, ``current_mixed()``
-for the mixed-adapter op (``layout.MixedInputs``). The CPU runs the C++ extension
+for the mixed-adapter op (``layout.MixedInputs``), ``current_onto()`` for the LoRA term
+onto a given base product (``layout.OntoInputs``). The CPU runs the C++ extension
 (``cpu``); a Metal or CUDA device runs the GPU kernels (``gpu``, self-checked at first
 use) unless MLX_FUSED_LORA_GPU_KERNELS=0, else the plain-MLX reference with the same
 mask (``reference``, one warning).
@@ -53,6 +54,16 @@ def current_mixed():
         return cpu
     hint = " for mixed-adapter batches (the GPU kernels take one adapter, for now)"
     return SimpleNamespace(lora_linear=functools.partial(reference.lora_linear, hint=hint))
+
+
+def current_onto():
+    """The backend of the LoRA term onto a given base product (``lora_onto(inputs, p)``
+    over ``layout.OntoInputs``): the C++ extension on the CPU; on a GPU the plain-MLX
+    reference for now."""
+    if mx.default_device() == mx.cpu:
+        return cpu
+    hint = " for the LoRA term onto a given base product (mixture-of-experts layers), for now"
+    return SimpleNamespace(lora_onto=functools.partial(reference.lora_onto, hint=hint))
 
 
 def quantized_matmul(x, weight, scales, biases, *, transpose, group_size, bits):

@@ -57,6 +57,27 @@ def _op(scale, p):
     return op
 
 
+def _with_traced_jvp(forward):
+    """``forward`` as an mx.custom_function whose jvp is forward mode through the traced
+    primitives, over only the inputs that have a tangent (by default every input of a
+    custom function would be differentiated; MLX's quantized matmul has a jvp for x only)."""
+    op = mx.custom_function(forward)
+
+    @op.jvp
+    def op_jvp(primals, tangents):
+        active = [i for i, t in enumerate(tangents) if t is not None]
+
+        def along(*values):
+            args = list(primals)
+            for i, v in zip(active, values, strict=True):
+                args[i] = v
+            return forward(*args)
+
+        return tuple(mx.jvp(along, [primals[i] for i in active], [tangents[i] for i in active])[1])
+
+    return op
+
+
 def quantized_base(x, weight, scales, biases, *, transpose, group_size, bits):
     """The quantized base's product: x @ W.T (transpose) or dY @ W, in x's dtype.
 
@@ -81,22 +102,7 @@ def _qop(scale, p, group_size, bits):
         y_base = base(x, weight, scales, biases, transpose=True)
         return tuple(_ext.lora_forward_onto(x, y_base, bias, lora_a, lora_b, key, *routing, scale=scale, dropout=p))
 
-    op = mx.custom_function(forward)
-
-    @op.jvp
-    def op_jvp(primals, tangents):
-        # Forward mode through the traced primitives, over only the inputs that have a
-        # tangent: MLX's quantized matmul has a jvp for x only, and by default every
-        # input of a custom function would be differentiated.
-        active = [i for i, t in enumerate(tangents) if t is not None]
-
-        def along(*values):
-            args = list(primals)
-            for i, v in zip(active, values, strict=True):
-                args[i] = v
-            return forward(*args)
-
-        return tuple(mx.jvp(along, [primals[i] for i in active], [tangents[i] for i in active])[1])
+    op = _with_traced_jvp(forward)
 
     @op.vjp
     def op_vjp(primals, cotangents, outputs):
@@ -136,6 +142,34 @@ def qlora_linear(inputs, scale, p, *, group_size, bits):
 def lora_linear(inputs, scale, p):
     """y (M, N) for the fixed slots `inputs` (layout.Inputs or layout.MixedInputs)."""
     return _op(scale, p)(*inputs)[0]
+
+
+@functools.cache
+def _onto_op(p):
+    """The LoRA term onto a given base product (layout.OntoInputs): the mixed op's
+    primitives without the base GEMMs; x's cotangent is the LoRA term's part alone."""
+
+    def forward(x, base, lora_a, lora_b, key, scales, ids):
+        no_bias = mx.zeros((0,), dtype=x.dtype)
+        return tuple(_ext.lora_forward_onto(x, base, no_bias, lora_a, lora_b, key, scales, ids, scale=1.0, dropout=p))
+
+    op = _with_traced_jvp(forward)
+
+    @op.vjp
+    def op_vjp(primals, cotangents, outputs):
+        primals = layout.OntoInputs(*primals)
+        x, _, lora_a, lora_b, key, scales, ids = primals
+        dy = cotangents[0].astype(x.dtype)
+        ds, d_lora_a, d_lora_b, d_scales = _lora_grads(x, dy, outputs[1], lora_a, lora_b, key, (scales, ids), 1.0, p)
+        dx = _ext.lora_input_grad_onto(mx.zeros_like(x), ds, lora_a, key, ids, dropout=p)
+        return layout.onto_cotangents(primals, dy, dx=dx, d_lora_a=d_lora_a, d_lora_b=d_lora_b, d_scales=d_scales)
+
+    return op
+
+
+def lora_onto(inputs, p):
+    """y (M, N) for the slots `inputs` (layout.OntoInputs)."""
+    return _onto_op(p)(*inputs)[0]
 
 
 def dropout_mask(key, shape, p, dtype):

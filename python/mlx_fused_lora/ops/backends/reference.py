@@ -246,5 +246,13 @@ def qlora_linear(inputs, scale, p, *, group_size, bits, hint=""):
     )
 
 
+def lora_onto(inputs, p, hint=""):
+    """y (M, N) for the slots `inputs` (layout.OntoInputs), the oracle's per-row formula
+    with the device mask (stored; one warning)."""
+    _warn_once(str(mx.default_device()), hint)
+    x, base, lora_a, lora_b, key, scales, ids = inputs
+    return reference.lora_onto(x, base, lora_a, lora_b, scales, _mask(key, x, p), ids)
+
+
 dropout_mask = device_dropout_mask
 quantized_matmul = reference.quantized_matmul  # backends.quantized_matmul's GPU branch

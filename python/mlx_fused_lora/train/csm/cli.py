@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(`mlx-fused-lora generate --adapter NAME=DIR`); PEFT's name when none is given: %(default)s",
     )
     g.add_argument(
+        "--adapter-per-speaker",
+        action="store_true",
+        help="one adapter per speaker of the data (a transcript's [N] tag, else --speaker-id), named speaker_N, "
+        "trained in one run on mixed batches (each row on its speaker's adapter); each saved in "
+        "OUTPUT_DIR/speaker_N/",
+    )
+    g.add_argument(
         "--resume-adapter-file",
         default=None,
         help="start the trained adapter from this adapter (folder or weights file, any format; mlx-lm's flag): "
@@ -270,11 +277,13 @@ def _run(args, run: dict) -> int:
     def finished(recorded: dict, world_size: int) -> str | None:
         """With --epochs, the run's length is counted over the checkpoint's recorded samples."""
         from .outputs import expected_outputs
+        from .speakers import speaker_name
 
         total = run_length(
             recorded, args.max_steps, args.batch_size, world_size, args.grad_accumulation_steps, args.epochs
         )
-        wanted = expected_outputs(out, args.save_mode, args.generate_samples, codec=args.codec_path is not None)
+        speakers = [speaker_name(i) for i in recorded.get("speakers", ())]
+        wanted = expected_outputs(out, args.save_mode, args.generate_samples, args.codec_path is not None, speakers)
         return finished_line(recorded, total, wanted, out, "--max-steps")
 
     def train(world, recorded):
@@ -297,6 +306,7 @@ def _run(args, run: dict) -> int:
             lora_bias=args.lora_bias,
             lora_layer=args.lora_layer,
             adapter_name=args.adapter_name,
+            adapter_per_speaker=args.adapter_per_speaker,
             resume_adapter_file=args.resume_adapter_file,
             frozen_adapters=args.frozen_adapters or (),
             init_lora_weights=args.init_lora_weights,

@@ -5,6 +5,11 @@ Layout (the original tool's): ``audio/<stem>.wav`` (or pre-encoded Mimi codes
 and optionally ``alignments/<stem>.json`` with word timings, either a list or
 ``{"words": [...]}`` of ``{"word": str, "start": seconds, "end": seconds}``.
 
+A transcript that begins with a speaker tag, ``[3]`` (as CSM's text rows carry it), names
+its file's speaker (the tag is not part of the text); others speak as ``DataSpec.speaker_id``
+(``--speaker-id``). A sample's ``speaker`` is its last (trained) turn's, the adapter
+``--adapter-per-speaker`` trains it on.
+
 A file becomes one segment (its transcript and all its audio), or, with word timings,
 several: a new segment starts at a pause longer than ``max_pause`` seconds or when a
 segment would exceed ``max_segment_seconds``. The segments of one file are consecutive
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -84,6 +90,7 @@ class Sample:
     mask: np.ndarray  # [T, K + 1] bool
     target: np.ndarray  # [T] bool: rows the loss is computed on
     source: str
+    speaker: int = 0  # the speaker of the trained (last) turn
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -193,6 +200,15 @@ def _read_words(path: Path) -> list[tuple[str, float, float]]:
     return out
 
 
+SPEAKER_TAG = re.compile(r"^\[(\d+)\]\s*")
+
+
+def speaker_and_text(transcript: str, default: int) -> tuple[int, str]:
+    """A transcript's speaker (its ``[N]`` tag, else ``default``) and its text without the tag."""
+    m = SPEAKER_TAG.match(transcript)
+    return (int(m.group(1)), transcript[m.end() :]) if m else (default, transcript)
+
+
 def _segments_from_words(words, codes, spec: DataSpec, speaker: int) -> tuple[list[Segment], int]:
     """Cut at pauses and at the length limit; returns (segments, empty ones dropped)."""
     groups: list[list[tuple[str, float, float]]] = []
@@ -226,7 +242,7 @@ def load_segments(src: SourceFile, spec: DataSpec, codec=None, report: DataRepor
         raise RuntimeError(f"{src.audio}: WAV input needs the Mimi codec (--codec-path)")
     K, V = spec.num_codebooks, spec.audio_vocab_size
     try:
-        text = src.transcript.read_text(encoding="utf-8").strip()
+        speaker, text = speaker_and_text(src.transcript.read_text(encoding="utf-8").strip(), spec.speaker_id)
         if is_codes:
             codes = load_codes(src.audio, V)  # range-checked before the cast to int32
         else:
@@ -257,10 +273,10 @@ def load_segments(src: SourceFile, spec: DataSpec, codec=None, report: DataRepor
         )
         return _mismatch(spec, report, "codes out of range", message)
     if words is not None:
-        segments, empty = _segments_from_words(words, codes, spec, spec.speaker_id)
+        segments, empty = _segments_from_words(words, codes, spec, speaker)
         report.skipped["empty segment"] += empty
     else:
-        segments = [Segment(text, spec.speaker_id, codes)]
+        segments = [Segment(text, speaker, codes)]
     kept = [s for s in segments if s.text and s.codes.shape[1] > 0]
     report.skipped["empty segment"] += len(segments) - len(kept)
     if not report.skipped["empty segment"]:
@@ -305,7 +321,7 @@ def build_sample(turns: Sequence[Segment], tokenizer, spec: DataSpec, source: st
         truncated = True
     if not target.any():
         return None, truncated
-    return Sample(tokens, mask, target, source), truncated
+    return Sample(tokens, mask, target, source, turns[-1].speaker), truncated
 
 
 def build_dataset(

@@ -38,15 +38,19 @@ def write_csm_example(
     seed: int,
     with_tokenizer: bool,
     with_mimi: bool,
+    speakers: int = 1,
 ) -> None:
-    """Write the example into ``stage``: ``data/`` (`write_synthetic_dataset`, ``audio_format``)
+    """Write the example into ``stage``: ``data/`` (`write_synthetic_dataset`, ``audio_format``,
+    ``speakers``)
     and, unless ``data_only``, ``model/`` (a BPE ``tokenizer.json`` when ``with_tokenizer``)
     and ``mimi.safetensors`` when ``with_mimi``."""
     from ..tiny_tokenizer import WORDS, write_bpe_tokenizer
     from .synthetic import small_csm_config, write_random_csm, write_random_mimi, write_synthetic_dataset
 
     # codes below 2048, Mimi's codebook size, so a sample decodes without clamping
-    write_synthetic_dataset(stage / "data", num_files, 32, 2048, (24, 40), (3, 6), seed=seed, audio_format=audio_format)
+    write_synthetic_dataset(
+        stage / "data", num_files, 32, 2048, (24, 40), (3, 6), seed=seed, audio_format=audio_format, speakers=speakers
+    )
     if data_only:
         return
     text_vocab = None

@@ -10,6 +10,11 @@ picks land on non-target rows, which are masked out of the mean.
 ``semantic = mean CE(codebook 0)`` over target rows,
 ``acoustic = mean over picked target rows of (mean CE over codebooks 1..K-1)``,
 ``loss = semantic_weight * semantic + acoustic_weight * acoustic``.
+
+With ``groups`` (a group per sequence: the adapter each row trains, one per speaker) each
+mean is taken within each group and the groups' means are summed: each adapter then gets
+exactly the gradient of the loss of its own rows alone (a plain batch mean would scale it
+by its share of the batch's rows, a share that changes from batch to batch).
 """
 
 from __future__ import annotations
@@ -39,22 +44,24 @@ def csm_loss(
     acoustic_weight: float,
     decoder_fraction: float,
     key: mx.array | None = None,
+    groups: mx.array | None = None,
+    num_groups: int = 1,
 ):
     """``(loss, (semantic, acoustic))`` of a batch.
 
     ``tokens``/``mask`` ``[B, L, K+1]``, ``target`` ``[B, L]`` (bool: rows trained on).
     ``key`` fixes the decoder's row choice (validation); None draws it from ``mx.random``
-    (training, with the random state threaded through ``mx.compile``).
+    (training, with the random state threaded through ``mx.compile``). ``groups`` ``[B]``
+    (ints in ``[0, num_groups)``): the means per group, summed.
     """
     K = model.config.audio_num_codebooks
     h = model(tokens[:, :-1], mask[:, :-1])  # row t predicts row t + 1
     codes = tokens[:, 1:, :K]
     weight = target[:, 1:].astype(mx.float32)
-    rows = mx.maximum(weight.sum(), 1.0)
 
     logits0 = model.codebook0_head(h)
     ce0 = nn.losses.cross_entropy(logits0.astype(mx.float32), codes[..., 0])
-    semantic = (ce0 * weight).sum() / rows
+    semantic = _mean(ce0, weight, groups, num_groups)
 
     n_dec = decoder_rows(h.shape[1], decoder_fraction)
     noise = mx.random.uniform(shape=weight.shape, key=key)
@@ -64,9 +71,18 @@ def csm_loss(
     weight_dec = mx.take_along_axis(weight, picked, axis=1)
     logits = model.codebook_logits(h_dec, codes_dec)[:, :, 1:]
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), codes_dec[..., 1:]).mean(axis=-1)
-    acoustic = (ce * weight_dec).sum() / mx.maximum(weight_dec.sum(), 1.0)
+    acoustic = _mean(ce, weight_dec, groups, num_groups)
 
     loss = semantic_weight * semantic + acoustic_weight * acoustic
     # (The count of target rows is not returned: an output that depends on the inputs only
     # breaks mx.compile in MLX 0.32 (`_Map_base::at`); callers count ``target`` themselves.)
     return loss, (semantic, acoustic)
+
+
+def _mean(values: mx.array, weight: mx.array, groups: mx.array | None, num_groups: int) -> mx.array:
+    """The ``weight``-ed mean of ``values`` ``[B, T]``; with ``groups`` ``[B]``, the sum of each group's mean."""
+    if groups is None:
+        return (values * weight).sum() / mx.maximum(weight.sum(), 1.0)
+    members = (groups[:, None] == mx.arange(num_groups)).astype(mx.float32)  # [B, groups]
+    sums = (values * weight).sum(axis=1) @ members
+    return (sums / mx.maximum(weight.sum(axis=1) @ members, 1.0)).sum()

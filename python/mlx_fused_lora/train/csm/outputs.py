@@ -42,20 +42,25 @@ def sample_file(output_dir: Path, codec: bool) -> Path:
     return output_dir / (SAMPLE if codec else SAMPLE_CODES)
 
 
-def expected_outputs(output_dir: Path, save_mode: str, sample: bool, codec: bool) -> list[Path]:
-    """The files a finished run with these settings has written into ``output_dir``."""
-    names = [METRICS]
+def expected_outputs(output_dir: Path, save_mode: str, sample: bool, codec: bool, adapters=()) -> list[Path]:
+    """The files a finished run with these settings has written into ``output_dir``; ``adapters``:
+    the names of a run's adapters saved each in its own folder there (one per speaker)."""
+    names = []
     if save_mode in ("lora", "both"):
         names += _lora_files()
     if save_mode in ("full", "both"):
         names += [WEIGHTS_FILE, CONFIG_FILE]
-    return [output_dir / n for n in names] + ([sample_file(output_dir, codec)] if sample else [])
+    out = [output_dir / METRICS]
+    for folder in [output_dir / a for a in adapters] or [output_dir]:
+        out += [folder / n for n in names] + ([sample_file(folder, codec)] if sample else [])
+    return out
 
 
-def output_names() -> list[str]:
+def output_names(adapters=()) -> list[str]:
     """The names of every output a run may write into its folder (any save mode): what
-    ``--overwrite`` deletes of an earlier run."""
-    return [METRICS, LOSS_CURVE, *_lora_files(), WEIGHTS_FILE, CONFIG_FILE, SAMPLE, SAMPLE_CODES]
+    ``--overwrite`` deletes of an earlier run; ``adapters``: with a folder each (`expected_outputs`)."""
+    own = [*_lora_files(), SAMPLE, SAMPLE_CODES]
+    return [METRICS, LOSS_CURVE, *own, WEIGHTS_FILE, CONFIG_FILE] + [f"{a}/{n}" for a in adapters for n in own]
 
 
 def check_lora_target(path: str | Path, format: str = "csm-cli") -> None:

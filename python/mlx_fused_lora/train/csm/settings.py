@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...layers.growth import rank_schedule
-from ...layers.init import check_init
+from ...layers.init import check_init, init_changes_base
 from ...layers.patterns import check_patterns
 from ..plan import check_finite
 
@@ -27,6 +27,7 @@ MUST_MATCH = {
     "rank_pattern": "--rank-pattern",
     "alpha_pattern": "--alpha-pattern",
     "rank_schedule": "--rank-schedule",
+    "adapter_per_speaker": "--adapter-per-speaker",
 }
 
 
@@ -60,6 +61,7 @@ class TrainSettings:
     rank_pattern: dict | None = None  # {module-path pattern: rank} (`layers.patterns`)
     alpha_pattern: dict | None = None  # {module-path pattern: alpha}
     rank_schedule: str | None = None  # "rank:step,...": the adapter's rank grows (`layers.growth`)
+    adapter_per_speaker: bool = False  # one adapter per speaker of the data (`speakers`), trained in one run
 
     def __post_init__(self):
         if self.lora_layer not in ("fused", "plain"):
@@ -94,7 +96,26 @@ class TrainSettings:
                 raise ValueError(f"frozen adapter {name!r} has the trained adapter's name (--adapter-name)")
         if (self.frozen_adapters or self.adapter_name != "default") and self.lora_layer != "fused":
             raise ValueError("named and frozen adapters need the fused layers (lora_layer 'fused')")
+        if self.adapter_per_speaker:
+            others = {
+                "--adapter-name": self.adapter_name != "default",
+                "--resume-adapter-file": self.resume_adapter_file,
+                "--frozen-adapters": self.frozen_adapters,
+                "--rank-schedule": self.rank_schedule,
+                "--lora-layer plain": self.lora_layer != "fused",
+            }
+            given = [flag for flag, value in others.items() if value]
+            if given:
+                raise ValueError(
+                    f"--adapter-per-speaker trains adapters named speaker_<id>, one per speaker, on fused layers: "
+                    f"it takes no {', '.join(given)}"
+                )
         self.init_lora_weights = check_init(self.init_lora_weights, "--init-lora-weights")
+        if self.adapter_per_speaker and init_changes_base(self.init_lora_weights):
+            raise ValueError(
+                f"--init-lora-weights {self.init_lora_weights} replaces the base weights, which every speaker's "
+                "adapter runs on: not with --adapter-per-speaker"
+            )
         check_patterns(self.rank_pattern, self.alpha_pattern, "--rank-pattern / --alpha-pattern")
         self.rank_pattern, self.alpha_pattern = (
             dict(self.rank_pattern or {}) or None,

@@ -78,8 +78,12 @@ def write_synthetic_dataset(
     alignments: bool = True,
     seed: int = 0,
     audio_format: str = "codes",
+    speakers: int = 1,
 ) -> Path:
     """Write the dataset under ``root``; returns ``root / "audio"``.
+
+    ``speakers`` > 1: file ``i``'s transcript begins with the speaker tag ``[i % speakers]``
+    (`data.speaker_and_text`), for runs with one adapter per speaker.
 
     ``audio_format``: ``"codes"`` (``.npy``, no codec needed), ``"wav"`` (16 kHz tones
     following the word timings; training them needs a Mimi) or ``"mixed"`` (even files WAV,
@@ -100,7 +104,8 @@ def write_synthetic_dataset(
         stem = f"clip_{i:03d}"
         n_words = int(rng.integers(words_per_file[0], words_per_file[1] + 1))
         words = [str(w) for w in rng.choice(WORDS, size=n_words)]
-        (root / "transcripts" / f"{stem}.txt").write_text(" ".join(words) + "\n")
+        tag = f"[{i % speakers}]" if speakers > 1 else ""
+        (root / "transcripts" / f"{stem}.txt").write_text(tag + " ".join(words) + "\n")
         seconds = n / FRAME_RATE
         # two halves separated by a pause, so the file becomes two turns
         edges = np.linspace(0.0, max(seconds - 1.0, 0.5), n_words + 1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -41,6 +42,7 @@ from .data import (
 from .loss import csm_loss
 from .model_setup import load_model_for_lora
 from .settings import MUST_MATCH, TrainSettings
+from .speakers import Speakers, add_speaker_adapters, find_speakers, speaker_loss
 
 __all__ = ["CSMLoRATrainer", "DEFAULT_SAMPLE_PROMPT"]
 
@@ -93,6 +95,7 @@ class CSMLoRATrainer:
         self.plan: RunPlan | None = None
         self.stage = "loading the model"  # what the trainer is doing, for a message on Ctrl-C
         self.last_checkpoint: Path | None = None  # the newest checkpoint of this run (or the one resumed)
+        self.speakers: Speakers | None = None  # with adapter_per_speaker: the data's, one adapter each
 
         self.model, self.model_record, self.lora_report = load_model_for_lora(self.model_path, self.settings)
 
@@ -147,6 +150,13 @@ class CSMLoRATrainer:
         )
         if not samples:
             raise ValueError(f"no usable training samples in {audio_dir}: {report}")
+        if self.settings.adapter_per_speaker:
+            speakers = find_speakers(samples)
+            if self.speakers is None:
+                add_speaker_adapters(self.model, speakers, self.settings, self.lora_report)
+            elif speakers != self.speakers:
+                raise ValueError(f"the data's speakers {speakers.ids} differ from the first data's {self.speakers.ids}")
+            self.speakers = speakers
         self.train_samples, self.val_samples = split_train_val(samples, val_split, self.settings.seed)
         self.data_report = report
         return report
@@ -172,9 +182,11 @@ class CSMLoRATrainer:
         """``lora``: ``fine_tuned_model.safetensors`` + ``fine_tuned_model_metadata.json``
         (``convert_to_lora``: a PiSSA / OLoRA adapter as plain LoRA of the original weights);
         ``full``: the merged model as ``model.safetensors`` + ``config.json``; ``both``.
-        Returns every file written."""
-        name = self.settings.adapter_name
-        return outputs.write_outputs(self.model, self.output_dir, save_mode, name, convert_to_lora)
+        Returns every file written. One adapter per speaker: each in ``OUTPUT_DIR/speaker_N/``."""
+        out = []
+        for folder, name, _ in self._voices():
+            out += outputs.write_outputs(self.model, folder, save_mode, name, convert_to_lora)
+        return out
 
     # -- samples --
 
@@ -210,28 +222,33 @@ class CSMLoRATrainer:
 
     # -- training --
 
-    def _loss(self, model, tokens, mask, target, key=None):
+    def _loss(self, model, tokens, mask, target, ids=None, key=None):
+        """The CSM loss; with ``ids`` (one adapter per speaker) over a mixed batch (`speakers`)."""
         s = self.settings
-        return csm_loss(
-            model,
-            tokens,
-            mask,
-            target,
+        loss = partial(
+            csm_loss,
             semantic_weight=s.semantic_weight,
             acoustic_weight=s.acoustic_weight,
             decoder_fraction=s.decoder_fraction,
-            key=key,
         )
+        if ids is None:
+            return loss(model, tokens, mask, target, key=key)
+        return speaker_loss(loss, len(self.speakers.ids))(model, tokens, mask, target, ids, key=key)
+
+    def _inputs(self, samples) -> tuple:
+        """A batch of ``samples`` as the loss takes it (with each row's adapter, one per speaker)."""
+        b = collate(samples, self.settings.max_seq_len)
+        ids = () if self.speakers is None else (mx.array(self.speakers.adapter_ids(samples)),)
+        return (mx.array(b["tokens"]), mx.array(b["mask"]), mx.array(b["target"]), *ids), b
 
     def _batches(self, batch_size: int):
-        world, seed, max_len = self.world, self.settings.seed, self.settings.max_seq_len
+        world, seed = self.world, self.settings.seed
 
         def batch(micro: int):
             idx = batch_order(len(self.train_samples), batch_size * world.size, seed, micro)
             mine = rank_share(idx, world.rank, world.size)
-            b = collate([self.train_samples[i] for i in mine], max_len)
-            tokens = float(b["target"][:, 1:].sum())  # rows the loss is computed on
-            return (mx.array(b["tokens"]), mx.array(b["mask"]), mx.array(b["target"])), tokens
+            inputs, b = self._inputs([self.train_samples[i] for i in mine])
+            return inputs, float(b["target"][:, 1:].sum())  # tokens: rows the loss is computed on
 
         return batch
 
@@ -245,8 +262,7 @@ class CSMLoRATrainer:
         try:
             for i in range(0, len(self.val_samples), batch_size):
                 chunk = self.val_samples[i : i + batch_size]
-                b = {k: mx.array(v) for k, v in collate(chunk, self.settings.max_seq_len).items()}
-                loss, _ = self._loss(self.model, b["tokens"], b["mask"], b["target"], key=key)
+                loss, _ = self._loss(self.model, *self._inputs(chunk)[0], key=key)
                 total += loss.item() * len(chunk)
                 count += len(chunk)
         finally:
@@ -271,10 +287,18 @@ class CSMLoRATrainer:
             return growing(self.model, schedule, optimizer, name=s.adapter_name, seed=s.seed, say=say)
 
     def _record(self) -> dict:
-        """What a checkpoint records beyond the run's facts: the rank the adapter has grown to."""
+        """What a checkpoint records beyond the run's facts: the rank the adapter has grown to
+        (or, one adapter per speaker, the speakers)."""
+        if self.speakers is not None:
+            return {"speakers": list(self.speakers.ids)}
         return {"lora_rank": adapter_rank(self.model, self.settings.adapter_name)}
 
     def _before_restore(self, state: dict, optimizer) -> None:
+        if self.speakers is not None and state.get("speakers") != list(self.speakers.ids):
+            raise ValueError(
+                f"the checkpoint's run trained the adapters of speakers {state.get('speakers')}; this data's "
+                f"speakers are {list(self.speakers.ids)}"
+            )
         if "lora_rank" in state:  # the rank the adapter had grown to: the checkpoint's tensors have it
             grow_rank(self.model, int(state["lora_rank"]), optimizer, name=self.settings.adapter_name)
 
@@ -306,6 +330,8 @@ class CSMLoRATrainer:
         """
         s, world, model = self.settings, self.world, self.model
         plan = self.plan_run(epochs, batch_size, max_steps)
+        if self.speakers is not None and save_mode != "lora":
+            raise ValueError(f"--save-mode {save_mode} merges one adapter; --adapter-per-speaker saves each (lora)")
         with output_dir_lock(self.output_dir, world.is_main):
             self.stage = "setting up the run"
             prepare_output_dir(
@@ -313,10 +339,11 @@ class CSMLoRATrainer:
                 Path(resume_from) if resume_from else None,
                 overwrite,
                 world.is_main,
-                outputs.output_names(),
+                outputs.output_names(self.speakers.names if self.speakers else ()),
             )
             if save_mode in ("lora", "both"):  # refused now, not after training
-                outputs.check_lora_target(self.output_dir)
+                for folder, _, _ in self._voices():
+                    outputs.check_lora_target(folder)
             if world.is_main:  # after the CLI's first line, the run's plan
                 log.info("%s", self.lora_report)
                 log.info(
@@ -375,6 +402,12 @@ class CSMLoRATrainer:
     def _checkpointed(self, path: Path) -> None:
         self.last_checkpoint = path
 
+    def _voices(self, speaker_id: int = 0) -> list[tuple[Path, str, int]]:
+        """(folder, adapter, speaker id) of each trained adapter: the output folder, or a folder per speaker."""
+        if self.speakers is None:
+            return [(self.output_dir, self.settings.adapter_name, speaker_id)]
+        return self.speakers.voices(self.output_dir)
+
     def _finish(
         self, result, metrics, trained, save_mode, generate_samples, sample_prompt, speaker_id, convert_to_lora
     ) -> None:
@@ -384,15 +417,19 @@ class CSMLoRATrainer:
             result.outputs.append(result.checkpoint)
         result.outputs.append(metrics.path)
         if not result.interrupted:
-            model_files = outputs.expected_outputs(self.output_dir, save_mode, sample=False, codec=False)
+            voices = self._voices(speaker_id)
+            names = self.speakers.names if self.speakers else ()
+            model_files = outputs.expected_outputs(self.output_dir, save_mode, False, False, names)
             if trained or not all(p.is_file() for p in model_files):
                 self.stage = "writing the outputs"
                 result.outputs += self.save_outputs(save_mode, convert_to_lora)
-            if generate_samples and (
-                trained or not outputs.sample_file(self.output_dir, self.codec is not None).is_file()
-            ):
-                self.stage = "generating the sample"
-                result.outputs.append(self.generate_sample(sample_prompt, speaker_id, self.output_dir / outputs.SAMPLE))
+            for folder, name, speaker in voices if generate_samples else ():
+                if trained or not outputs.sample_file(folder, self.codec is not None).is_file():
+                    self.stage = "generating the sample"
+                    use = name if self.speakers else None  # one speaker's, or all the model runs
+                    result.outputs.append(
+                        self.generate_sample(sample_prompt, speaker, folder / outputs.SAMPLE, adapters=use)
+                    )
         curve = metrics.plot(self.output_dir / LOSS_CURVE)
         if curve is not None:
             result.outputs.append(curve)
