@@ -76,14 +76,15 @@ MOE_ADAPTERS = (
 )
 
 
-def _hooks_for(model: nn.Module) -> ModelAdapterHooks:
+def hooks_for(model: nn.Module) -> ModelAdapterHooks:
+    """The hooks registered for ``model``'s class (the last registered wins), else none."""
     for cls, hooks in reversed(_HOOKS):
         if isinstance(model, cls):
             return hooks
     return ModelAdapterHooks()
 
 
-def _adapter_set_of(model: nn.Module, name: str | None = None) -> AdapterSet:
+def adapter_set_of(model: nn.Module, name: str | None = None) -> AdapterSet:
     """The adapter ``name`` of the model's LoRA layers (None: each layer's own, the one
     adapter of a single-adapter model)."""
     layers = [(p, layer) for p, layer in lora_layers(model) if name is None or name in holders(layer)]
@@ -119,7 +120,7 @@ def _adapter_set_of(model: nn.Module, name: str | None = None) -> AdapterSet:
             f"the adapter's modules started from different inits {sorted(map(str, inits))}: no one "
             "init_lora_weights can be recorded for them"
         )
-    extra = dict(_hooks_for(model).extra)
+    extra = dict(hooks_for(model).extra)
     return AdapterSet(modules, max(dropouts), use_rslora, num_layers, extra, init_lora_weights=inits.pop())
 
 
@@ -133,7 +134,7 @@ def _initial_set(model: nn.Module, name: str | None, source) -> AdapterSet:
     or the file at ``source`` (PEFT's ``path_initial_model_for_weight_conversion``)."""
     if source is not True:
         initial, _ = read_adapters(source)
-        rename = _hooks_for(model).rename
+        rename = hooks_for(model).rename
         return rename(initial, model) if rename is not None else initial
     modules = {}
     for path, layer in lora_layers(model):
@@ -147,7 +148,7 @@ def _initial_set(model: nn.Module, name: str | None, source) -> AdapterSet:
 def _to_write(model: nn.Module, name: str | None, convert_to_lora, alone: bool) -> AdapterSet:
     """Adapter ``name``'s set, converted to plain LoRA of the original weights when asked and its
     init split W (an adapter written ``alone`` with another init: refused, saying why)."""
-    adapters = _adapter_set_of(model, name)
+    adapters = adapter_set_of(model, name)
     if not convert_to_lora or (not alone and not init_changes_base(adapters.init_lora_weights)):
         return adapters
     return convert_set(adapters, _initial_set(model, name, convert_to_lora))
@@ -184,7 +185,7 @@ def _named_dir(path: str | Path, name: str) -> Path:
     return Path(path) if name == DEFAULT_ADAPTER else Path(path) / name
 
 
-def _plan(
+def placement_plan(
     model: nn.Module, adapters: AdapterSet, where: str = "adapter"
 ) -> list[tuple[str, nn.Module, nn.Module, ModuleAdapter]]:
     """(path, module, base, adapter) for every adapter, all checked; raises before any change.
@@ -242,13 +243,13 @@ def load_adapters(
     source = _named_dir(path, name) if name is not None and _holds_adapter(_named_dir(path, name)) else path
     adapters, fmt = read_adapters(source, adapter_name=name)
     where = str(adapter_dir(Path(source)) / get_format(fmt).weights_file)
-    rename = rename or _hooks_for(model).rename
+    rename = rename or hooks_for(model).rename
     if rename is not None:
         try:
             adapters = rename(adapters, model)
         except (KeyError, ValueError) as e:  # a hook names the module; the file is ours to name
             raise AdapterError(f"{where}: {e.args[0] if e.args else e}") from None
-    plan = _plan(model, adapters, where)
+    plan = placement_plan(model, adapters, where)
     plain = name is None and manager.is_plain(model)
     plan, inits = _split_again(model, plan, adapters.init_lora_weights, where, name if not plain else None)
     if not plain:

@@ -27,7 +27,7 @@ from ..layers.named import holders
 from ..layers.tree import lora_layers
 from . import manager
 from .merge import merge_adapters
-from .model_io import _adapter_set_of, _hooks_for, _plan
+from .model_io import adapter_set_of, hooks_for, placement_plan
 from .registry import read_adapters
 
 __all__ = ["hotswap_adapter", "add_weighted_adapter"]
@@ -50,7 +50,7 @@ def hotswap_adapter(model: nn.Module, path: str | Path, name: str) -> nn.Module:
     """
     manager.check_name(model, name, exists=True)
     adapters, _ = read_adapters(path)
-    rename = _hooks_for(model).rename
+    rename = hooks_for(model).rename
     if rename is not None:
         adapters = rename(adapters, model)
     held = {p: holders(layer)[name] for p, layer in lora_layers(model) if name in holders(layer)}
@@ -103,6 +103,6 @@ def add_weighted_adapter(
     for n in names:
         manager.check_name(model, n, exists=True)
     merged = merge_adapters(
-        [_adapter_set_of(model, n) for n in names], list(weights), combination_type=combination_type, **options
+        [adapter_set_of(model, n) for n in names], list(weights), combination_type=combination_type, **options
     )
-    return manager.put_adapter(model, name, _plan(model, merged), merged.dropout)
+    return manager.put_adapter(model, name, placement_plan(model, merged), merged.dropout)
