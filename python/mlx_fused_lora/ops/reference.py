@@ -9,8 +9,8 @@ oracle runs them in float32, the lean fallback of devices without (working) kern
 
 One formula for one adapter and for many: with stacked adapters (``lora_a (n, K, r)``,
 ``lora_b (n, r, N)``) and ``adapter_ids`` (one per row of x, in [-1, n)), row i takes
-adapter ``adapter_ids[i]`` (-1: the base product alone) through MLX's ``gather_mm``
-(``mixed_lora_term``); one adapter without ids is the case where every row takes adapter 0.
+adapter ``adapter_ids[i]`` (-1: the base product alone) through MLX's ``gather_mm`` in
+the same two halves; one adapter without ids is the case where every row takes adapter 0.
 """
 
 import math
@@ -18,52 +18,70 @@ import math
 import mlx.core as mx
 
 
-def down_project(x, mask, lora_a, dtype):
-    """``h = (mask * x) @ lora_a`` with every operand in `dtype` (mask None: no dropout)."""
+def down_project(x, mask, lora_a, dtype, adapter_ids=None):
+    """``h = (mask * x) @ lora_a`` with every operand in `dtype` (mask None: no dropout);
+    with `adapter_ids` (one per row of x) lora_a stacked, (n, K, r), and each row taking
+    its own (adapter 0's for a row on none: ``lora_terms`` gives it no term)."""
     x = x.astype(dtype)
     dropped = x if mask is None else x * mask.astype(dtype)
-    return dropped @ lora_a.astype(dtype)
+    if adapter_ids is None:
+        return dropped @ lora_a.astype(dtype)
+    a = lora_a.astype(dtype)
+    a = a[None] if a.ndim == 2 else a
+    rows, (k, r) = dropped.shape[:-1], a.shape[1:]
+    m = math.prod(rows)
+    if m == 0 or k == 0:  # the empty product (MLX's gather_mm fails on empty shapes)
+        return mx.zeros((*rows, r), dtype=dtype)
+    _, gather = _routes(a.shape[0], adapter_ids, m)
+    return gather_rows(dropped.reshape(m, k), a, gather).reshape(*rows, r)
 
 
-def lora_terms(y, h, bias, lora_b, scale, dtype):
+def lora_terms(y, h, bias, lora_b, scale, dtype, adapter_ids=None):
     """``y + bias + scale * h @ lora_b`` with every operand in `dtype` (y, the base
-    product, and h already are)."""
+    product, and h already are); with `adapter_ids` lora_b stacked, (n, r, N), `scale`
+    a float or n of them, and each row taking its own: a -1 row gets y + bias, a row with
+    an id outside [-1, n) NaN (never a read out of bounds: the gather takes adapter 0
+    there; raising would need the ids on the host)."""
     if bias is not None:
         y = y + bias.astype(dtype)
-    return y + scale * (h @ lora_b.astype(dtype))
+    if adapter_ids is None:
+        return y + scale * (h @ lora_b.astype(dtype))
+    b = lora_b.astype(dtype)
+    b = b[None] if b.ndim == 2 else b
+    count, n = b.shape[0], b.shape[-1]
+    m = math.prod(h.shape[:-1])
+    if m == 0 or n == 0:
+        return y
+    known, gather = _routes(count, adapter_ids, m)
+    term = gather_rows(h.reshape(m, h.shape[-1]), b, gather)
+    scale = scale.astype(dtype) if isinstance(scale, mx.array) else mx.array(scale, dtype=dtype)
+    scales = mx.broadcast_to(scale, (count,))[gather]
+    term = mx.where((adapter_ids.reshape(m) >= 0)[:, None], scales[:, None] * term, 0.0)
+    return y + mx.where(known[:, None], term, mx.nan).astype(dtype).reshape(*h.shape[:-1], n)
 
 
-def mixed_lora_term(dropped, lora_a, lora_b, scale, adapter_ids):
-    """scale * (dropped @ A) @ B, float32, each row on its adapter. An id outside [-1, n)
-    gives a NaN row (never a read out of bounds: the gather takes adapter 0 there): raising
-    would need the ids on the host."""
-    a32, b32 = lora_a.astype(mx.float32), lora_b.astype(mx.float32)
-    if a32.ndim == 2:
-        a32, b32 = a32[None], b32[None]
-    count, k, n = a32.shape[0], dropped.shape[-1], b32.shape[-1]
-    m = math.prod(dropped.shape[:-1])
-    if m == 0 or k == 0 or n == 0:  # the empty product (MLX's gather_mm fails on empty shapes)
-        return mx.zeros((*dropped.shape[:-1], n), dtype=mx.float32)
+def gather_rows(rows, stacked, ids):
+    """rows (M, d) @ stacked[ids[i]] for each row i by MLX's ``gather_mm`` (each row reads
+    its own matrix), in the operands' dtype. MLX 0.32's CPU gather_mm takes float32 only:
+    on the CPU (the oracle; the GPU op's paths only in the tests) half-precision operands
+    go through float32 and the result is rounded back."""
+    if rows.dtype != mx.float32 and mx.default_device() == mx.cpu:
+        return gather_rows(rows.astype(mx.float32), stacked.astype(mx.float32), ids).astype(rows.dtype)
+    return mx.gather_mm(rows[:, None, :], stacked, rhs_indices=ids).reshape(rows.shape[0], stacked.shape[-1])
+
+
+def _routes(count, adapter_ids, m):
+    """(known, gather) for ids of m rows: whether each id is in [-1, n), and the adapter
+    each row's gather reads (its own, 0 for -1 and for an unknown id)."""
     ids = adapter_ids.reshape(m)
     known = (ids >= -1) & (ids < count)
-    gather = mx.where(ids >= 0, ids, 0) * known
-    h = mx.gather_mm(dropped.reshape(m, 1, k), a32, rhs_indices=gather)
-    term = mx.gather_mm(h, b32, rhs_indices=gather).reshape(m, n)
-    scale = scale.astype(mx.float32) if isinstance(scale, mx.array) else mx.array(scale, dtype=mx.float32)
-    scales = mx.broadcast_to(scale, (count,))[gather]
-    term = mx.where((ids >= 0)[:, None], scales[:, None] * term, 0.0)
-    term = mx.where(known[:, None], term, mx.nan)
-    return term.reshape(*dropped.shape[:-1], n)
+    return known, mx.where(ids >= 0, ids, 0) * known
 
 
 def _lora(y, x32, bias, lora_a, lora_b, scale, mask, adapter_ids):
     """The float32 base product ``y`` plus the LoRA terms of one adapter, or of each row's."""
-    if adapter_ids is None:
-        return lora_terms(y, down_project(x32, mask, lora_a, mx.float32), bias, lora_b, scale, mx.float32)
-    if bias is not None:
-        y = y + bias.astype(mx.float32)
-    dropped = x32 if mask is None else x32 * mask.astype(mx.float32)
-    return y + mixed_lora_term(dropped, lora_a, lora_b, scale, adapter_ids)
+    h = down_project(x32, mask, lora_a, mx.float32, adapter_ids)
+    return lora_terms(y, h, bias, lora_b, scale, mx.float32, adapter_ids)
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, mask=None, adapter_ids=None):
