@@ -17,12 +17,11 @@ failed their self-check.
 
 The mixed slots (``layout.MixedInputs``, ``layout.QMixedInputs``: stacked adapters, the
 multiplier of adapter i ``scale * scales[i]``, an id per row) run the same recomputing
-function over the same formula with the ids (the oracle's per-row term, MLX's
-``gather_mm``, in x's dtype): the mask regenerated in the backward, no float32 copy. An
-id outside [-1, n) gives a NaN row there (no read out of bounds; the CPU raises). What
-it cannot make lean is MLX's own gradient of ``gather_mm`` for the stacked adapters: for
-rows in no particular order MLX forms each row's outer product (M x r x (K + N) elements
-in x's dtype) and scatter-adds them (the GPU kernels group the rows instead).
+function over the same formula with the ids (the oracle's per-row term: GEMMs over the
+concatenated rank n*r, in x's dtype): the mask regenerated in the backward, no float32
+copy, and no per-row temporary in the gradient (MLX's gradient of ``gather_mm`` would
+form each row's outer product, M x r x (K + N) elements). An id outside [-1, n) gives a
+NaN row there (no read out of bounds; the CPU op raises).
 """
 
 import functools

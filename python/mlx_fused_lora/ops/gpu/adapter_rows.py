@@ -17,8 +17,6 @@ plain product, and ``groups`` is None (the kernels run with MIXED = 0). With ids
   adapters (B (n, r, N) is (n*r, N) as it is; A needs one copy, (K, n*r)).
 """
 
-import math
-
 import mlx.core as mx
 
 from .. import reference
@@ -42,11 +40,9 @@ class AdapterRows:
         scales, ids = routing
         self.count = scales.shape[0]
         self.adapter_multipliers = (scale * scales).astype(F32)
-        known = (ids >= 0) & (ids < self.count)
         self._raw_ids = ids
+        self.ids, self.onehot, known = reference.routes(ids, self.count)
         self.bad = ~known & (ids != -1)
-        self.ids = mx.where(known, ids, 0)
-        self.onehot = ids[:, None] == mx.arange(self.count, dtype=ids.dtype)[None, :]
         self._multipliers = mx.where(known, self.adapter_multipliers[self.ids], 0.0)
 
     @property
@@ -70,28 +66,19 @@ class AdapterRows:
         its adapter's block, zeros in the others (a bad id's forward row: NaN in all)."""
         if not self.mixed:
             return values * self.scale if multiply else values
-        m, r = values.shape
         if multiply:
             values = values * self.multipliers(forward)[:, None]
-        place = self.onehot | self.bad[:, None] if forward else self.onehot
-        return mx.where(place[:, :, None], values[:, None, :], 0.0).reshape(m, self.count * r)
+        return reference.spread(values, self.onehot | self.bad[:, None] if forward else self.onehot)
 
     def own(self, spread):
         """(M, n*r) -> (M, r): each row's block (adapter 0's for a row on no adapter)."""
-        if not self.mixed:
-            return spread
-        m = spread.shape[0]
-        r = spread.shape[1] // self.count
-        return mx.take_along_axis(spread.reshape(m, self.count, r), self.ids[:, None, None], axis=1).reshape(m, r)
+        return reference.own(spread, self.ids, self.count) if self.mixed else spread
 
-    def a_concat(self, lora_a):
-        """(n, K, r) -> (K, n*r), adapter i in columns i*r ... (one copy); (K, r) as is."""
-        if lora_a.ndim == 2:
-            return lora_a
-        n, k, r = lora_a.shape
-        return lora_a.transpose(1, 0, 2).reshape(k, n * r)
+    a_concat = staticmethod(reference.a_concat)  # (n, K, r) -> (K, n*r); (K, r) as is
+    b_concat = staticmethod(reference.b_concat)  # (n, r, N) -> (n*r, N); (r, N) as is
 
-    def a_split(self, d_concat, like):
+    @staticmethod
+    def a_split(d_concat, like):
         """The inverse of a_concat for a gradient: (K, n*r) -> (n, K, r) like `like`."""
         if like.ndim == 2:
             return d_concat
@@ -99,12 +86,12 @@ class AdapterRows:
         return d_concat.reshape(k, n, r).transpose(1, 0, 2)
 
     @staticmethod
-    def b_concat(lora_b):
-        """(n, r, N) -> (n*r, N) (a reshape, no copy); (r, N) as is."""
-        return lora_b if lora_b.ndim == 2 else lora_b.reshape(math.prod(lora_b.shape[:2]), lora_b.shape[2])
-
-    @staticmethod
     def gathered(rows, stacked, ids):
         """rows (M, r_in) @ stacked[ids[i]] per row by MLX's gather_mm (stacked in rows'
-        dtype: gather_mm would promote to the wider of the two, copying x)."""
-        return reference.gather_rows(rows, stacked, ids)
+        dtype: gather_mm would promote to the wider of the two, copying x). MLX 0.32's CPU
+        gather_mm takes float32 only: on the CPU (this path runs there only in the tests)
+        half-precision operands go through float32 and the result is rounded back."""
+        if rows.dtype != F32 and mx.default_device() == mx.cpu:
+            return AdapterRows.gathered(rows.astype(F32), stacked.astype(F32), ids).astype(rows.dtype)
+        m, out = rows.shape[0], stacked.shape[-1]
+        return mx.gather_mm(rows[:, None, :], stacked, rhs_indices=ids).reshape(m, out)
