@@ -153,9 +153,11 @@ def test_a_gpu_device_takes_the_kernels_unless_turned_off(monkeypatch):
     assert gpu.available_backend() == "cuda"
     chosen = backends.current()
     assert isinstance(chosen, gpu.GPUBackend) and chosen.device.startswith("cuda")
+    assert backends.current_mixed() is chosen  # mixed batches: the same kernels
     monkeypatch.setenv(gpu.ENABLE_VARIABLE, "0")
     assert gpu.available_backend() is None
     assert not isinstance(backends.current(), gpu.GPUBackend)
+    assert backends.current_mixed().lora_linear.func is lean.lora_linear  # the lean fallback
     monkeypatch.setenv(gpu.ENABLE_VARIABLE, "1")
     monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
