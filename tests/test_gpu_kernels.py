@@ -323,10 +323,12 @@ HAS_GPU = mx.default_device() == mx.gpu and (mx.cuda.is_available() or mx.metal.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("r", [1, 16, 64, 128])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_on_a_gpu_the_kernels_pass_their_self_check(dtype, r, dropout):
+@pytest.mark.parametrize("mixed", [False, True], ids=["single", "mixed"])
+def test_on_a_gpu_the_kernels_pass_their_self_check(dtype, r, dropout, mixed):
     """Where MLX has a GPU: the MLX-launched kernels, forward and every gradient, against
-    reference.py, and the masks against the CPU's (what the op checks at first use)."""
+    reference.py, and the masks against the CPU's (what the op checks at first use), for
+    the single-adapter op and the mixed one."""
     from mlx_fused_lora.ops.backends import gpu
 
     backend = gpu.backend(gpu.available_backend() or ("cuda" if mx.cuda.is_available() else "metal"))
-    assert self_check.self_check(backend.kernels, backend.run, dtype, r, dropout, backend.tf32) is None
+    assert self_check.self_check(backend.kernels, backend.run, dtype, r, dropout, backend.tf32, mixed=mixed) is None
