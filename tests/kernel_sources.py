@@ -17,8 +17,9 @@ the same at v0.32.1 and at the newest MLX commit read; 0.32.4's own tree was not
 ``RecordingLauncher`` stands in for a launcher (ops/gpu/kernels.py): it records what
 ``Kernels`` would launch and returns lazy zeros, so real launches can be turned into
 sources (and their grids checked) for any shape, however large. ``record_op_launches``
-records what the whole op (forward and backward) launches; ``variant_launches`` every
-kernel variant the op can build: dtype x rank class x dropout.
+records what the whole op (forward and backward) launches, single-adapter or mixed (4
+adapters, the self-check's ids); ``variant_launches`` every kernel variant the op can
+build: dtype x rank class x dropout x mixed or not.
 """
 
 import mlx.core as mx
@@ -37,6 +38,7 @@ METAL_TYPES = {
     mx.bfloat16: "bfloat16_t",
     mx.uint32: "uint32_t",
     mx.uint64: "uint64_t",
+    mx.int32: "int32_t",
 }
 CUDA_TYPES = {
     mx.float32: "float",
@@ -44,6 +46,7 @@ CUDA_TYPES = {
     mx.bfloat16: "__nv_bfloat16",
     mx.uint32: "uint32_t",
     mx.uint64: "uint64_t",
+    mx.int32: "int32_t",
 }
 
 # MLX 0.32's list, in its order: each is added to the signature when the body names it.
@@ -161,21 +164,24 @@ def cuda_source(launch):
     )
 
 
-def record_op_launches(dtype, m=37, k=150, n=70, r=16, p=0.1, plan=None, caps=None):
+def record_op_launches(dtype, m=37, k=150, n=70, r=16, p=0.1, plan=None, caps=None, mixed=False):
     """The launches of the op's forward and backward for one small problem, with the
-    kernels wherever the op may take them (`plan`: the self-check's first plan)."""
+    kernels wherever the op may take them (`plan`: the self-check's first plan); `mixed`:
+    the mixed op over the self-check's adapters and ids."""
     recorder = RecordingLauncher()
     ks = kernels.Kernels(recorder) if caps is None else kernels.Kernels(recorder, *caps)
-    plan = plan or self_check.plans(r, p > 0)[0]
+    plan = plan or self_check.plans(r, p > 0, mixed)[0]
     op = gpu.gpu_op(ks, 2.0, p, costs.H100, plan)
     x, w, b = mx.zeros((m, k), dtype=dtype), mx.zeros((n, k), dtype=dtype), mx.zeros((n,), dtype=dtype)
     key = mx.random.key(0)
     ks.dropout_mask(key, (m, k), p) if p > 0 else None
-    mx.vjp(
-        lambda *a: op(*a)[0],
-        list(layout.op_inputs(x, w, b, mx.zeros((k, r)), mx.zeros((r, n)), key, p)),
-        [mx.zeros((m, n), dtype=dtype)],
-    )
+    if mixed:
+        count = self_check.ADAPTERS
+        ids = mx.array(self_check.mixed_ids(m))
+        slots = layout.mixed_op_inputs(x, w, b, mx.zeros((count, k, r)), mx.zeros((count, r, n)), key, p, mx.ones((count,)), ids)  # fmt: skip
+    else:
+        slots = layout.op_inputs(x, w, b, mx.zeros((k, r)), mx.zeros((r, n)), key, p)
+    mx.vjp(lambda *a: op(*a)[0], list(slots), [mx.zeros((m, n), dtype=dtype)])
     return recorder.launches
 
 
@@ -185,8 +191,9 @@ def variant_launches():
     for dtype in DTYPES:
         for r in RANK_CLASSES:
             for p in (0.0, 0.1):
-                for launch in record_op_launches(dtype, r=r, p=p):
-                    launches.setdefault(cuda_source(launch), launch)
+                for mixed in (False, True):
+                    for launch in record_op_launches(dtype, r=r, p=p, mixed=mixed):
+                        launches.setdefault(cuda_source(launch), launch)
     return list(launches.values())
 
 

@@ -167,3 +167,88 @@ def test_the_fallback_needs_less_memory_than_mlx_lm_and_keeps_no_float32_copy():
     assert peaks["lean"][1] < 0.9 * peaks["mlx-lm"][1] and peaks["lean"][1] < 0.7 * peaks["old fallback"][1]
     assert per_layer["lean"] < per_layer["mlx-lm"]
     assert per_layer["lean"] < per_layer["old fallback"] - x_f32_mib
+
+
+def mixed_make(dtype, m=37, k=150, n=70, r=8, count=3, seed=1):
+    x, w, b, _, _, ct = make(dtype, m, k, n, r, seed)
+    keys = mx.random.split(mx.random.key(seed), 2)
+    a = mx.random.normal((count, k, r), key=keys[0]) * 0.1
+    bb = mx.random.normal((count, r, n), key=keys[1]) * 0.5
+    ids = mx.array((np.arange(m) % (count + 1) - 1).astype(np.int32))  # -1, 0, 1, 2, ...
+    return x, w, b, a, bb, ct, ids
+
+
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 2e-2)], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_the_lean_mixed_op_matches_reference(monkeypatch, dtype, tol, p, blocks):
+    """The mixed slots through the same recomputing function (mask regenerated, x's
+    dtype), forward and every gradient, the scales' too, against the float32 oracle."""
+    x, w, b, a, bb, ct, ids = mixed_make(dtype)
+    monkeypatch.setattr(lean, "STEP_ELEMENTS", -(-x.shape[0] // blocks) * x.shape[1])
+    scales = mx.array([1.5, -0.5, 2.0])
+    mask = cpu.dropout_mask(KEY, x.shape, p, mx.float32) if p > 0 else None
+
+    def fused(x, b, a, bb, scales):
+        return lean.lean_lora_linear(layout.mixed_op_inputs(x, w, b, a, bb, KEY, p, scales, ids), 1.0, p)
+
+    def plain(x, b, a, bb, scales):
+        return reference.lora_linear(x, w, b, a, bb, scales, mask, ids)
+
+    primals = [x, b, a, bb, scales]
+    got, want = mx.vjp(fused, primals, [ct]), mx.vjp(plain, primals, [ct])
+    for g, wv in zip([*got[0], *got[1]], [*want[0], *want[1]], strict=True):
+        assert g.dtype == wv.dtype and g.shape == wv.shape
+        assert rel_err(g, wv) < tol
+
+
+def test_the_lean_quantized_mixed_op_matches_reference():
+    x, w, _, a, bb, ct, ids = mixed_make(mx.bfloat16, k=128)
+    q = dict(zip(["weight", "scales", "biases"], mx.quantize(w, group_size=64, bits=4), strict=True))
+    mask = cpu.dropout_mask(KEY, x.shape, 0.2, mx.float32)
+    scales = mx.array([1.0, 0.5, 2.0])
+    slots = layout.q_mixed_op_inputs(x, *q.values(), None, a, bb, KEY, 0.2, scales, ids)
+
+    def fused(a, bb, scales):
+        return lean.lean_qlora_linear(slots._replace(lora_a=a, lora_b=bb, lora_scales=scales), 1.0, 0.2, group_size=64, bits=4)  # fmt: skip
+
+    def plain(a, bb, scales):
+        return reference.qlora_linear(x, *q.values(), None, a, bb, scales, mask, group_size=64, bits=4, adapter_ids=ids)
+
+    got, want = mx.vjp(fused, [a, bb, scales], [ct]), mx.vjp(plain, [a, bb, scales], [ct])
+    for g, wv in zip([*got[0], *got[1]], [*want[0], *want[1]], strict=True):
+        assert rel_err(g, wv) < 2e-2
+
+
+def test_the_lean_mixed_fallback_keeps_no_float32_copy():
+    """A stack of bf16 layers with 4 stacked float32 adapters each and dropout 0.1: each
+    layer of the lean mixed path adds less to the peak than one of the fallback it
+    replaces (the float32 oracle with the stored mask, which kept float32 copies of x, W
+    and the mask for the backward) by more than x's float32 copy."""
+    m, k, count = 1024, 512, 4
+    x = mx.random.normal((m, k), key=mx.random.key(0)).astype(mx.bfloat16)
+    ids = mx.array((np.arange(m) * 7 % (count + 1) - 1).astype(np.int32))
+    weights = [(mx.random.normal((k, k), key=mx.random.key(i)) / 20).astype(mx.bfloat16) for i in range(3)]
+    keys = [mx.random.key(10 + i) for i in range(3)]
+    params = [{"a": mx.random.normal((count, k, 16)) * 0.05, "b": mx.zeros((count, 16, k)), "s": mx.ones((count,))}] * 3
+    mx.eval(x, ids, weights, keys, params)
+
+    def lean_layer(h, w, p, key):
+        return lean.lean_lora_linear(layout.mixed_op_inputs(h, w, None, p["a"], p["b"], key, 0.1, p["s"], ids), 1.0, 0.1)  # fmt: skip
+
+    def old_layer(h, w, p, key):
+        mask = cpu.dropout_mask(key, h.shape, 0.1, mx.float32)
+        return reference.lora_linear(h, w, None, p["a"], p["b"], p["s"], mask, ids)
+
+    def peak(layer, depth):
+        def loss(params):
+            h = x
+            for w, p, key in zip(weights[:depth], params, keys, strict=False):
+                h = layer(h, w, p, key)
+            return h.astype(mx.float32).sum()
+
+        return peak_mib(loss, params[:depth])
+
+    per_layer = {name: (peak(layer, 3) - peak(layer, 1)) / 2 for name, layer in (("lean", lean_layer), ("old", old_layer))}  # fmt: skip
+    print(per_layer)
+    assert per_layer["lean"] < per_layer["old"] - x.size * 4 / 2**20

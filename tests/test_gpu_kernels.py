@@ -275,28 +275,42 @@ def test_down_proj_fills_an_h100_at_m_512_by_splitting_k(r):
     assert grid[0] // group[0] * grid[1] >= 2 * 132
 
 
+def mixed_counts(m):
+    """Rows per class of the self-check's mixed ids: on the base alone, then each adapter."""
+    ids = self_check.mixed_ids(m)
+    return [int((ids == -1).sum())] + [int((ids == i).sum()) for i in range(self_check.ADAPTERS)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("r", RANK_CLASSES + [3, 100])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_the_self_check_runs_every_path_of_every_kernel_it_may_launch(dtype, r, dropout):
+@pytest.mark.parametrize("mixed", [False, True], ids=["single", "mixed"])
+def test_the_self_check_runs_every_path_of_every_kernel_it_may_launch(dtype, r, dropout, mixed):
     """The paths each self-check case takes, read off the geometry of the launches the
-    op makes for it (recorded, not run): together, every path each kernel can take. A
-    geometry change that drops a path from the check fails here."""
+    op makes for it (recorded, not run) and, mixed, off its ids: together, every path
+    each kernel can take. A geometry change that drops a path from the check fails here."""
     p = self_check.DROPOUT if dropout else 0.0
     taken, possible = {}, {}
     for case in self_check.CASES:
         m, k, n = case.shape
-        for plan in self_check.plans(r, dropout):
-            for launch in record_op_launches(dtype, m, k, n, r, p, plan, case.caps):
+        caps = case.caps or (geometry.MAX_GROUPS, geometry.MAX_SPLITS)
+        for plan in self_check.plans(r, dropout, mixed):
+            for launch in record_op_launches(dtype, m, k, n, r, p, plan, case.caps, mixed):
                 if launch.name not in ("down_proj", "low_rank_grad", "down_grad"):
                     continue
                 template = dict(launch.template[1:])
                 rows, cols = launch.inputs[0][1]
-                paths = geometry.paths(launch.name, template, launch.grid, rows, cols, case.offset % 4 == 0)
+                length = (
+                    geometry.row_tile("down_proj", template)
+                    if launch.name == "down_proj"
+                    else geometry.split_rows(launch.name, rows, cols, r, dtype.size, *caps)
+                )
+                aligned = case.offset % 4 == 0
+                paths = geometry.paths(launch.name, template, launch.grid, rows, cols, aligned, mixed_counts(m), length)
                 taken.setdefault(launch.name, set()).update(paths)
                 possible.setdefault(launch.name, set()).update(geometry.possible_paths(launch.name, template))
     expected = {"h": "down_proj", "ds_db": "low_rank_grad", "da_e": "down_grad"}
-    assert set(taken) == {expected[k] for k, v in self_check.plans(r, dropout)[0].items() if v == "kernel"}
+    assert set(taken) == {expected[k] for k, v in self_check.plans(r, dropout, mixed)[0].items() if v == "kernel"}
     for name in taken:
         assert taken[name] == possible[name], (name, possible[name] - taken[name])
 
@@ -309,10 +323,12 @@ HAS_GPU = mx.default_device() == mx.gpu and (mx.cuda.is_available() or mx.metal.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("r", [1, 16, 64, 128])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_on_a_gpu_the_kernels_pass_their_self_check(dtype, r, dropout):
+@pytest.mark.parametrize("mixed", [False, True], ids=["single", "mixed"])
+def test_on_a_gpu_the_kernels_pass_their_self_check(dtype, r, dropout, mixed):
     """Where MLX has a GPU: the MLX-launched kernels, forward and every gradient, against
-    reference.py, and the masks against the CPU's (what the op checks at first use)."""
+    reference.py, and the masks against the CPU's (what the op checks at first use), for
+    the single-adapter op and the mixed one."""
     from mlx_fused_lora.ops.backends import gpu
 
     backend = gpu.backend(gpu.available_backend() or ("cuda" if mx.cuda.is_available() else "metal"))
-    assert self_check.self_check(backend.kernels, backend.run, dtype, r, dropout, backend.tf32) is None
+    assert self_check.self_check(backend.kernels, backend.run, dtype, r, dropout, backend.tf32, mixed=mixed) is None

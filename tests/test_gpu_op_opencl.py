@@ -79,7 +79,7 @@ def test_gpu_op_matches_reference(monkeypatch, dtype, r, p, with_bias, k, n):
         warnings.simplefilter("error")  # the self-check passes: no fallback warning
         got = mx.vjp(call(fused), primals, [ct.astype(dtype)])
     want = mx.vjp(call(plain), primals, [ct.astype(dtype)])
-    assert backend.checked == {(dtype, r, p > 0): None}
+    assert backend.checked == {(dtype, r, p > 0, False): None}
     for g, wv in zip([*got[0], *got[1]], [*want[0], *want[1]], strict=True):
         assert g.dtype == wv.dtype and g.shape == wv.shape
         assert rel_err(g, wv) < TOL[dtype]
@@ -153,9 +153,11 @@ def test_a_gpu_device_takes_the_kernels_unless_turned_off(monkeypatch):
     assert gpu.available_backend() == "cuda"
     chosen = backends.current()
     assert isinstance(chosen, gpu.GPUBackend) and chosen.device.startswith("cuda")
+    assert backends.current_mixed() is chosen  # mixed batches: the same kernels
     monkeypatch.setenv(gpu.ENABLE_VARIABLE, "0")
     assert gpu.available_backend() is None
     assert not isinstance(backends.current(), gpu.GPUBackend)
+    assert backends.current_mixed().lora_linear.func is lean.lora_linear  # the lean fallback
     monkeypatch.setenv(gpu.ENABLE_VARIABLE, "1")
     monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
@@ -169,13 +171,13 @@ def test_the_self_check_runs_when_first_use_is_inside_mx_compile():
 
     @mx.compile
     def step(x):
-        passed = backend._passes((mx.bfloat16, 16, True), mx.bfloat16, 16, True)
+        passed = backend._passes((mx.bfloat16, 16, True, False))
         return x * (2.0 if passed else 3.0)
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.array_equal(np.array(step(mx.ones(3))), np.full(3, 2.0, np.float32))
-    assert backend.checked == {(mx.bfloat16, 16, True): None}
+    assert backend.checked == {(mx.bfloat16, 16, True, False): None}
 
 
 def tf32(a):

@@ -14,7 +14,7 @@ pytest.importorskip("pyopencl", reason='needs pip install "pyopencl[pocl]" (the 
 
 from mask_spec import spec_mask  # noqa: E402
 from mlx_fused_lora._extension import _ext  # noqa: E402
-from mlx_fused_lora.ops.gpu import geometry, kernels, opencl  # noqa: E402
+from mlx_fused_lora.ops.gpu import geometry, grouping, kernels, opencl  # noqa: E402
 
 KEY = mx.array(np.array([123456789, 987654321], dtype=np.uint32))
 M, K, N = 37, 150, 70  # tails against every tile size (16/32/64 rows, 16/32/64/128 columns)
@@ -204,3 +204,100 @@ def test_the_runner_runs_the_shared_body_in_mlx_grid(launcher):
     assert (grid, group) == geometry.down_grad(M, K, 16)[1:] and template == geometry.down_grad(M, K, 16)[0]
     source = launcher.sources["down_grad"]
     assert kernels.kernel_source("opencl", "down_grad")[1] in source and "barrier(CLK_LOCAL_MEM_FENCE)" in source
+
+
+# Mixed adapters: 4 stacked, adapter 3 unused; ids with a run of rows on the base alone,
+# long runs of one adapter (several tiles and splits), single rows between them and an
+# id out of range (a row on no adapter here; the op makes it NaN).
+COUNT = 4
+
+
+def mixed_ids(m, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = np.concatenate([np.full(3, -1), np.full(2 * m // 3, 1), rng.integers(-1, 3, m)])[:m].astype(np.int32)
+    ids[m // 2] = 7
+    return rng.permutation(ids) if seed else ids
+
+
+def per_row(ids, stack, values):
+    """numpy: row i of `values` (M, d) times stack[ids[i]] (d, e); rows on no adapter 0."""
+    out = np.zeros((len(ids), stack.shape[-1]), np.float32)
+    for i, a in enumerate(ids):
+        if 0 <= a < len(stack):
+            out[i] = values[i] @ stack[a]
+    return out
+
+
+def per_adapter(ids, count, left, right):
+    """numpy: for each adapter, the sum over its rows of left[i]^T right[i] (an outer product)."""
+    out = np.zeros((count, left.shape[1], right.shape[1]), np.float32)
+    for i, a in enumerate(ids):
+        if 0 <= a < count:
+            out[a] += np.outer(left[i], right[i])
+    return out
+
+
+MIXED_CONFIGS = [
+    # rank tails, several row tiles, column blocks and splits per adapter
+    (mx.float32, 17, (150, 300, 300), None, 0),
+    # 2 groups in x and 2 in y: the segment-stride loops; ids scattered
+    (mx.float32, 16, (150, 300, 300), (2, 2), 1),
+    (mx.bfloat16, 16, (M, K, N), None, 1),
+    (mx.float16, 1, (M, 148, 68), None, 0),
+]
+
+
+@pytest.mark.parametrize("dtype,r,shape,caps,seed", MIXED_CONFIGS, ids=str)
+def test_mixed_kernels_match_numpy(launcher, dtype, r, shape, caps, seed):
+    """Each row on its adapter (h, dS, e), each adapter's gradient over its rows only (dB,
+    dA; the unused adapter's: exact zeros), rows on no adapter: zeros."""
+    gpu = kernels.Kernels(launcher) if caps is None else kernels.Kernels(launcher, *caps)
+    m, k, n = shape
+    x, _, _, dy, ds = inputs(dtype, r, shape)
+    rng = np.random.default_rng(5)
+    a = mx.array(rng.standard_normal((COUNT, k, r)).astype(np.float32))
+    b = mx.array(rng.standard_normal((COUNT, r, n)).astype(np.float32))
+    scales = mx.array([1.5, -0.5, 2.0, 3.0])
+    ids = mixed_ids(m, seed)
+    groups = grouping.Groups(mx.array(ids), COUNT)
+    an, bn, dyn, dsn, sc = f32(a), f32(b), f32(dy), f32(ds), np.array(scales)
+    c = np.where((ids >= 0) & (ids < COUNT), sc[np.clip(ids, 0, COUNT - 1)], 0)[:, None]
+    for p in (0.0, 0.1):
+        mask = cpu_mask(x.shape, p) if p > 0 else np.ones(x.shape, np.float32)
+        xm = f32(x) * mask
+        h = gpu.down_proj(x, a, KEY, p, groups=groups)
+        close(np.array(h), per_row(ids, an, xm), 1e-5)
+        d_s, d_b = gpu.low_rank_grad(dy, h, b, scales, groups=groups)
+        close(np.array(d_s), c * per_row(ids, bn.transpose(0, 2, 1), dyn), 1e-5)
+        close(np.array(d_b), sc[:, None, None] * per_adapter(ids, COUNT, np.array(h), dyn), 1e-5)
+        da, e = gpu.down_grad(x, ds, a, KEY, p, groups=groups)
+        close(np.array(da), per_adapter(ids, COUNT, xm, dsn), 1e-5)
+        close(f32(e), mask * per_row(ids, an.transpose(0, 2, 1), dsn), 1e-5 if dtype == mx.float32 else 1e-2)
+        for unused in (d_b[3], da[3]):
+            assert not np.array(unused).any()
+
+
+def test_the_row_segments_table(launcher):
+    """Every row position in exactly one segment, each segment within one class and at
+    most `length` rows, the classes in order (rows on the base alone first), the table's
+    spare entries empty; bounds index each class's segments."""
+    gpu = kernels.Kernels(launcher)
+    ids = mixed_ids(150, 3)
+    groups = grouping.Groups(mx.array(ids), COUNT)
+    order = np.array(groups.order)
+    classes = np.where((ids >= 0) & (ids < COUNT), ids + 1, 0)
+    assert sorted(order) == list(range(150)) and list(classes[order]) == sorted(classes)
+    for c in range(COUNT + 1):  # each class keeps its rows' order
+        rows = order[classes[order] == c]
+        assert list(rows) == sorted(rows)
+    for length in (16, 40):
+        table, bounds = (np.array(t) for t in groups.table(gpu, length))
+        assert len(table) == geometry.table_size(150, COUNT, length)
+        used = int(bounds[-1])
+        covered = np.concatenate([np.arange(s, e) for s, e, _ in table[:used]])
+        assert list(covered) == list(range(150))
+        for s, e, adapter in table[:used]:
+            assert 0 < e - s <= length and set(classes[order[s:e]]) == {adapter + 1}
+        assert (table[used:] == [0, 0, -1]).all()
+        for c in range(COUNT + 1):
+            assert set(table[bounds[c] : bounds[c + 1], 2]) <= {c - 1}

@@ -229,11 +229,22 @@ def test_out_of_range_ids_are_a_named_error():
         grad = mx.grad(lambda a, ids=ids: fused_lora_linear(x, w, b, a, bb, scale=1.0, adapter_ids=ids).sum())
         with pytest.raises(RuntimeError, match=r"adapter_ids must be in \[-1, 3\)"):
             mx.eval(grad(a))
-    # the plain-MLX fallback (a GPU device, for now) never reads out of bounds: NaN rows
+    # the plain-MLX fallback of a GPU without (working) kernels never reads out of bounds:
+    # NaN rows, and gradients as if the bad row were on the base alone (-1), all finite
     inputs = layout.mixed_op_inputs(x, w, b, a, bb, None, 0.0, mx.ones((3,)), mx.array([0, 3, -1, 1], dtype=mx.int32))
     with pytest.warns(UserWarning, match="running the plain-MLX formulation"):
         y = reference_backend.lora_linear(inputs, 1.0, 0.0, hint=" (test: the mixed op's fallback)")
     assert np.isnan(np.array(y[1])).all() and np.isfinite(np.array(y[mx.array([0, 2, 3])])).all()
+    as_base = inputs._replace(adapter_ids=mx.array([0, -1, -1, 1], dtype=mx.int32))
+
+    def grads(slots):  # of every row's sum (a NaN value, finite gradients): x, both adapters
+        def loss(x, a, bb):
+            return reference_backend.lean_lora_linear(slots._replace(x=x, lora_a=a, lora_b=bb), 1.0, 0.0).sum()
+
+        return mx.grad(loss, argnums=(0, 1, 2))(x, a, bb)
+
+    for g, want in zip(grads(inputs), grads(as_base), strict=True):
+        assert np.isfinite(np.array(g)).all() and np.array_equal(np.array(g), np.array(want))
 
 
 @pytest.mark.parametrize(

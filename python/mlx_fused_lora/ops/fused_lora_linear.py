@@ -28,7 +28,7 @@ The path of x: ``checks`` validates, ``layout`` puts the inputs into fixed slots
 ``backends.current()`` (chosen by the default device) runs them: the C++
 extension on the CPU (backends/cpu.py), the GPU kernels or the plain-MLX reference
 on a GPU (backends/gpu.py, backends/reference.py); ``backends.current_mixed()`` runs
-the mixed slots (the C++ extension on the CPU, the plain-MLX reference on a GPU for now).
+the mixed slots (the same backends: the GPU kernels take the ids too).
 """
 
 import math

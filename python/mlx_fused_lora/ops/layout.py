@@ -33,8 +33,8 @@ passes apply it where they read each used adapter's B anyway (into its float32 c
 on the fly for an adapter read in place), so it costs no pass over the stacked B
 (folding ``s_i * B_i`` in the graph would add one each call, and its backward another). Its cotangent is built lazily, evaluated only if asked for.
 The single-adapter op keeps ``scale`` a Python float (a constant of the op, as
-before). A GPU backend takes the mixed slots as they are (for now on a GPU the mixed op
-runs the plain-MLX reference, backends/reference.py).
+before). A GPU backend takes the mixed slots as they are (backends/gpu.py: the kernels,
+or the lean fallback, backends/reference.py).
 
 The VJP returns one cotangent per slot, in the same order (``cotangents``,
 ``mixed_cotangents``).

@@ -9,61 +9,99 @@ oracle runs them in float32, the lean fallback of devices without (working) kern
 
 One formula for one adapter and for many: with stacked adapters (``lora_a (n, K, r)``,
 ``lora_b (n, r, N)``) and ``adapter_ids`` (one per row of x, in [-1, n)), row i takes
-adapter ``adapter_ids[i]`` (-1: the base product alone) through MLX's ``gather_mm``
-(``mixed_lora_term``); one adapter without ids is the case where every row takes adapter 0.
+adapter ``adapter_ids[i]`` (-1: the base product alone), in the same two halves, as one
+adapter of the concatenated rank n*r of which each row keeps its own block (plain GEMMs:
+any dtype on every backend, and their gradients make no per-row temporaries, which
+MLX's ``gather_mm`` gradient would); one adapter without ids is the case where every
+row takes adapter 0.
 """
-
-import math
 
 import mlx.core as mx
 
 
-def down_project(x, mask, lora_a, dtype):
-    """``h = (mask * x) @ lora_a`` with every operand in `dtype` (mask None: no dropout)."""
+def down_project(x, mask, lora_a, dtype, adapter_ids=None):
+    """``h = (mask * x) @ lora_a`` with every operand in `dtype` (mask None: no dropout);
+    with `adapter_ids` (one per row of x) lora_a stacked, (n, K, r), and each row taking
+    its own: one GEMM over the concatenated rank, each row keeping its adapter's block
+    (adapter 0's for a row on none: ``lora_terms`` gives it no term)."""
     x = x.astype(dtype)
     dropped = x if mask is None else x * mask.astype(dtype)
-    return dropped @ lora_a.astype(dtype)
+    if adapter_ids is None:
+        return dropped @ lora_a.astype(dtype)
+    count = lora_a.shape[0] if lora_a.ndim == 3 else 1
+    ids, _, _ = routes(adapter_ids, count)
+    return own(dropped @ a_concat(lora_a).astype(dtype), ids, count)
 
 
-def lora_terms(y, h, bias, lora_b, scale, dtype):
+def lora_terms(y, h, bias, lora_b, scale, dtype, adapter_ids=None):
     """``y + bias + scale * h @ lora_b`` with every operand in `dtype` (y, the base
-    product, and h already are)."""
+    product, and h already are); with `adapter_ids` lora_b stacked, (n, r, N), `scale`
+    a float or n of them, and each row taking its own: one GEMM over the concatenated
+    rank, row i's ``scale_i * h_i`` spread into its adapter's block. A -1 row gets
+    y + bias, a row with an id outside [-1, n) NaN (never a read out of bounds; raising
+    would need the ids on the host), its gradients those of a -1 row."""
     if bias is not None:
         y = y + bias.astype(dtype)
-    return y + scale * (h @ lora_b.astype(dtype))
+    if adapter_ids is None:
+        return y + scale * (h @ lora_b.astype(dtype))
+    count = lora_b.shape[0] if lora_b.ndim == 3 else 1
+    ids, onehot, known = routes(adapter_ids, count)
+    scale = scale.astype(dtype) if isinstance(scale, mx.array) else mx.array(scale, dtype=dtype)
+    row_scale = mx.where(known, mx.broadcast_to(scale, (count,))[ids.reshape(-1)].reshape(ids.shape), 0.0)
+    y = y + spread(h * row_scale[..., None], onehot) @ b_concat(lora_b).astype(dtype)
+    # A bad row is a -1 row plus NaN, added after the product as a constant: no gradient
+    # flows through the NaN (the row adds nothing to any adapter's, dX's row is the base's,
+    # as on the GPU kernels).
+    bad = ~known & (adapter_ids != -1)
+    return y + mx.where(bad[..., None], mx.nan, 0.0).astype(dtype)
 
 
-def mixed_lora_term(dropped, lora_a, lora_b, scale, adapter_ids):
-    """scale * (dropped @ A) @ B, float32, each row on its adapter. An id outside [-1, n)
-    gives a NaN row (never a read out of bounds: the gather takes adapter 0 there): raising
-    would need the ids on the host."""
-    a32, b32 = lora_a.astype(mx.float32), lora_b.astype(mx.float32)
-    if a32.ndim == 2:
-        a32, b32 = a32[None], b32[None]
-    count, k, n = a32.shape[0], dropped.shape[-1], b32.shape[-1]
-    m = math.prod(dropped.shape[:-1])
-    if m == 0 or k == 0 or n == 0:  # the empty product (MLX's gather_mm fails on empty shapes)
-        return mx.zeros((*dropped.shape[:-1], n), dtype=mx.float32)
-    ids = adapter_ids.reshape(m)
-    known = (ids >= -1) & (ids < count)
-    gather = mx.where(ids >= 0, ids, 0) * known
-    h = mx.gather_mm(dropped.reshape(m, 1, k), a32, rhs_indices=gather)
-    term = mx.gather_mm(h, b32, rhs_indices=gather).reshape(m, n)
-    scale = scale.astype(mx.float32) if isinstance(scale, mx.array) else mx.array(scale, dtype=mx.float32)
-    scales = mx.broadcast_to(scale, (count,))[gather]
-    term = mx.where((ids >= 0)[:, None], scales[:, None] * term, 0.0)
-    term = mx.where(known[:, None], term, mx.nan)
-    return term.reshape(*dropped.shape[:-1], n)
+# The concatenated rank: n adapters as one adapter of rank n*r, adapter i in columns
+# (rows) i*r ... i*r + r - 1; each row's r values spread into its adapter's block and
+# taken back from it. The formula above, and the GPU op's GEMM paths (ops/gpu/adapter_rows.py).
+
+
+def routes(adapter_ids, count):
+    """(ids, onehot, known) for `count` adapters: each row's id clamped into [0, n) (a
+    gather by it stays in bounds), whether it takes adapter i (..., n) (none for -1 and
+    for an id outside [-1, n)), and whether its id is in [0, n)."""
+    known = (adapter_ids >= 0) & (adapter_ids < count)
+    onehot = adapter_ids[..., None] == mx.arange(count, dtype=adapter_ids.dtype)
+    return mx.where(known, adapter_ids, 0), onehot, known
+
+
+def spread(values, onehot):
+    """(..., r) -> (..., n*r): each row's values in the blocks its one-hot row marks,
+    zeros in the others."""
+    count, r = onehot.shape[-1], values.shape[-1]
+    placed = mx.where(onehot[..., None], values[..., None, :], 0.0)
+    return placed.reshape(*values.shape[:-1], count * r)
+
+
+def own(values, ids, count):
+    """(..., n*r) -> (..., r): each row's block ids[...]."""
+    rows, r = values.shape[:-1], values.shape[-1] // count
+    blocks = values.reshape(*rows, count, r)
+    return mx.take_along_axis(blocks, ids[..., None, None], axis=-2).reshape(*rows, r)
+
+
+def a_concat(lora_a):
+    """(n, K, r) -> (K, n*r) (a copy); (K, r) as it is."""
+    if lora_a.ndim == 2:
+        return lora_a
+    n, k, r = lora_a.shape
+    return lora_a.transpose(1, 0, 2).reshape(k, n * r)
+
+
+def b_concat(lora_b):
+    """(n, r, N) -> (n*r, N) (a reshape, no copy); (r, N) as it is."""
+    return lora_b if lora_b.ndim == 2 else lora_b.reshape(lora_b.shape[0] * lora_b.shape[1], lora_b.shape[2])
 
 
 def _lora(y, x32, bias, lora_a, lora_b, scale, mask, adapter_ids):
     """The float32 base product ``y`` plus the LoRA terms of one adapter, or of each row's."""
-    if adapter_ids is None:
-        return lora_terms(y, down_project(x32, mask, lora_a, mx.float32), bias, lora_b, scale, mx.float32)
-    if bias is not None:
-        y = y + bias.astype(mx.float32)
-    dropped = x32 if mask is None else x32 * mask.astype(mx.float32)
-    return y + mixed_lora_term(dropped, lora_a, lora_b, scale, adapter_ids)
+    h = down_project(x32, mask, lora_a, mx.float32, adapter_ids)
+    return lora_terms(y, h, bias, lora_b, scale, mx.float32, adapter_ids)
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, mask=None, adapter_ids=None):

@@ -1,10 +1,10 @@
 """Chooses the op's backend from the default device, in this one place.
 
 A backend offers ``lora_linear(inputs, scale, p)`` over the fixed slots of
-``layout.Inputs`` (returning y of shape (M, N)) and ``dropout_mask(key, shape, p,
-dtype)``; ``current_quantized()`` chooses for the quantized-base op, ``current_mixed()``
-for the mixed-adapter op (``layout.MixedInputs``), ``current_onto()`` for the LoRA term
-onto a given base product (``layout.OntoInputs``). The CPU runs the C++ extension
+``layout.Inputs`` or ``layout.MixedInputs`` (returning y of shape (M, N)) and
+``dropout_mask(key, shape, p, dtype)``; ``current_quantized()`` chooses for the
+quantized-base op, ``current_mixed()`` for the mixed-adapter op, ``current_onto()`` for
+the LoRA term onto a given base product (``layout.OntoInputs``). The CPU runs the C++ extension
 (``cpu``); a Metal or CUDA device runs the GPU kernels (``gpu``, self-checked at first
 use) unless MLX_FUSED_LORA_GPU_KERNELS=0, else the plain-MLX reference with the same
 mask (``reference``, one warning).
@@ -48,12 +48,10 @@ def current_quantized():
 
 def current_mixed():
     """The mixed-adapter op's backend (``lora_linear(inputs, scale, p)`` over
-    ``layout.MixedInputs``): the C++ extension on the CPU; on a GPU the plain-MLX
-    reference for now (the GPU kernels take one adapter and no ids, for now)."""
-    if mx.default_device() == mx.cpu:
-        return cpu
-    hint = " for mixed-adapter batches (the GPU kernels take one adapter, for now)"
-    return SimpleNamespace(lora_linear=functools.partial(reference.lora_linear, hint=hint))
+    ``layout.MixedInputs``): the C++ extension on the CPU; on a GPU the same backend as
+    the single-adapter op (the GPU kernels, self-checked for mixed batches at first use,
+    or the lean fallback with one warning)."""
+    return current()
 
 
 def current_onto():

@@ -16,9 +16,12 @@ quantized base on a GPU, and by ``backends/gpu.py`` for a configuration whose ke
 failed their self-check.
 
 The mixed slots (``layout.MixedInputs``, ``layout.QMixedInputs``: stacked adapters, the
-multiplier of adapter i ``scale * scales[i]``, an id per row) run the oracle's per-row
-formula (``reference.mixed_lora_term``, MLX's ``gather_mm``) with the device mask, stored:
-not lean yet, until the GPU kernel bodies take the ids.
+multiplier of adapter i ``scale * scales[i]``, an id per row) run the same recomputing
+function over the same formula with the ids (the oracle's per-row term: GEMMs over the
+concatenated rank n*r, in x's dtype): the mask regenerated in the backward, no float32
+copy, and no per-row temporary in the gradient (MLX's gradient of ``gather_mm`` would
+form each row's outer product, M x r x (K + N) elements). An id outside [-1, n) gives a
+NaN row there (no read out of bounds; the CPU op raises).
 """
 
 import functools
@@ -124,30 +127,40 @@ def row_blocks(x, key, p):
     ]
 
 
-def down_project_in_steps(x, key, lora_a, p):
-    """h = (m * x) @ lora_a in x's dtype, the mask generated a block of rows at a time."""
+def down_project_in_steps(x, key, lora_a, p, adapter_ids=None):
+    """h = (m * x) @ lora_a in x's dtype (each row's adapter with `adapter_ids`), the mask
+    generated a block of rows at a time."""
     if p == 0:
-        return reference.down_project(x, None, lora_a, x.dtype)
-    blocks = [reference.down_project(part, mask, lora_a, x.dtype) for part, mask in row_blocks(x, key, p)]
+        return reference.down_project(x, None, lora_a, x.dtype, adapter_ids)
+    ids = None if adapter_ids is None else split_like(x, adapter_ids)
+    blocks = [
+        reference.down_project(part, mask, lora_a, x.dtype, None if ids is None else ids[i])
+        for i, (part, mask) in enumerate(row_blocks(x, key, p))
+    ]
     return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=0)
 
 
-def _recomputing_op(base, scale, p):
-    """An mx.custom_function over slots (x, *base_arrays, bias, lora_a, lora_b, key): y
-    in x's dtype, the mask generated from the key in the forward and again in the
-    backward. Returns (op, grads) where grads(primals, dy, wrt) are the cotangents of
-    the slots numbered `wrt`, by MLX's autodiff of the formula."""
+def _recomputing_op(base, scale, p, routed):
+    """An mx.custom_function over slots (x, *base_arrays, bias, lora_a, lora_b, key), and
+    when `routed` (scales, adapter_ids) after them: y in x's dtype, the mask generated
+    from the key in the forward and again in the backward. Returns (op, grads) where
+    grads(primals, dy, wrt) are the cotangents of the slots numbered `wrt`, by MLX's
+    autodiff of the formula."""
+    key_slot = -3 if routed else -1
 
     def formula(x, *rest):
-        *base_arrays, bias, lora_a, lora_b, key = rest
-        h = down_project_in_steps(x, key, lora_a, p)
-        return reference.lora_terms(base(x, *base_arrays), h, layout.bias_or_none(bias), lora_b, scale, x.dtype)
+        scales, ids = rest[-2:] if routed else (None, None)
+        *base_arrays, bias, lora_a, lora_b, key = rest[:-2] if routed else rest
+        h = down_project_in_steps(x, key, lora_a, p, ids)
+        multiplier = scale * scales if routed else scale
+        return reference.lora_terms(base(x, *base_arrays), h, layout.bias_or_none(bias), lora_b, multiplier, x.dtype, ids)  # fmt: skip
 
     def grads(primals, dy, wrt):
         # The key, hence the regenerated mask, waits for dY: else MLX may evaluate the
         # mask (and the dropped rows) right after the forward and hold them until the
         # backward reaches them.
-        primals = [*primals[:-1], mx.depends(primals[-1], dy)]
+        primals = list(primals)
+        primals[key_slot] = mx.depends(primals[key_slot], dy)
 
         def along(*values):
             args = list(primals)
@@ -161,89 +174,67 @@ def _recomputing_op(base, scale, p):
 
 
 @functools.cache
-def _dense_op(scale, p):
-    op, grads = _recomputing_op(lambda x, weight: x @ weight.T, scale, p)
+def _dense_op(scale, p, routed):
+    op, grads = _recomputing_op(lambda x, weight: x @ weight.T, scale, p, routed)
 
     @op.vjp
     def op_vjp(primals, cotangents, outputs):
         dy = cotangents[0].astype(primals[0].dtype)
-        dx, d_lora_a, d_lora_b = grads(primals, dy, wrt=(0, 3, 4))
-        return layout.cotangents(layout.Inputs(*primals), dy, dx=dx, d_lora_a=d_lora_a, d_lora_b=d_lora_b)
+        if not routed:
+            dx, d_lora_a, d_lora_b = grads(primals, dy, wrt=(0, 3, 4))
+            return layout.cotangents(layout.Inputs(*primals), dy, dx=dx, d_lora_a=d_lora_a, d_lora_b=d_lora_b)
+        names = ("dx", "d_lora_a", "d_lora_b", "d_scales")  # slots 0, 3, 4, 6
+        found = dict(zip(names, grads(primals, dy, wrt=(0, 3, 4, 6)), strict=True))
+        return layout.mixed_cotangents(layout.MixedInputs(*primals), dy, **found)
 
     return op
 
 
 @functools.cache
-def _quantized_op(scale, p, group_size, bits):
+def _quantized_op(scale, p, group_size, bits, routed):
     def base(x, weight, scales, biases):
         y = reference.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
         return y.astype(x.dtype)
 
-    op, grads = _recomputing_op(base, scale, p)
+    op, grads = _recomputing_op(base, scale, p, routed)
 
     @op.vjp
     def op_vjp(primals, cotangents, outputs):
         dy = cotangents[0].astype(primals[0].dtype)
-        names = ("dx", "d_scales", "d_biases", "d_lora_a", "d_lora_b")  # slots 0, 2, 3, 5, 6
-        found = dict(zip(names, grads(primals, dy, wrt=(0, 2, 3, 5, 6)), strict=True))
-        return layout.q_cotangents(layout.QInputs(*primals), dy, **found)
+        names = ("dx", "d_scales", "d_biases", "d_lora_a", "d_lora_b", "d_lora_scales")  # slots 0, 2, 3, 5, 6, 8
+        wrt = (0, 2, 3, 5, 6, 8) if routed else (0, 2, 3, 5, 6)
+        found = dict(zip(names, grads(primals, dy, wrt=wrt), strict=False))
+        slots = layout.QMixedInputs(*primals) if routed else layout.QInputs(*primals)
+        return layout.q_cotangents(slots, dy, **found)
 
     return op
 
 
 def lean_lora_linear(inputs, scale, p):
-    """y (M, N) for the fixed slots `inputs` (layout.Inputs), lean plain MLX, no warning."""
-    return _dense_op(scale, p)(*inputs)[0]
-
-
-def _routing(scale, routing):
-    """(per-adapter multipliers, ids) of the mixed slots' extra two."""
-    scales, ids = routing
-    return scale * scales, ids
-
-
-def _mask(key, x, p):
-    return device_dropout_mask(key, x.shape, p, mx.float32) if p > 0 else None
+    """y (M, N) for the fixed slots `inputs` (layout.Inputs or layout.MixedInputs), lean
+    plain MLX, no warning."""
+    return _dense_op(scale, p, len(inputs) == len(layout.MixedInputs._fields))(*inputs)[0]
 
 
 def lora_linear(inputs, scale, p, hint=""):
-    """y (M, N) for the fixed slots `inputs` (layout.Inputs, or layout.MixedInputs), in plain
-    MLX (one warning)."""
+    """y (M, N) for the fixed slots `inputs` (layout.Inputs or layout.MixedInputs), in
+    plain MLX (one warning)."""
     _warn_once(str(mx.default_device()), hint)
-    x, weight, bias, lora_a, lora_b, key, *routing = inputs
-    if not routing:
-        return lean_lora_linear(inputs, scale, p)
-    scales, ids = _routing(scale, routing)
-    return reference.lora_linear(x, weight, layout.bias_or_none(bias), lora_a, lora_b, scales, _mask(key, x, p), ids)
+    return lean_lora_linear(inputs, scale, p)
 
 
 def lean_qlora_linear(inputs, scale, p, *, group_size, bits):
-    """y (M, N) for the quantized op's fixed slots `inputs` (layout.QInputs), no warning."""
-    return _quantized_op(scale, p, group_size, bits)(*inputs)[0]
+    """y (M, N) for the quantized op's fixed slots `inputs` (layout.QInputs or
+    layout.QMixedInputs), no warning."""
+    routed = len(inputs) == len(layout.QMixedInputs._fields)
+    return _quantized_op(scale, p, group_size, bits, routed)(*inputs)[0]
 
 
 def qlora_linear(inputs, scale, p, *, group_size, bits, hint=""):
     """y (M, N) for the quantized op's fixed slots `inputs` (layout.QInputs, or
     layout.QMixedInputs), in plain MLX (one warning)."""
     _warn_once(str(mx.default_device()), hint)
-    x, weight, scales, biases, bias, lora_a, lora_b, key, *routing = inputs
-    if not routing:
-        return lean_qlora_linear(inputs, scale, p, group_size=group_size, bits=bits)
-    lora_scales, ids = _routing(scale, routing)
-    return reference.qlora_linear(
-        x,
-        weight,
-        scales,
-        biases,
-        layout.bias_or_none(bias),
-        lora_a,
-        lora_b,
-        lora_scales,
-        _mask(key, x, p),
-        group_size=group_size,
-        bits=bits,
-        adapter_ids=ids,
-    )
+    return lean_qlora_linear(inputs, scale, p, group_size=group_size, bits=bits)
 
 
 def lora_onto(inputs, p, hint=""):
@@ -251,7 +242,8 @@ def lora_onto(inputs, p, hint=""):
     with the device mask (stored; one warning)."""
     _warn_once(str(mx.default_device()), hint)
     x, base, lora_a, lora_b, key, scales, ids = inputs
-    return reference.lora_onto(x, base, lora_a, lora_b, scales, _mask(key, x, p), ids)
+    mask = device_dropout_mask(key, x.shape, p, mx.float32) if p > 0 else None
+    return reference.lora_onto(x, base, lora_a, lora_b, scales, mask, ids)
 
 
 dropout_mask = device_dropout_mask

@@ -40,11 +40,13 @@ class Device(NamedTuple):
     simt: float  # FLOP/s of our kernels' float32 FMAs
     integer: float  # integer operations/s (the mask's hash)
     launch: float  # seconds per kernel launch
+    cache: float = 0.0  # bytes/s of the last-level cache (re-reads of a small operand)
 
 
 # Peaks from the datasheets; efficiencies assumed: 85 % of bandwidth, 70 % of GEMM peak,
 # 50 % of the float32 peak for our kernels (shared-memory loads, barriers), 70 % of the
-# integer peak (H100: 64 INT32 lanes per SM; Apple: its ALUs, at the float rate).
+# integer peak (H100: 64 INT32 lanes per SM; Apple: its ALUs, at the float rate); the
+# last-level cache at 2x (H100's L2) and 1.5x (Apple's system cache) the memory's rate.
 H100 = Device(
     "H100 SXM (estimate)",
     bandwidth=0.85 * 3.35e12,
@@ -52,6 +54,7 @@ H100 = Device(
     simt=0.5 * 67e12,
     integer=0.7 * 16.7e12,
     launch=2e-6,
+    cache=2 * 0.85 * 3.35e12,
 )
 M3_MAX = Device(
     "M3 Max, 40-core GPU (estimate)",
@@ -60,6 +63,7 @@ M3_MAX = Device(
     simt=0.5 * 14.2e12,
     integer=0.7 * 7.1e12,
     launch=5e-6,
+    cache=1.5 * 0.85 * 400e9,
 )
 
 
@@ -75,11 +79,13 @@ class Pass(NamedTuple):
     engine: str  # "gemm" or "simt"
     launches: int = 1
     int_ops: float = 0.0
+    cache_bytes: float = 0.0  # re-reads served by the last-level cache
 
     def seconds(self, device, element_size):
         rate = device.gemm[element_size] if self.engine == "gemm" else device.simt
         compute = self.flops / rate + self.int_ops / device.integer
-        return max(self.bytes / device.bandwidth, compute) + self.launches * device.launch
+        cached = self.cache_bytes / device.cache if self.cache_bytes else 0.0
+        return max(self.bytes / device.bandwidth, cached, compute) + self.launches * device.launch
 
 
 def gemm(name, m, k, n, s, extra_bytes=0.0):
@@ -87,7 +93,7 @@ def gemm(name, m, k, n, s, extra_bytes=0.0):
     return Pass(name, (m * k + k * n + m * n) * s + extra_bytes, 2.0 * m * n * k, "gemm")
 
 
-def _parts(count, size):
+def parts(count, size):
     """A partial buffer of `count` x `size` floats, written once and summed once (its
     sum written too), or nothing for a single part."""
     return 0.0 if count == 1 else (2 * count + 1) * size * F32
@@ -95,11 +101,11 @@ def _parts(count, size):
 
 def down_proj_options(m, k, r, s):
     """h: {"kernel": [passes], "gemm": [passes]}."""
-    options = {"gemm": [_masked_copy("dropped_x", m, k, s), gemm("h_gemm", m, k, r, s)]}
+    options = {"gemm": [masked_copy("dropped_x", m, k, s), gemm("h_gemm", m, k, r, s)]}
     if r <= geometry.MAX_RANK:
         _, grid, _ = geometry.down_proj(m, k, r, s)
         splits = grid[1]
-        bytes_ = m * k * s + k * r * F32 + _parts(splits, m * r) + m * r * F32
+        bytes_ = m * k * s + k * r * F32 + parts(splits, m * r) + m * r * F32
         flops = 2.0 * m * k * r
         options["kernel"] = [Pass("down_proj", bytes_, flops, "simt", 1 + (splits > 1), HASH_OPS * m * k)]
     return options
@@ -118,7 +124,7 @@ def low_rank_grad_options(m, n, r, s):
     if r <= geometry.MAX_LOW_RANK:
         template, grid, _ = geometry.low_rank_grad(m, n, r, s)
         blocks = math.ceil(n / geometry.column_tile("low_rank_grad", template))
-        bytes_ = m * n * s + (m * r + r * n) * F32 + _parts(blocks, m * r) + _parts(grid[1], r * n)
+        bytes_ = m * n * s + (m * r + r * n) * F32 + parts(blocks, m * r) + parts(grid[1], r * n)
         options["kernel"] = [Pass("low_rank_grad", bytes_, 4.0 * m * n * r, "simt", 3)]
     return options
 
@@ -127,21 +133,21 @@ def down_grad_options(m, k, r, s):
     """dA and e: {"kernel": [passes], "gemm": [passes]}."""
     options = {
         "gemm": [
-            _masked_copy("dropped_x", m, k, s),
+            masked_copy("dropped_x", m, k, s),
             gemm("da_gemm", k, m, r, s),
             gemm("e_gemm", m, r, k, s),
-            _masked_copy("masked_e", m, k, s),
+            masked_copy("masked_e", m, k, s),
         ]
     }
     if r <= geometry.MAX_RANK:
         _, grid, _ = geometry.down_grad(m, k, r, s)
-        bytes_ = 2 * m * k * s + (m * r + k * r) * F32 + _parts(grid[1], k * r)
+        bytes_ = 2 * m * k * s + (m * r + k * r) * F32 + parts(grid[1], k * r)
         flops = 4.0 * m * k * r
         options["kernel"] = [Pass("down_grad", bytes_, flops, "simt", 1 + (grid[1] > 1), HASH_OPS * m * k)]
     return options
 
 
-def _masked_copy(name, m, k, s):
+def masked_copy(name, m, k, s):
     """An (m, k) array read and written once with the mask applied on the way."""
     return Pass(name, 2 * m * k * s, m * k, "simt", 1, HASH_OPS * m * k)
 
@@ -165,8 +171,10 @@ def cheaper(options, device, s):
 
 
 def plan(device, m, k, n, r, s, dropout):
-    """How the op computes h, (dS, dB) and (dA, e) for these sizes: "kernel" or "gemm"."""
-    choice = {"ds_db": cheaper(low_rank_grad_options(m, n, r, s), device, s)}
+    """How the op computes h, the up-projection, (dS, dB) and (dA, e) for these sizes:
+    "kernel" or "gemm" (the up-projection is always MLX's GEMM, the bias in its
+    epilogue)."""
+    choice = {"ds_db": cheaper(low_rank_grad_options(m, n, r, s), device, s), "up": "gemm"}
     if dropout:
         choice["h"] = cheaper(down_proj_options(m, k, r, s), device, s)
         choice["da_e"] = cheaper(down_grad_options(m, k, r, s), device, s)
@@ -225,17 +233,21 @@ def first_gemm_ranks(device, m, k, n, s):
     first = {}
     for r in range(1, geometry.MAX_RANK + 2):
         for key, choice in plan(device, m, k, n, r, s, True).items():
-            if choice == "gemm":
+            if choice == "gemm" and key != "up":
                 first.setdefault(key, r)
     return first
 
 
 def estimates():
     """The README's estimates, committed as benchmarks/results/gpu_estimates.json
-    (tests/test_gpu_costs.py holds the file to this function)."""
+    (tests/test_gpu_costs.py holds the file to this function); "mixed": the mixed op's
+    (mixed_costs.py)."""
+    from . import mixed_costs
+
     return {
         "note": "estimates from ops/gpu/costs.py (datasheet peaks x assumed efficiencies), not measurements",
         "cases": [estimate(device, m, k, n, r, 2, True) for device in (H100, M3_MAX) for m, k, n, r in README_CASES],
         "first_gemm_rank": {"H100": first_gemm_ranks(H100, 4096, 4096, 4096, 2)}
         | {"M3 Max": first_gemm_ranks(M3_MAX, 4096, 4096, 4096, 2)},
+        "mixed": mixed_costs.estimates(),
     }

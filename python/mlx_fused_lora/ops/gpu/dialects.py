@@ -30,6 +30,8 @@ prelude defines at the top of the body:
                             MFL_LOAD4/STORE4 when `vec`, else one element at a time
     MFL_MULT(index)         the dropout multiplier of flat element `index` (bodies that
                             start with ``MASK``, taking key, dropout and index_base)
+    MFL_ROW, MFL_SEGMENT    the rows of a segment of rows of one adapter (bodies that
+                            start with ``SEGMENTS``, taking order and segments)
     uint32_t, int64_t, uint64_t
 
 and C casts (``(int64_t)(x)``), never C++ ones, because OpenCL C is C. Template
@@ -216,6 +218,22 @@ const uint32_t mfl_threshold = mfl_keep_threshold(mfl_p);
 const float mfl_keep = mfl_keep_scale(mfl_p);
 #define MFL_MULT(index) (mfl_p > 0.0f ? mfl_dropout_multiplier(mfl_dropout_bits(key[0], key[1], \\
     (uint32_t)(mfl_base + (index)), (uint32_t)((mfl_base + (index)) >> 32)), mfl_threshold, mfl_keep) : 1.0f)
+"""
+
+# The rows of the bodies that walk segments of rows (after the prelude; they take the
+# `order` and `segments` inputs and a MIXED template parameter). With mixed adapters
+# (MIXED = 1) the op groups the rows by adapter (ops/gpu/grouping.py): `order` lists the
+# rows adapter by adapter and `segments` cuts that order into segments of rows of one
+# adapter each, (first position, end position, adapter) per segment, -1 for rows on the
+# base alone. The single-adapter op (MIXED = 0) is its n = 1 case with the identity order
+# and segments of `span` rows on adapter 0, computed here (its two inputs are unread).
+#   MFL_ROW(pos)        the row at position pos of the order
+#   MFL_SEGMENT(seg, span, rows, p0, p1, adapter)   segment seg: positions [p0, p1), adapter
+SEGMENTS = """
+#define MFL_ROW(pos) (MIXED ? (int64_t)(order[pos]) : (int64_t)(pos))
+#define MFL_SEGMENT(seg, span, rows, p0, p1, adapter) { if (MIXED) { \\
+    p0 = segments[3 * (seg)]; p1 = segments[3 * (seg) + 1]; adapter = segments[3 * (seg) + 2]; } else { \\
+    p0 = (seg) * (span); p1 = p0 + (span) < (rows) ? p0 + (span) : (rows); adapter = 0; } }
 """
 
 BODY_PRELUDE = {"cuda": _CUDA + _QUADS, "metal": _METAL + _QUADS, "opencl": _OPENCL + _QUADS}

@@ -18,6 +18,11 @@ The template parameters of each body (``bodies.py``), all ints:
   (TK = 4*KG per block); e's TRE rows per thread (TM = TG/KG*TRE rows per tile); the x,
   dS and A^T tiles' strides XS, DS, AT; SMEM; TG.
 
+Mixed adapters (``MIXED`` = 1, every template has it): down_proj's grid x covers the
+op's table of row tiles of one adapter each (``table_size`` entries), the reductions'
+grid y its table of row splits (walked with a group-stride loop, at most twice the splits
+the single-adapter op would take); ``split_rows`` is the length of those splits.
+
 Every shared stride is a multiple of 4 floats whose count of 16-byte words is odd (see
 ``stride``), and every rank-r product reads at least 4 FMAs' worth per 16-byte shared
 load (``fmas_per_load``, held by tests/test_gpu_kernels.py for every r the kernels take).
@@ -85,12 +90,21 @@ def _check_rank(r, limit, name):
 
 
 def elementwise(size, max_groups=MAX_GROUPS):
-    """(template, grid, threadgroup) of dropout_mask / sum_parts over `size` elements."""
+    """(template, grid, threadgroup) of dropout_mask / sum_parts / row_segments over
+    `size` elements."""
     return {"TG": GROUP}, *_grid(max(1, min(max_groups, _ceil(size, GROUP))), 1)
 
 
-def down_proj(rows, cols, r, element_size=4, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS):
+def table_size(rows, count, length):
+    """Entries of a table of segments of at most `length` rows cutting `rows` rows grouped
+    into count + 1 classes (n adapters and the rows on the base alone): every class adds
+    at most one segment shorter than `length`."""
+    return _ceil(rows, length) + min(count + 1, rows)
+
+
+def down_proj(rows, cols, r, element_size=4, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS, tiles=None):
     """h partials: TM-row tiles (grid x) and splits of K (grid y); see the module doc.
+    `tiles`: the length of the mixed op's tile table (None: the single-adapter op).
 
     Split-K fills the GPU at small M (M = 512: 32 row tiles x 16 splits); the splits are
     capped where their partials (S*M*r floats, written and read once) would pass half
@@ -103,8 +117,8 @@ def down_proj(rows, cols, r, element_size=4, max_groups=MAX_GROUPS, max_splits=M
     xs, as_ = stride(tk), stride(ch * rc)
     smem = max(tm * xs + tk * as_, (kl // 2) * tm * as_)
     template = {"R": r, "RC": rc, "CH": ch, "RT": rt, "TR": tr, "KL": kl, "XS": xs, "AS": as_}
-    template |= {"SMEM": smem, "TG": GROUP}
-    groups = max(1, min(max_groups, _ceil(rows, tm)))
+    template |= {"SMEM": smem, "TG": GROUP, "MIXED": int(tiles is not None)}
+    groups = max(1, min(max_groups, _ceil(rows, tm) if tiles is None else tiles))
     splits = max(1, min(max_splits, _ceil(cols, tk), _ceil(TARGET_GROUPS, groups), _split_cap(cols, element_size, r)))
     return template, *_grid(groups, splits)
 
@@ -128,13 +142,21 @@ def _low_rank_tiles(r):
     raise ValueError(f"no low_rank_grad tile fits r = {r}")
 
 
-def low_rank_grad(rows, cols, r, element_size=4, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS):
-    """dS and dB partials: column blocks of TN (grid x), row splits (grid y)."""
+def _mixed_splits(template, splits, max_splits, segments):
+    """The grid's y: the single-adapter op's splits, or for a mixed op's table of
+    `segments` splits at most twice those (a group walks every GROUPS_Y-th)."""
+    template["MIXED"] = int(segments is not None)
+    return splits if segments is None else max(1, min(segments, 2 * splits, 2 * max_splits))
+
+
+def low_rank_grad(rows, cols, r, element_size=4, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS, segments=None):
+    """dS and dB partials: column blocks of TN (grid x), row splits (grid y); `segments`:
+    the length of the mixed op's split table (None: the single-adapter op)."""
     _check_rank(r, MAX_LOW_RANK, "low_rank_grad")
     template = _low_rank_tiles(r)
     col_groups = max(1, min(max_groups, _ceil(cols, 4 * template["NG"])))
     splits = _splits(rows, template["TM"], col_groups, max_splits, _split_cap(rows, element_size, r))
-    return template, *_grid(col_groups, splits)
+    return template, *_grid(col_groups, _mixed_splits(template, splits, max_splits, segments))
 
 
 def _down_grad_tiles(r):
@@ -152,15 +174,25 @@ def _down_grad_tiles(r):
     raise ValueError(f"no down_grad tile fits r = {r}")
 
 
-def down_grad(rows, cols, r, element_size=4, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS):
-    """dA partials and e: column blocks of TK (grid x), row splits (grid y)."""
+def down_grad(rows, cols, r, element_size=4, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS, segments=None):
+    """dA partials and e: column blocks of TK (grid x), row splits (grid y); `segments`:
+    the length of the mixed op's split table (None: the single-adapter op)."""
     _check_rank(r, MAX_RANK, "down_grad")
     template = _down_grad_tiles(r)
     group = template["TG"]
     tm = group // template["KG"] * template["TRE"]
     col_groups = max(1, min(max_groups, _ceil(cols, 4 * template["KG"])))
     splits = _splits(rows, tm, col_groups, max_splits, _split_cap(rows, element_size, r))
-    return template, *_grid(col_groups, splits, group)
+    return template, *_grid(col_groups, _mixed_splits(template, splits, max_splits, segments), group)
+
+
+def split_rows(name, rows, cols, r, element_size=4, max_groups=MAX_GROUPS, max_splits=MAX_SPLITS):
+    """Rows per split of reduction `name` (low_rank_grad over dY's `cols`, down_grad over
+    x's): the single-adapter op's splits, and the length of the mixed op's segments."""
+    reduction = {"low_rank_grad": low_rank_grad, "down_grad": down_grad}[name]
+    template, grid, _ = reduction(rows, cols, r, element_size, max_groups, max_splits)
+    tm = row_tile(name, template)
+    return _ceil(rows, grid[1] * tm) * tm
 
 
 def row_tile(name, template):
@@ -198,10 +230,30 @@ def fmas_per_load(name, template):
     return min(da, e)
 
 
-def paths(name, template, grid, rows, cols, aligned):
+def _mixed_paths(name, template, grid, rows, counts, length):
+    """The paths of a mixed launch (MIXED = 1) over rows whose classes hold `counts` rows
+    (counts[0] on the base alone, counts[1 + i] on adapter i), in segments of `length`."""
+    entries = table_size(rows, len(counts) - 1, length)
+    steps = {
+        "rows through the adapters' order": True,
+        "a segment of rows on the base alone": counts[0] > 0,
+        "several segments of one adapter": max(counts[1:]) > length,
+        "empty table entries": entries > sum(_ceil(c, length) for c in counts),
+    }
+    if name != "down_proj":
+        steps |= {
+            "segment-stride loop": entries > grid[1],
+            "an adapter no row uses (its sum: zeros)": min(counts[1:]) == 0,
+        }
+    return {path for path, hit in steps.items() if hit}
+
+
+def paths(name, template, grid, rows, cols, aligned, counts=None, length=None):
     """The code paths a launch of kernel `name` takes over a (rows, cols) array (x for
     down_proj and down_grad, dY for low_rank_grad; `aligned`: whether it starts on a
-    16-byte word), read off its geometry: what a check must run before real data does."""
+    16-byte word), read off its geometry: what a check must run before real data does.
+    A mixed launch (MIXED = 1) also needs its ids' `counts` per class (``_mixed_paths``)
+    and its segments' `length` (down_proj: its row tile; else ``split_rows``)."""
     tm, tw = row_tile(name, template), column_tile(name, template)
     groups_x, splits = grid[0] // template["TG"], grid[1]
     taken = {"4-wide accesses" if cols % 4 == 0 and aligned else "element-wise accesses"}
@@ -223,6 +275,8 @@ def paths(name, template, grid, rows, cols, aligned):
             outputs = (template["TM"] // template["TRS"]) * (padded_rank(name, template) // 4)
             steps |= {"column-lane tree": template["TG"] // outputs > 1}
     steps |= {"row tiles > 1": _ceil(rows, tm) > 1, "row tail": rows % tm != 0, "group-stride loop": tiles > groups_x}
+    if template["MIXED"]:
+        taken |= _mixed_paths(name, template, grid, rows, counts, length)
     return taken | {path for path, hit in steps.items() if hit}
 
 
@@ -230,6 +284,11 @@ def possible_paths(name, template):
     """Every path kernel `name` can take with this template, whatever the sizes."""
     fixed = {"4-wide accesses", "element-wise accesses", "row tiles > 1", "row tail", "group-stride loop"}
     fixed.add("misaligned view (element-wise, rows a multiple of 4)")
+    if template["MIXED"]:
+        fixed |= {"rows through the adapters' order", "a segment of rows on the base alone"}
+        fixed |= {"several segments of one adapter", "empty table entries"}
+        if name != "down_proj":
+            fixed |= {"segment-stride loop", "an adapter no row uses (its sum: zeros)"}
     if padded_rank(name, template) > template["R"]:
         fixed.add("rank tail (padded rank columns)")
     if name == "down_proj":

@@ -70,6 +70,13 @@ def _scalar(value, dtype):
     return mx.array(value, dtype=dtype)
 
 
+@functools.cache
+def _unread():
+    """The order and segment-table inputs of the single-adapter op's launches (MIXED = 0
+    computes its rows instead): one-entry host arrays, no launch to make them."""
+    return mx.array([0], dtype=mx.int32), mx.array([[0, 0, 0]], dtype=mx.int32)
+
+
 class Kernels:
     """The GPU kernels of the fused op (see ``bodies.py`` for what each computes).
 
@@ -78,6 +85,11 @@ class Kernels:
     (0 in the op). ``max_groups`` and ``max_splits`` cap the grid's groups in x and y
     (the self-check and the tests lower them to run the group-stride loops and the
     multi-tile walks at small sizes).
+
+    Mixed adapters: with ``groups`` (a ``grouping.Groups`` of the batch's ids) a and b
+    are stacked, (n, K, r) and (n, r, N), each row on its adapter, and the gradients of
+    the adapters come stacked too (an adapter no row uses: zeros). Without, the
+    single-adapter op: the same bodies with MIXED = 0.
     """
 
     def __init__(self, launcher, max_groups=geometry.MAX_GROUPS, max_splits=geometry.MAX_SPLITS):
@@ -97,6 +109,14 @@ class Kernels:
         key = key if key is not None else mx.zeros((2,), dtype=mx.uint32)
         return [key, _scalar(p, F32), _scalar(index_base, mx.uint64)]
 
+    def _rows(self, groups, length):
+        """The (order, segments) inputs and the table's length and bounds (None, None
+        for the single-adapter op) of a launch walking segments of `length` rows."""
+        if groups is None:
+            return list(_unread()), None, None
+        segments, bounds = groups.table(self, length)
+        return [groups.order, segments], segments.shape[0], bounds
+
     def dropout_mask(self, key, shape, p, index_base=0):
         """float32 dropout multipliers for an x of `shape` (1/(1-p) kept, 0 dropped)."""
         size = 1
@@ -107,48 +127,69 @@ class Kernels:
         (mask,) = self._launch("dropout_mask", inputs, [(tuple(shape), F32)], template, F32, grid, group)
         return mask
 
-    def down_proj(self, x, a, key, p, index_base=0):
-        """h = (m * x) @ a, float32 (M, r)."""
+    def down_proj(self, x, a, key, p, index_base=0, groups=None):
+        """h = (m * x) @ a (each row's adapter with groups), float32 (M, r)."""
         m, k = x.shape
-        r = a.shape[1]
-        template, grid, group = geometry.down_proj(m, k, r, x.dtype.size, self.max_groups, self.max_splits)
-        inputs = [x, a.astype(F32)] + self._mask_inputs(key, p, index_base)
+        r = a.shape[-1]
+        sizes = (m, k, r, x.dtype.size, self.max_groups, self.max_splits)
+        rows, tiles, _ = self._rows(groups, geometry.row_tile("down_proj", geometry.down_proj(*sizes)[0]))
+        template, grid, group = geometry.down_proj(*sizes, tiles=tiles)
+        inputs = [x, a.astype(F32)] + self._mask_inputs(key, p, index_base) + rows
         (h_part,) = self._launch("down_proj", inputs, [((grid[1], m, r), F32)], template, x.dtype, grid, group)
-        return self.sum_parts(h_part, 1.0)
+        return self.sum_parts(h_part)
 
-    def low_rank_grad(self, dy, h, b, scale):
-        """(dS, dB) = (scale * dy @ b.T, scale * h.T @ dy), float32, in one pass over dy."""
+    def low_rank_grad(self, dy, h, b, scale, groups=None):
+        """(dS, dB) = (c * dy @ b.T, c * h.T @ dy), float32, in one pass over dy: c the
+        float `scale`, or with groups the (n,) float32 array of each adapter's."""
         m, n = dy.shape
         r = h.shape[1]
-        template, grid, group = geometry.low_rank_grad(m, n, r, dy.dtype.size, self.max_groups, self.max_splits)
+        sizes = (m, n, r, dy.dtype.size, self.max_groups, self.max_splits)
+        rows, segments, bounds = self._rows(groups, geometry.split_rows("low_rank_grad", *sizes))
+        template, grid, group = geometry.low_rank_grad(*sizes, segments=segments)
         blocks = -(-n // geometry.column_tile("low_rank_grad", template))
+        scales = _scalar([scale], F32) if groups is None else scale.astype(F32)
         ds_part, db_part = self._launch(
             "low_rank_grad",
-            [dy, h.astype(F32), b.astype(F32)],
-            [((blocks, m, r), F32), ((grid[1], r, n), F32)],
+            [dy, h.astype(F32), b.astype(F32), scales] + rows,
+            [((blocks, m, r), F32), ((segments or grid[1], r, n), F32)],
             template,
             dy.dtype,
             grid,
             group,
         )
-        return self.sum_parts(ds_part, scale), self.sum_parts(db_part, scale)
+        return self.sum_parts(ds_part), self.sum_parts(db_part, bounds)
 
-    def down_grad(self, x, ds, a, key, p, index_base=0):
-        """(dA, e) = ((m * x).T @ ds float32 (K, r), m * (ds @ a.T) in x's dtype (M, K))."""
+    def down_grad(self, x, ds, a, key, p, index_base=0, groups=None):
+        """(dA, e) = ((m * x).T @ ds float32 (K, r), m * (ds @ a.T) in x's dtype (M, K)),
+        each row's adapter with groups (dA then (n, K, r))."""
         m, k = x.shape
         r = ds.shape[1]
-        template, grid, group = geometry.down_grad(m, k, r, x.dtype.size, self.max_groups, self.max_splits)
-        inputs = [x, ds.astype(F32), a.astype(F32)] + self._mask_inputs(key, p, index_base)
-        outputs = [((grid[1], k, r), F32), ((m, k), x.dtype)]
+        sizes = (m, k, r, x.dtype.size, self.max_groups, self.max_splits)
+        rows, segments, bounds = self._rows(groups, geometry.split_rows("down_grad", *sizes))
+        template, grid, group = geometry.down_grad(*sizes, segments=segments)
+        inputs = [x, ds.astype(F32), a.astype(F32)] + self._mask_inputs(key, p, index_base) + rows
+        outputs = [((segments or grid[1], k, r), F32), ((m, k), x.dtype)]
         da_part, e = self._launch("down_grad", inputs, outputs, template, x.dtype, grid, group)
-        return self.sum_parts(da_part, 1.0), e
+        return self.sum_parts(da_part, bounds), e
 
-    def sum_parts(self, parts, scale):
-        """scale * parts.sum(axis=0), summed in index order (deterministic); one part
-        with scale 1 is returned as it is."""
-        if parts.shape[0] == 1 and scale == 1.0:
+    def sum_parts(self, parts, bounds=None):
+        """parts.sum(axis=0), summed in index order (deterministic), one part returned as
+        it is; with `bounds` (a table's, n + 2 entries) one sum per adapter over its
+        parts: (n, *parts.shape[1:]), zeros for an adapter with none."""
+        if parts.shape[0] == 1 and bounds is None:
             return parts[0]
-        template, grid, group = geometry.elementwise(parts.shape[1] * parts.shape[2], self.max_groups)
-        inputs = [parts, _scalar(scale, F32)]
-        (out,) = self._launch("sum_parts", inputs, [(parts.shape[1:], F32)], template, F32, grid, group)
+        count = 1 if bounds is None else bounds.shape[0] - 2
+        template, grid, group = geometry.elementwise(count * parts.shape[1] * parts.shape[2], self.max_groups)
+        template["MIXED"] = int(bounds is not None)
+        shape = parts.shape[1:] if bounds is None else (count, *parts.shape[1:])
+        inputs = [parts, _unread()[0] if bounds is None else bounds]
+        (out,) = self._launch("sum_parts", inputs, [(shape, F32)], template, F32, grid, group)
         return out
+
+    def row_segments(self, row_off, seg_off, length, size):
+        """The table of `size` segments of at most `length` rows (grouping.py), (size, 3)
+        int32: (first position, end position, adapter) each."""
+        template, grid, group = geometry.elementwise(size, self.max_groups)
+        inputs = [row_off, seg_off, _scalar(length, mx.int32), _scalar(size, mx.uint64)]
+        (table,) = self._launch("row_segments", inputs, [((size, 3), mx.int32)], template, F32, grid, group)
+        return table
