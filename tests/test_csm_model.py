@@ -208,6 +208,23 @@ def test_generation_stops_on_all_zero_frame(tiny):
         generate(tiny, prompt_t, prompt_m, cfg.backbone.max_seq_len)
 
 
+@pytest.mark.parametrize("column,value", [(0, -1), (3, "audio"), (-1, "text")])
+def test_generation_refuses_tokens_outside_the_vocabularies(tiny, column, value):
+    """MLX does not check an embedding lookup: a prompt token past its table (masked or
+    not) would read the memory after it, garbage that made whole rows NaN at times."""
+    cfg = tiny.config
+    tokens, mask = random_frames(cfg, 2, 3)
+    vocab = cfg.text_vocab_size if value == "text" else cfg.audio_vocab_size
+    bad = vocab if isinstance(value, str) else value
+    tokens = np.array(tokens)
+    tokens[1, 2, column] = bad
+    kind = "text" if column == -1 else "audio"
+    with pytest.raises(ValueError, match=rf"`tokens` .*\({kind}\) must lie in \[0, {vocab}\).*got {bad}"):
+        generate(tiny, mx.array(tokens), mask, 2)
+    tokens[1, 2, column] = vocab - 1 if bad >= 0 else 0  # the last valid token is fine
+    assert generate(tiny, mx.array(tokens), mask, 1, temperature=0).shape[0] == 2
+
+
 def test_sampling_is_top_k_and_seeded(tiny):
     logits = mx.array([[0.0, 5.0, 4.0, -1.0, 3.0]] * 64)
     picks = np.array(sample_top_k(logits, 2, 1.0, mx.random.key(0)))

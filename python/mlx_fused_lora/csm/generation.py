@@ -19,7 +19,7 @@ from ..adapters.manager import using_adapters
 from ..adapters.mixed import mixed_batch
 from .model import CSM
 
-__all__ = ["sample_top_k", "generate_frame", "generate"]
+__all__ = ["sample_top_k", "generate_frame", "generate", "check_prompt_tokens"]
 
 # (logits [B, audio_vocab], codebook index) -> sampled codes [B] (int32)
 Sampler = Callable[[mx.array, int], mx.array]
@@ -98,6 +98,7 @@ def generate(
     limit = model.config.backbone.max_seq_len
     if T + max_frames > limit:
         raise ValueError(f"prompt of {T} frames + max_frames {max_frames} exceeds the backbone's max_seq_len {limit}")
+    check_prompt_tokens(model.config, tokens)
     if sampler is None:
         sampler = default_sampler(top_k, temperature, seed)
     per_row = isinstance(adapters, (list, tuple)) and len(adapters) > 0
@@ -113,6 +114,30 @@ def generate(
             return _generate(model, tokens, mask, max_frames, sampler)
     finally:
         model.train(was_training)
+
+
+def check_prompt_tokens(config, tokens: mx.array) -> None:
+    """A prompt's tokens must index their embedding tables, masked ones too: MLX does not
+    check an embedding lookup, so a token past its table reads the memory after it (and a
+    masked garbage row still turns the frame's sum into NaN when it holds inf or NaN).
+    One synchronization per call, as each generated frame makes one."""
+    K = config.audio_num_codebooks
+    if tokens.ndim != 3 or tokens.shape[-1] != K + 1 or tokens.size == 0:
+        return  # the model's own shape check names the problem
+    columns = (
+        ("audio", tokens[..., :K], config.audio_vocab_size),
+        ("text", tokens[..., K], config.text_vocab_size),
+    )
+    bounds = [(mx.min(part), mx.max(part)) for _, part, _ in columns]
+    mx.eval(bounds)
+    for (kind, _, vocab), (low, high) in zip(columns, bounds, strict=True):
+        bad = low.item() if low.item() < 0 else high.item() if high.item() >= vocab else None
+        if bad is not None:
+            column = f"columns 0..{K - 1}" if kind == "audio" else f"column {K}"
+            raise ValueError(
+                f"generate: `tokens` {column} ({kind}) must lie in [0, {vocab}), the model's {kind} vocabulary; "
+                f"got {bad}"
+            )
 
 
 def _generate(model: CSM, tokens, mask, max_frames: int, sampler: Sampler) -> mx.array:
