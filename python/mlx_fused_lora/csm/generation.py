@@ -131,12 +131,12 @@ def check_prompt_tokens(config, tokens: mx.array) -> None:
     bounds = [(mx.min(part), mx.max(part)) for _, part, _ in columns]
     mx.eval(bounds)
     for (kind, _, vocab), (low, high) in zip(columns, bounds, strict=True):
-        bad = low.item() if low.item() < 0 else high.item() if high.item() >= vocab else None
-        if bad is not None:
+        low, high = low.item(), high.item()
+        if low < 0 or high >= vocab:
             column = f"columns 0..{K - 1}" if kind == "audio" else f"column {K}"
             raise ValueError(
                 f"generate: `tokens` {column} ({kind}) must lie in [0, {vocab}), the model's {kind} vocabulary; "
-                f"got {bad}"
+                f"got {low if low < 0 else high}"
             )
 
 
